@@ -1,0 +1,219 @@
+"""The frozen-LMM adapter interface, and everything about it that is the same for every family.
+
+An adapter owns one Hugging Face model (frozen, eval mode) and knows three family-specific things:
+how the image is preprocessed, how image features are computed, and how a row of attention over the
+image tokens becomes 2D maps. Everything else lives here: prompts, the per-frame KV cache of the
+image prefix, the teacher-forced phrase pass (F-LMM) and greedy answering.
+
+Per frame, `encode_frame` runs the vision tower and the LMM over `<bos>USER: <image...>` once and keeps
+that KV cache. Every later pass (grounding or answering) feeds only the text after the image tokens
+and crops the cache back afterwards, so the prefix is never recomputed.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, DynamicCache
+
+from ..attention import capture_phrase_attention, enable_phrase_attention
+from ..types import GroundingError
+
+# F-LMM's grounding prompt (every config under F-LMM's configs/).
+GROUNDING_PROMPT = "Please give me a description of the image."
+
+# xtuner prompt templates used by F-LMM (instruction part only, no system prompt).
+PROMPT_TEMPLATES = {
+    "vicuna": "USER: {input} ASSISTANT:",
+    "mistral": "[INST] {input} [/INST]",
+}
+
+
+@dataclass
+class PreparedImage:
+    """Model inputs for one image plus what is needed to map attention back to pixels."""
+    pixel_values: torch.Tensor
+    image_hw: tuple[int, int]                 # original image size
+    extra: dict = field(default_factory=dict)  # family-specific (padding, any-res grid, image_sizes)
+
+
+@dataclass
+class LMMFrame:
+    """The LMM's per-frame state: image tokens encoded once, reused by every instruction."""
+    prepared: PreparedImage
+    prefix_ids: list[int]            # token ids up to and including the last image token
+    image_keys: torch.Tensor         # positions of the image tokens in the sequence
+    cache: DynamicCache              # KV cache of prefix_ids
+
+
+@dataclass
+class PhrasePass:
+    maps: torch.Tensor               # (P, C, h, w) attention maps in [0, 1], C = mask-head input channels
+    hidden_states: list[torch.Tensor]  # per phrase: (L, T_p, d) hidden states of its tokens (embeddings excluded)
+
+
+class LMMAdapter(ABC):
+    """Base class: subclasses implement the four family-specific methods at the bottom."""
+
+    def __init__(self, model, tokenizer, image_processor=None, template: str = "vicuna"):
+        if template not in PROMPT_TEMPLATES and "{input}" not in template:
+            raise GroundingError(f"unknown prompt template {template!r}: use {sorted(PROMPT_TEMPLATES)} "
+                                 "or a format string containing {input}")
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.template = PROMPT_TEMPLATES.get(template, template)
+        self.image_token_id = model.config.image_token_id
+        text = model.config.text_config
+        self.num_layers = text.num_hidden_layers
+        self.num_heads = text.num_attention_heads
+        self.hidden_size = text.hidden_size
+        self.language_model = model.model.language_model
+        self.embed_tokens = model.get_input_embeddings()
+        enable_phrase_attention(model)
+
+    # ---- loading ---------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        template: str | None = None, **model_kwargs):
+        model = cls.model_class.from_pretrained(path, dtype=dtype, **model_kwargs).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(path)
+        except (OSError, ValueError):
+            image_processor = None   # fall back to CLIP statistics
+        if template is None:
+            template = "mistral" if "mistral" in str(path).lower() else "vicuna"
+        return cls(model, tokenizer, image_processor, template)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def mask_head_channels(self) -> int:
+        return self.num_layers * self.num_heads
+
+    # ---- prompts ---------------------------------------------------------------------------
+    def prompt_ids(self, text: str, num_image_tokens: int) -> list[int]:
+        """`<bos>` + template(`<image>\\n{text}`), with the image token expanded to every image feature."""
+        ids = self.tokenizer(self.template.format(input="<image>\n" + text), add_special_tokens=True).input_ids
+        if ids.count(self.image_token_id) != 1:
+            raise GroundingError("the tokenizer does not map '<image>' to the model's image token")
+        i = ids.index(self.image_token_id)
+        return ids[:i] + [self.image_token_id] * num_image_tokens + ids[i + 1:]
+
+    def text_ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids
+
+    # ---- per frame ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_frame(self, image: np.ndarray) -> LMMFrame:
+        prepared = self.prepare_image(image)
+        features = self.image_features(prepared).to(self.dtype)     # (n_image, d)
+        ids = self.prompt_ids(GROUNDING_PROMPT, features.shape[0])
+        prefix_len = len(ids) - ids[::-1].index(self.image_token_id)
+        prefix_ids = ids[:prefix_len]
+        id_tensor = torch.tensor([prefix_ids], device=self.device)
+        image_mask = id_tensor[0] == self.image_token_id
+        embeds = self.embed_tokens(id_tensor)
+        embeds[0, image_mask] = features
+        cache = DynamicCache(config=self.model.config.text_config)
+        self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        return LMMFrame(prepared, prefix_ids, image_mask.nonzero()[:, 0], cache)
+
+    def _continuation(self, frame: LMMFrame, prompt_text: str) -> list[int]:
+        ids = self.prompt_ids(prompt_text, len(frame.image_keys))
+        n = len(frame.prefix_ids)
+        if ids[:n] != frame.prefix_ids:
+            raise RuntimeError("prompt prefix changed between frame encoding and use")
+        return ids[n:]
+
+    def _run_on_cache(self, frame: LMMFrame, ids: list[int], **kwargs):
+        """Forward `ids` after the cached prefix; the cache is restored to the prefix afterwards."""
+        before = frame.cache.get_seq_length()
+        try:
+            embeds = self.embed_tokens(torch.tensor([ids], device=self.device))
+            return self.language_model(inputs_embeds=embeds, past_key_values=frame.cache, use_cache=True, **kwargs)
+        finally:
+            frame.cache.crop(before - frame.cache.get_seq_length())
+
+    # ---- F-LMM grounding pass ------------------------------------------------------------------
+    def phrase_tokens(self, frame: LMMFrame, phrases: list[str], prompt_text: str = GROUNDING_PROMPT,
+                      answer_prefix: str = "") -> tuple[list[int], list[torch.Tensor]]:
+        """Token ids after the cached prefix, and each phrase's rows among them.
+
+        The phrases are appended as the assistant's answer (F-LMM's teacher forcing), each followed by a
+        '.' token that belongs to no phrase, like F-LMM's RefCOCO concat mode.
+        """
+        ids = self._continuation(frame, prompt_text) + (self.text_ids(answer_prefix) if answer_prefix else [])
+        rows = []
+        for phrase in phrases:
+            phrase_ids = self.text_ids(phrase)
+            if not phrase_ids:
+                raise GroundingError(f"phrase {phrase!r} has no tokens")
+            rows.append(torch.arange(len(ids), len(ids) + len(phrase_ids), device=self.device))
+            ids = ids + phrase_ids + self.text_ids(".")
+        return ids, rows
+
+    @torch.no_grad()
+    def phrase_pass(self, frame: LMMFrame, phrases: list[str], prompt_text: str = GROUNDING_PROMPT,
+                    answer_prefix: str = "") -> PhrasePass:
+        """One teacher-forced forward over the phrases (no generation): F-LMM's grounding pass.
+
+        Returns each phrase's attention to the image (mean over its tokens) as maps, and its tokens'
+        hidden states for the text embeddings.
+        """
+        ids, rows = self.phrase_tokens(frame, phrases, prompt_text, answer_prefix)
+        with capture_phrase_attention(rows, frame.image_keys) as capture:
+            out = self._run_on_cache(frame, ids, output_hidden_states=True)
+        hidden = torch.stack(out.hidden_states[1:])[:, 0]           # (L, T_chunk, d)
+        maps = self.attention_to_maps(capture.maps(), frame.prepared)
+        return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows])
+
+    # ---- answering -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, frame: LMMFrame, prompt_text: str, max_new_tokens: int, answer_prefix: str = "") -> str:
+        """Greedy answer to `prompt_text` about the frame (bounded tokens, stops at EOS)."""
+        ids = self._continuation(frame, prompt_text) + (self.text_ids(answer_prefix) if answer_prefix else [])
+        before = frame.cache.get_seq_length()
+        eos = self.tokenizer.eos_token_id
+        generated: list[int] = []
+        try:
+            step = ids
+            for _ in range(max_new_tokens):
+                embeds = self.embed_tokens(torch.tensor([step], device=self.device))
+                out = self.language_model(inputs_embeds=embeds, past_key_values=frame.cache, use_cache=True)
+                token = int(self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+                if token == eos:
+                    break
+                generated.append(token)
+                step = [token]
+        finally:
+            frame.cache.crop(before - frame.cache.get_seq_length())
+        return self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+    # ---- family-specific -----------------------------------------------------------------------
+    model_class = None   # the transformers class to load
+
+    @abstractmethod
+    def prepare_image(self, image: np.ndarray) -> PreparedImage:
+        """RGB uint8 (H, W, 3) -> model inputs, F-LMM's preprocessing for this family."""
+
+    @abstractmethod
+    def image_features(self, prepared: PreparedImage) -> torch.Tensor:
+        """Vision tower + projector: (n_image_tokens, d) in sequence order."""
+
+    @abstractmethod
+    def attention_to_maps(self, attention: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
+        """(P, L*H, n_image_tokens) -> (P, mask_head_channels, h, w) maps."""
+
+    @abstractmethod
+    def crop_to_image(self, logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
+        """Mask-head logits (P, h, w) over the model's input -> over the image content only."""

@@ -1,0 +1,205 @@
+"""GroundingPipeline: (image, instruction) -> spoken answer + one refined mask per grounded phrase.
+
+    pipe = GroundingPipeline.from_config(PipelineConfig(model="models/tabletop_tiny"))
+    frame = pipe.encode(rgb)                  # vision tower, LMM image prefix, SAM encoder: once per frame
+    result = pipe.run(frame, "pick the red mug")
+
+The F-LMM path per instruction: phrases -> one teacher-forced LMM pass over the cached image prefix
+(phrase-row attention + hidden states) -> U-Net mask head -> crop padding -> SAM refiner.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import phrases as phrase_rules
+from .bundle import load_components
+from .config import PipelineConfig
+from .head import GroundingHead
+from .lmm import GROUNDING_PROMPT, LMMAdapter, LMMFrame
+from .refiner import SamImageEncoding, SamRefiner
+from .refiner_backends import make_refiner_backend
+from .types import GroundedObject, GroundingCancelled, GroundingError, GroundingResult
+
+MIN_IMAGE_SIDE = 8
+MAX_INSTRUCTION_CHARS = 1000
+
+
+@dataclass
+class FrameEncoding:
+    """Everything computed once per camera frame and shared by every instruction on it."""
+    image_hw: tuple[int, int]
+    lmm: LMMFrame
+    sam: SamImageEncoding | None
+    timings: dict[str, float] = field(default_factory=dict)
+    uses: int = 0                    # instructions served so far (0 = fresh)
+
+
+@dataclass
+class GroundingLogits:
+    """Per phrase: coarse logits over the image content and refined logits at image size (or None)."""
+    coarse: torch.Tensor             # (P, h, w)
+    refined: torch.Tensor | None     # (P, H, W)
+
+
+def validate_image(image) -> np.ndarray:
+    if not isinstance(image, np.ndarray):
+        raise GroundingError(f"image must be a numpy array, got {type(image).__name__}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise GroundingError(f"image must be RGB uint8 of shape (H, W, 3), got {image.dtype} {image.shape}")
+    if min(image.shape[:2]) < MIN_IMAGE_SIDE:
+        raise GroundingError(f"image is too small ({image.shape[1]}x{image.shape[0]}); "
+                             f"both sides must be at least {MIN_IMAGE_SIDE} px")
+    return np.ascontiguousarray(image)
+
+
+def validate_instruction(instruction) -> str:
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise GroundingError("the instruction is empty")
+    if len(instruction) > MAX_INSTRUCTION_CHARS:
+        raise GroundingError(f"the instruction is too long ({len(instruction)} > {MAX_INSTRUCTION_CHARS} characters)")
+    return " ".join(instruction.split())
+
+
+class _StageClock:
+    """Times named stages and reports each start to an optional progress callback."""
+
+    def __init__(self, progress: Callable[[str], None] | None):
+        self.progress = progress
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str):
+        if self.progress is not None:
+            self.progress(name)          # may raise GroundingCancelled
+        return self._Timer(self.timings, name)
+
+    class _Timer:
+        def __init__(self, timings, name):
+            self.timings, self.name = timings, name
+
+        def __enter__(self):
+            self.start = time.perf_counter()
+
+        def __exit__(self, *exc):
+            self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
+
+
+class GroundingPipeline:
+    def __init__(self, lmm: LMMAdapter, head: GroundingHead, refiner: SamRefiner | None, config: PipelineConfig):
+        self.lmm = lmm
+        self.head = head
+        self.refiner = refiner
+        self.config = config
+        self._lock = threading.Lock()    # the per-frame KV cache is extended and cropped in place
+
+    @classmethod
+    def from_config(cls, config: PipelineConfig | dict) -> "GroundingPipeline":
+        cfg = PipelineConfig.from_dict(config) if isinstance(config, dict) else config
+        cfg.validate()
+        lmm, head = load_components(cfg)
+        refiner = None
+        if cfg.refine:
+            backend = make_refiner_backend(cfg.backend, head.sam, device=cfg.device,
+                                           precision="fp16" if cfg.dtype != "float32" else "fp32",
+                                           cache_dir=cfg.engine_dir or None)
+            refiner = SamRefiner(head.sam, backend)
+        return cls(lmm, head, refiner, cfg)
+
+    # ---- per frame -------------------------------------------------------------------------
+    def encode(self, image: np.ndarray) -> FrameEncoding:
+        image = validate_image(image)
+        clock = _StageClock(None)
+        with self._lock:
+            with clock.stage("encode_lmm"):
+                lmm_frame = self.lmm.encode_frame(image)
+            sam = None
+            if self.refiner is not None:
+                with clock.stage("encode_sam"):
+                    sam = self.refiner.encode(image)
+        return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings)
+
+    # ---- per instruction ---------------------------------------------------------------------
+    def answer(self, frame: FrameEncoding, instruction: str) -> str:
+        instruction = validate_instruction(instruction)
+        with self._lock:
+            return self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
+
+    def ground(self, frame: FrameEncoding, phrases: list[str]) -> list[GroundedObject]:
+        """One mask per phrase (the F-LMM grounding prompt, phrases as the answer)."""
+        with self._lock, torch.no_grad():
+            logits = self.ground_logits(frame, phrases, _StageClock(None))
+        return self._objects(phrases, logits, frame.image_hw)
+
+    def run(self, image_or_frame: np.ndarray | FrameEncoding, instruction: str,
+            progress: Callable[[str], None] | None = None) -> GroundingResult:
+        """Answer + grounding for one instruction. `progress(stage)` may raise GroundingCancelled."""
+        instruction = validate_instruction(instruction)
+        frame = image_or_frame if isinstance(image_or_frame, FrameEncoding) else self.encode(image_or_frame)
+        cached = frame.uses > 0
+        clock = _StageClock(progress)
+        with self._lock, torch.no_grad():
+            frame.uses += 1
+            if self.config.phrase_mode == "reasoning":
+                answer, phrases, logits = self._run_reasoning(frame, instruction, clock)
+            else:
+                with clock.stage("phrases"):
+                    phrases = phrase_rules.phrases_from_instruction(instruction)
+                answer = ""
+                if self.config.answer:
+                    with clock.stage("answer"):
+                        answer = self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
+                logits = self.ground_logits(frame, phrases, clock)
+        with clock.stage("post"):
+            objects = self._objects(phrases, logits, frame.image_hw)
+        timings = clock.timings if cached else {**frame.timings, **clock.timings}
+        return GroundingResult(instruction, answer, phrases, objects, timings, frame_cached=cached)
+
+    def _run_reasoning(self, frame: FrameEncoding, question: str, clock: _StageClock):
+        """F-LMM's reasoning recipe: a short answer prefixed 'It is', then its tokens are grounded."""
+        prompt = phrase_rules.reasoning_prompt(question)
+        with clock.stage("answer"):
+            generated = self.lmm.generate(frame.lmm, prompt, self.config.max_new_tokens,
+                                          answer_prefix=phrase_rules.ANSWER_PREFIX)
+        answer = f"{phrase_rules.ANSWER_PREFIX} {generated}".strip()
+        with clock.stage("phrases"):
+            phrases = [phrase_rules.phrases_from_answer(answer)]
+        logits = self.ground_logits(frame, phrases, clock, prompt_text=prompt,
+                                    answer_prefix=phrase_rules.ANSWER_PREFIX)
+        return answer, phrases, logits
+
+    def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock,
+                      prompt_text: str = GROUNDING_PROMPT, answer_prefix: str = "") -> GroundingLogits:
+        """Phrase pass -> mask head -> crop -> SAM refiner. Differentiable through the head (training)."""
+        with clock.stage("attention"):
+            lmm_out = self.lmm.phrase_pass(frame.lmm, phrases, prompt_text, answer_prefix)
+        with clock.stage("mask_head"):
+            coarse = self.head.mask_head(lmm_out.maps.to(self.head.device))[:, 0]
+            coarse = self.lmm.crop_to_image(coarse, frame.lmm.prepared)
+        refined = None
+        if self.refiner is not None and frame.sam is not None:
+            with clock.stage("refine"):
+                tokens = [self.head.text_embeddings(h.to(self.head.device).float()) for h in lmm_out.hidden_states]
+                refined = self.refiner.refine(frame.sam, coarse, tokens)
+        return GroundingLogits(coarse, refined)
+
+    def _objects(self, phrases: list[str], logits: GroundingLogits,
+                 image_hw: tuple[int, int]) -> list[GroundedObject]:
+        refined = logits.refined
+        if refined is None:   # refiner off: the coarse logits, resized to the image like F-LMM's evaluation
+            refined = F.interpolate(logits.coarse[None].float(), size=image_hw, mode="bilinear")[0]
+        return [self._object(p, prob) for p, prob in zip(phrases, refined.detach().float().sigmoid())]
+
+    def _object(self, phrase: str, prob: torch.Tensor) -> GroundedObject:
+        fg = prob > self.config.mask_threshold
+        mask = fg.to(torch.uint8).mul(255).cpu().numpy()
+        ys, xs = np.nonzero(mask)
+        if ys.size == 0:
+            return GroundedObject(phrase, mask, (0, 0, 0, 0), 0.0)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        return GroundedObject(phrase, mask, box, float(prob[fg].mean()))
