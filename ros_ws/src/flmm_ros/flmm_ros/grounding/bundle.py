@@ -17,7 +17,7 @@ import yaml
 from .checkpoint import load_flmm_checkpoint, load_head, load_sam_weights, save_head
 from .config import PipelineConfig
 from .head import GroundingHead
-from .lmm import LMMAdapter, load_lmm
+from .lmm import LMMAdapter, load_lmm, model_type_of
 from .sam_models import SamArch, resolve_sam_arch
 from .types import GroundingError
 
@@ -55,6 +55,7 @@ def load_components(cfg: PipelineConfig) -> tuple[LMMAdapter, GroundingHead]:
         head = _new_head(lmm, resolve_sam_arch(spec["sam_arch"]), spec.get("mask_head"))
         load_head(head, root / spec["head"])
     else:
+        model_type_of(cfg.model)   # a clear "not found" before anything else
         if not cfg.mask_head or not cfg.sam_checkpoint:
             raise GroundingError(f"{cfg.model!r} is a plain LMM, not a model bundle: set mask_head (an F-LMM "
                                  "checkpoint) and sam_checkpoint (an official sam_vit_*.pth)")

@@ -111,6 +111,10 @@ class GroundingPipeline:
             refiner = SamRefiner(head.sam, backend)
         return cls(lmm, head, refiner, cfg)
 
+    @property
+    def head_device(self) -> torch.device:
+        return self.head.text_proj.weight.device
+
     # ---- per frame -------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> FrameEncoding:
         image = validate_image(image)
@@ -165,12 +169,12 @@ class GroundingPipeline:
         prompt = phrase_rules.reasoning_prompt(question)
         with clock.stage("answer"):
             generated = self.lmm.generate(frame.lmm, prompt, self.config.max_new_tokens,
-                                          answer_prefix=phrase_rules.ANSWER_PREFIX)
-        answer = f"{phrase_rules.ANSWER_PREFIX} {generated}".strip()
+                                          answer_prefix=phrase_rules.REASONING_ANSWER_PREFIX)
+        answer = f"{phrase_rules.REASONING_ANSWER_PREFIX} {generated}".strip()
         with clock.stage("phrases"):
-            phrases = [phrase_rules.phrases_from_answer(answer)]
+            phrases = phrase_rules.phrases_from_answer(answer)
         logits = self.ground_logits(frame, phrases, clock, prompt_text=prompt,
-                                    answer_prefix=phrase_rules.ANSWER_PREFIX)
+                                    answer_prefix=phrase_rules.REASONING_ANSWER_PREFIX)
         return answer, phrases, logits
 
     def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock,
@@ -179,12 +183,12 @@ class GroundingPipeline:
         with clock.stage("attention"):
             lmm_out = self.lmm.phrase_pass(frame.lmm, phrases, prompt_text, answer_prefix)
         with clock.stage("mask_head"):
-            coarse = self.head.mask_head(lmm_out.maps.to(self.head.device))[:, 0]
+            coarse = self.head.mask_head(lmm_out.maps.to(self.head_device))[:, 0]
             coarse = self.lmm.crop_to_image(coarse, frame.lmm.prepared)
         refined = None
         if self.refiner is not None and frame.sam is not None:
             with clock.stage("refine"):
-                tokens = [self.head.text_embeddings(h.to(self.head.device).float()) for h in lmm_out.hidden_states]
+                tokens = [self.head.text_embeddings(h.to(self.head_device).float()) for h in lmm_out.hidden_states]
                 refined = self.refiner.refine(frame.sam, coarse, tokens)
         return GroundingLogits(coarse, refined)
 

@@ -79,3 +79,21 @@ def save_model_dir(out_dir: str | Path, model, tokenizer, processor) -> Path:
     tokenizer.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def write_random_bundle(out_dir: str | Path, *, family: str = "llava", seed: int = 0, **model_kwargs) -> Path:
+    """A complete model bundle with random weights: tiny LLaVA (or LLaVA-NeXT) + grounding head + tiny SAM."""
+    from .bundle import write_bundle
+    from .head import GroundingHead
+    from .sam_models import TINY_TEST_SAM
+
+    out = Path(out_dir)
+    build = {"llava": tiny_llava, "llava_next": tiny_llava_next}[family]
+    model, tokenizer, processor = build(seed=seed, **model_kwargs)
+    save_model_dir(out / "lmm", model, tokenizer, processor)
+    text = model.config.text_config
+    channels = text.num_hidden_layers * text.num_attention_heads * (2 if family == "llava_next" else 1)
+    torch.manual_seed(seed)
+    mask_head_kwargs = {"base_channels": 8}
+    head = GroundingHead(channels, text.hidden_size, text.num_hidden_layers, TINY_TEST_SAM, mask_head_kwargs)
+    return write_bundle(out, "lmm", head, TINY_TEST_SAM, mask_head_kwargs, metadata={"kind": "random test bundle"})

@@ -1,0 +1,166 @@
+"""GroundingPipeline end to end on tiny random-weight bundles (real LLaVA / LLaVA-NeXT + SAM code paths)."""
+import numpy as np
+import pytest
+import torch
+
+from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.lmm import GROUNDING_PROMPT
+from flmm_ros.grounding.pipeline import FrameEncoding, GroundingPipeline
+from flmm_ros.grounding.testing import write_random_bundle
+from flmm_ros.grounding.types import GroundingCancelled, GroundingError
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return str(write_random_bundle(tmp_path_factory.mktemp("bundle")))
+
+
+@pytest.fixture(scope="module")
+def pipe(bundle):
+    return GroundingPipeline.from_config(PipelineConfig(model=bundle, max_new_tokens=6))
+
+
+def image(seed=0, hw=(60, 90)):
+    return np.random.default_rng(seed).integers(0, 256, (*hw, 3), dtype=np.uint8)
+
+
+class CallCounter:
+    def __init__(self, module):
+        self.calls = 0
+        module.register_forward_hook(lambda *_: setattr(self, "calls", self.calls + 1))
+
+
+def test_run_returns_one_mask_per_phrase_at_image_size(pipe):
+    result = pipe.run(image(), "put the ball in the bowl")
+    assert result.phrases == ["the ball", "the bowl"]
+    assert [o.phrase for o in result.objects] == result.phrases
+    for obj in result.objects:
+        assert obj.mask.shape == (60, 90) and obj.mask.dtype == np.uint8
+        assert set(np.unique(obj.mask)) <= {0, 255}
+        ys, xs = np.nonzero(obj.mask)
+        if ys.size:
+            assert obj.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            assert 0.5 < obj.score <= 1.0
+        else:
+            assert obj.box == (0, 0, 0, 0) and obj.score == 0.0
+    assert isinstance(result.answer, str)
+    for stage in ("encode_lmm", "encode_sam", "phrases", "answer", "attention", "mask_head", "refine", "post"):
+        assert result.timings[stage] >= 0
+    assert not result.frame_cached
+
+
+def test_second_instruction_on_a_frame_reuses_the_encoding(pipe):
+    vision = CallCounter(pipe.lmm.model.model.vision_tower)
+    sam_encoder = CallCounter(pipe.head.sam.image_encoder)
+    frame = pipe.encode(image(1))
+    assert (vision.calls, sam_encoder.calls) == (1, 1)
+    first = pipe.run(frame, "pick the red mug")
+    second = pipe.run(frame, "grab the blue can")
+    again = pipe.run(frame, "pick the red mug")
+    assert (vision.calls, sam_encoder.calls) == (1, 1)
+    assert not first.frame_cached and second.frame_cached and again.frame_cached
+    assert "encode_lmm" not in again.timings
+    np.testing.assert_array_equal(first.objects[0].mask, again.objects[0].mask)
+    # And identical to grounding on a fresh encoding of the same image.
+    fresh = pipe.run(image(1), "pick the red mug")
+    np.testing.assert_array_equal(fresh.objects[0].mask, first.objects[0].mask)
+    assert fresh.answer == first.answer
+
+
+def test_greedy_answer_matches_transformers_generate(pipe):
+    frame = pipe.encode(image(2))
+    ours = pipe.lmm.generate(frame.lmm, "where is the red mug ?", max_new_tokens=6)
+    ids = pipe.lmm.prompt_ids("where is the red mug ?", len(frame.lmm.image_keys))
+    out = pipe.lmm.model.generate(input_ids=torch.tensor([ids]), pixel_values=frame.lmm.prepared.pixel_values,
+                                  max_new_tokens=6, do_sample=False)
+    reference = pipe.lmm.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+    assert ours == reference
+
+
+def test_refined_masks_differ_from_coarse_only(bundle):
+    refined = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False))
+    coarse = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False, refine=False))
+    a = refined.run(image(3), "pick the mug")
+    b = coarse.run(image(3), "pick the mug")
+    assert "refine" in a.timings and "refine" not in b.timings and "encode_sam" not in b.timings
+    assert a.answer == "" and b.objects[0].mask.shape == (60, 90)
+
+
+def test_reasoning_mode_grounds_the_answer(bundle):
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, phrase_mode="reasoning", max_new_tokens=4))
+    result = pipe.run(image(4), "what can I drink from?")
+    assert result.answer.startswith("It is")
+    assert len(result.phrases) == 1 and len(result.objects) == 1
+
+
+def test_progress_reports_stages_and_can_cancel(pipe):
+    seen = []
+    pipe.run(image(5), "pick the mug", progress=seen.append)
+    assert seen == ["phrases", "answer", "attention", "mask_head", "refine", "post"]
+
+    def cancel_at_mask_head(stage):
+        if stage == "mask_head":
+            raise GroundingCancelled("cancelled by the test")
+
+    frame = pipe.encode(image(5))
+    with pytest.raises(GroundingCancelled):
+        pipe.run(frame, "pick the mug", progress=cancel_at_mask_head)
+    assert frame.lmm.cache.get_seq_length() == len(frame.lmm.prefix_ids)   # cache restored after the abort
+    assert pipe.run(frame, "pick the mug").objects
+
+
+def test_llava_next_bundle_runs(tmp_path):
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(write_random_bundle(tmp_path, family="llava_next")),
+                                                        max_new_tokens=3))
+    result = pipe.run(image(6, (40, 72)), "pick the red mug and the bowl")
+    assert [o.mask.shape for o in result.objects] == [(40, 72), (40, 72)]
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((60, 90, 3), np.float32), "uint8"),
+    (np.zeros((60, 90), np.uint8), "(H, W, 3)"),
+    (np.zeros((60, 90, 4), np.uint8), "(H, W, 3)"),
+    (np.zeros((4, 90, 3), np.uint8), "too small"),
+    ([[1, 2, 3]], "numpy array"),
+])
+def test_bad_images_are_rejected_clearly(pipe, bad, message):
+    with pytest.raises(GroundingError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        pipe.encode(bad)
+
+
+@pytest.mark.parametrize("instruction,message", [("", "empty"), ("   ", "empty"), ("x" * 2000, "too long"),
+                                                 ("please", "no object")])
+def test_bad_instructions_are_rejected_clearly(pipe, instruction, message):
+    with pytest.raises(GroundingError, match=message):
+        pipe.run(image(), instruction)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"model": "/nonexistent/model"}, "not found"),
+    ({"model": ""}, "no model"),
+    ({"model": "x", "backend": "magic"}, "backend"),
+    ({"model": "x", "dtype": "int8"}, "dtype"),
+    ({"model": "x", "mask_threshold": 1.5}, "mask_threshold"),
+    ({"model": "x", "colour": "red"}, "unknown pipeline settings"),
+])
+def test_bad_configuration_is_rejected_clearly(settings, message):
+    with pytest.raises(GroundingError, match=message):
+        GroundingPipeline.from_config(settings)
+
+
+def test_plain_lmm_without_head_checkpoint_is_rejected(bundle):
+    with pytest.raises(GroundingError, match="mask_head"):
+        GroundingPipeline.from_config({"model": f"{bundle}/lmm"})
+
+
+def test_missing_head_weights_are_reported(tmp_path):
+    path = write_random_bundle(tmp_path)
+    (path / "head.safetensors").unlink()
+    with pytest.raises(GroundingError, match="head.safetensors"):
+        GroundingPipeline.from_config({"model": str(path)})
+
+
+def test_frame_encoding_is_reusable_type(pipe):
+    frame = pipe.encode(image())
+    assert isinstance(frame, FrameEncoding) and frame.image_hw == (60, 90)
+    assert pipe.lmm.phrase_tokens(frame.lmm, ["the mug"], GROUNDING_PROMPT)[1][0].numel() == 2
