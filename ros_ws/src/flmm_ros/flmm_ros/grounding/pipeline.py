@@ -22,7 +22,7 @@ from . import phrases as phrase_rules
 from .bundle import load_components
 from .config import PipelineConfig
 from .head import GroundingHead
-from .lmm import GROUNDING_PROMPT, LMMAdapter, LMMFrame
+from .lmm import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
 from .refiner import SamImageEncoding, SamRefiner
 from .refiner_backends import make_refiner_backend
 from .types import GroundedObject, GroundingCancelled, GroundingError, GroundingResult
@@ -179,17 +179,23 @@ class GroundingPipeline:
 
     def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock,
                       prompt_text: str = GROUNDING_PROMPT, answer_prefix: str = "") -> GroundingLogits:
-        """Phrase pass -> mask head -> crop -> SAM refiner. Differentiable through the head (training)."""
+        """Phrase pass over the cached frame, then the grounding head."""
         with clock.stage("attention"):
             lmm_out = self.lmm.phrase_pass(frame.lmm, phrases, prompt_text, answer_prefix)
+        return self.head_logits(lmm_out, frame.lmm.prepared, frame.sam, clock)
+
+    def head_logits(self, lmm_out: PhrasePass, prepared: PreparedImage, sam: SamImageEncoding | None,
+                    clock: _StageClock | None = None) -> GroundingLogits:
+        """Mask head -> crop padding -> SAM refiner. Differentiable (the training tool calls this)."""
+        clock = clock or _StageClock(None)
         with clock.stage("mask_head"):
-            coarse = self.head.mask_head(lmm_out.maps.to(self.head_device))[:, 0]
-            coarse = self.lmm.crop_to_image(coarse, frame.lmm.prepared)
+            coarse = self.head.mask_head(lmm_out.maps.to(self.head_device).float())[:, 0]
+            coarse = self.lmm.crop_to_image(coarse, prepared)
         refined = None
-        if self.refiner is not None and frame.sam is not None:
+        if self.refiner is not None and sam is not None:
             with clock.stage("refine"):
                 tokens = [self.head.text_embeddings(h.to(self.head_device).float()) for h in lmm_out.hidden_states]
-                refined = self.refiner.refine(frame.sam, coarse, tokens)
+                refined = self.refiner.refine(sam, coarse, tokens)
         return GroundingLogits(coarse, refined)
 
     def _objects(self, phrases: list[str], logits: GroundingLogits,

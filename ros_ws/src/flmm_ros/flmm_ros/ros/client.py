@@ -1,0 +1,196 @@
+"""flmm-ask: send one instruction to the flmm_grounding node and print its result.
+
+    flmm-ask "pick the red mug"                       # topic: publish on `instruction`, wait on ~/result
+    flmm-ask "pick the red mug" --image scene.png     # also publish the image on `image` (as a camera would)
+    flmm-ask "pick the red mug" --action              # the ~/ground action (Ctrl-C cancels the goal)
+    flmm-ask "where is the ball?" --image scene.png --save-overlay overlay.png
+
+Exit status: 0 success, 1 the node answered with an error, 2 no answer (timeout, node not found, bad file).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import cv2
+import numpy as np
+import rclpy
+from flmm_msgs.action import Ground
+from flmm_msgs.msg import GroundingResult
+from rclpy.action import ActionClient
+from rclpy.node import Node
+from rclpy.qos import QoSProfile, ReliabilityPolicy
+from rclpy.task import Future
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+
+from flmm_ros.grounding.types import GroundingError
+from flmm_ros.ros.image_conversions import image_to_rgb, rgb_to_image
+from flmm_ros.ros.qos import INSTRUCTION_QOS
+
+EXIT_OK, EXIT_ERROR, EXIT_NO_ANSWER = 0, 1, 2
+IMAGE_PERIOD_S = 0.2      # --image is re-published like a slow camera until the answer comes
+IMAGE_LEAD_S = 0.3        # ... starting this long before the instruction, so the node has it first
+
+
+class NoAnswer(RuntimeError):
+    """The node did not answer (not running, wrong name, timeout)."""
+
+
+def format_result(msg: GroundingResult) -> str:
+    """Human-readable summary of a GroundingResult."""
+    if not msg.success:
+        return f"error [{msg.error_code}]: {msg.error}"
+    lines = [f"answer: {msg.answer}" if msg.answer else "answer: (none)", f"objects: {len(msg.objects)}"]
+    for index, obj in enumerate(msg.objects, start=1):
+        box = obj.box
+        line = (f"  {index}. {obj.phrase!r} score {obj.score:.2f} box x={box.x_offset} y={box.y_offset} "
+                f"w={box.width} h={box.height}")
+        if obj.has_pose:
+            c, s = obj.centroid, obj.size
+            line += f" 3D centroid ({c.x:.3f}, {c.y:.3f}, {c.z:.3f}) m size ({s.x:.3f}, {s.y:.3f}, {s.z:.3f}) m"
+        lines.append(line)
+    stages = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in zip(msg.stage_names, msg.stage_seconds))
+    cached = " (frame cached)" if msg.frame_cached else ""
+    lines.append(f"latency: {msg.total_seconds * 1000:.0f} ms{cached}" + (f" [{stages}]" if stages else ""))
+    return "\n".join(lines)
+
+
+def same_stamp(a, b) -> bool:
+    return a.stamp.sec == b.stamp.sec and a.stamp.nanosec == b.stamp.nanosec and a.frame_id == b.frame_id
+
+
+class AskClient(Node):
+    def __init__(self, grounding_node: str = '/flmm_grounding', image_topic: str = 'image',
+                 instruction_topic: str = 'instruction', want_overlay: bool = False):
+        super().__init__(f'flmm_ask_{os.getpid()}')
+        reliable = QoSProfile(depth=5, reliability=ReliabilityPolicy.RELIABLE)
+        self._results: list[GroundingResult] = []
+        self._overlays: list[Image] = []
+        self.create_subscription(GroundingResult, f'{grounding_node}/result', self._results.append, reliable)
+        if want_overlay:
+            self.create_subscription(Image, f'{grounding_node}/overlay', self._overlays.append, reliable)
+        self.instruction_pub = self.create_publisher(String, instruction_topic, INSTRUCTION_QOS)
+        self.image_pub = self.create_publisher(Image, image_topic, reliable)
+        self.action = ActionClient(self, Ground, f'{grounding_node}/ground')
+        self.grounding_node = grounding_node
+
+    def _spin_until(self, done, timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            if time.monotonic() > deadline:
+                raise NoAnswer(f"timed out after {timeout:g} s {what}")
+            rclpy.spin_once(self, timeout_sec=0.05)
+
+    def ask_topic(self, instruction: str, image: Image | None, timeout: float) -> GroundingResult:
+        start = time.monotonic()
+        self._spin_until(lambda: self.instruction_pub.get_subscription_count() > 0, timeout,
+                         f"waiting for a subscriber on {self.instruction_pub.topic_name} (is the node running?)")
+        timer = None
+        if image is not None:
+            self._spin_until(lambda: self.image_pub.get_subscription_count() > 0, timeout,
+                             f"waiting for a subscriber on {self.image_pub.topic_name}")
+            timer = self.create_timer(IMAGE_PERIOD_S, lambda: self.image_pub.publish(image))
+            self.image_pub.publish(image)
+            lead_until = time.monotonic() + IMAGE_LEAD_S
+            self._spin_until(lambda: time.monotonic() > lead_until, timeout, '')
+        self._results.clear()
+        self.instruction_pub.publish(String(data=instruction))
+        left = max(timeout - (time.monotonic() - start), 0.1)
+        try:
+            self._spin_until(lambda: any(r.instruction == instruction for r in self._results), left,
+                             f"waiting for the answer on {self.grounding_node}/result")
+        finally:
+            if timer is not None:
+                self.destroy_timer(timer)
+        return next(r for r in self._results if r.instruction == instruction)
+
+    def ask_action(self, instruction: str, image: Image | None, timeout: float) -> GroundingResult:
+        deadline = time.monotonic() + timeout
+        if not self.action.wait_for_server(timeout_sec=timeout):
+            raise NoAnswer(f"no action server {self.grounding_node}/ground after {timeout:g} s (is the node running?)")
+        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image())
+        sent: Future = self.action.send_goal_async(
+            goal, feedback_callback=lambda fb: print(f"  stage: {fb.feedback.stage}", file=sys.stderr))
+        self._spin_until(sent.done, max(deadline - time.monotonic(), 0.1), 'sending the goal')
+        handle = sent.result()
+        if not handle.accepted:
+            raise NoAnswer('the goal was rejected')
+        result_future = handle.get_result_async()
+        try:
+            self._spin_until(result_future.done, max(deadline - time.monotonic(), 0.1), 'waiting for the result')
+        except (KeyboardInterrupt, NoAnswer):
+            cancel = handle.cancel_goal_async()
+            self._spin_until(cancel.done, 5.0, 'cancelling the goal')
+            raise
+        return result_future.result().result.result
+
+    def overlay_for(self, result: GroundingResult, timeout: float = 2.0) -> Image | None:
+        """The ~/overlay image computed with this result (same header), if it comes within `timeout`."""
+        def found():
+            return next((img for img in self._overlays if same_stamp(img.header, result.header)), None)
+        try:
+            self._spin_until(lambda: found() is not None, timeout, '')
+        except NoAnswer:
+            return None
+        return found()
+
+
+def load_image(path: str, frame_id: str, clock) -> Image:
+    bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise GroundingError(f"cannot read image file {path!r}")
+    msg = rgb_to_image(np.ascontiguousarray(bgr[:, :, ::-1]))
+    msg.header.stamp = clock.now().to_msg()
+    msg.header.frame_id = frame_id
+    return msg
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='flmm-ask', description=__doc__.split('\n')[0])
+    parser.add_argument('instruction', help="what to ground, e.g. 'pick the red mug'")
+    parser.add_argument('--image', help='image file to ground in (default: the camera\'s latest frame)')
+    parser.add_argument('--action', action='store_true', help='use the ~/ground action instead of the topics')
+    parser.add_argument('--save-overlay', metavar='PNG', help='save the overlay (masks, boxes, phrases) here')
+    parser.add_argument('--timeout', type=float, default=60.0, help='seconds to wait for the answer (default 60)')
+    parser.add_argument('--node', default='/flmm_grounding', help='the grounding node (default /flmm_grounding)')
+    parser.add_argument('--image-topic', default='image', help='where --image is published (default image)')
+    parser.add_argument('--instruction-topic', default='instruction', help='where the instruction is published (default instruction)')
+    parser.add_argument('--frame-id', default='camera', help='frame_id of the --image message (default camera)')
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ros_args = argv[argv.index('--ros-args'):] if '--ros-args' in argv else []
+    args = parse_args(argv[:len(argv) - len(ros_args)])
+    rclpy.init(args=['flmm-ask', *ros_args])
+    client = AskClient(args.node, args.image_topic, args.instruction_topic, want_overlay=bool(args.save_overlay))
+    try:
+        image = load_image(args.image, args.frame_id, client.get_clock()) if args.image else None
+        ask = client.ask_action if args.action else client.ask_topic
+        result = ask(args.instruction, image, args.timeout)
+        print(format_result(result))
+        if args.save_overlay and result.success:
+            overlay = client.overlay_for(result)
+            if overlay is None:
+                print(f"no overlay received (is publish_overlay on?); {args.save_overlay} not written",
+                      file=sys.stderr)
+                return EXIT_ERROR
+            cv2.imwrite(args.save_overlay, image_to_rgb(overlay)[:, :, ::-1])
+            print(f"overlay saved to {args.save_overlay}")
+        return EXIT_OK if result.success else EXIT_ERROR
+    except (NoAnswer, GroundingError) as error:
+        print(f"flmm-ask: {error}", file=sys.stderr)
+        return EXIT_NO_ANSWER
+    except KeyboardInterrupt:
+        return EXIT_NO_ANSWER
+    finally:
+        client.destroy_node()
+        rclpy.try_shutdown()
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The node's parameter table: every parameter with its default and description (no rclpy here).
+
+The pipeline's parameters are exactly PipelineConfig's fields (same names and defaults, except `model`,
+whose empty default means the embedded model). config/grounding.yaml holds the same keys and values;
+tests check both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from flmm_ros.grounding.config import BACKENDS, DTYPES, PHRASE_MODES, PipelineConfig
+from flmm_ros.grounding.types import GroundingError
+
+BUSY_POLICIES = ('queue', 'preempt', 'reject')
+QOS_PRESETS = ('SENSOR_DATA', 'DEFAULT', 'SYSTEM_DEFAULT', 'BEST_EFFORT', 'RELIABLE')
+EMBEDDED_MODEL = 'tabletop_tiny'
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    name: str
+    default: Any
+    description: str
+    choices: tuple[str, ...] = ()
+
+
+PIPELINE_DESCRIPTIONS: dict[str, str] = {
+    'model': "Model bundle directory, or a Hugging Face LLaVA id/path (then mask_head and sam_checkpoint are "
+             "needed). Empty = the embedded tabletop-tiny model shipped with the package.",
+    'mask_head': "F-LMM mask-head checkpoint (.pth) or ours (.safetensors); overrides a bundle's head when set.",
+    'sam_checkpoint': "Official SAM checkpoint (sam_vit_*.pth), needed with a plain LMM.",
+    'sam_type': "SAM size of sam_checkpoint: vit_b | vit_l | vit_h.",
+    'prompt_template': "LMM chat template: vicuna | mistral | a format string with {input}; empty = the model's own.",
+    'backend': "SAM refiner backend: " + " | ".join(BACKENDS) + ".",
+    'engine_dir': "Cache directory for SAM ONNX files and TensorRT plans (empty = engines/cache).",
+    'device': "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...",
+    'dtype': "LMM dtype: " + " | ".join(DTYPES) + ".",
+    'answer': "Generate a short spoken answer to each instruction.",
+    'max_new_tokens': "Most tokens generated for the answer.",
+    'phrase_mode': "instruction: ground the objects named in the instruction; reasoning: ground the answer.",
+    'mask_threshold': "Foreground probability above which a pixel belongs to a published mask, in (0, 1).",
+    'refine': "Refine the mask head's coarse masks with SAM (false: publish the coarse masks).",
+}
+PIPELINE_CHOICES: dict[str, tuple[str, ...]] = {
+    'backend': BACKENDS, 'dtype': tuple(DTYPES), 'phrase_mode': PHRASE_MODES,
+}
+
+NODE_PARAMETERS: tuple[ParamSpec, ...] = (
+    ParamSpec('busy_policy', 'queue',
+              "What a new instruction does while another is running: queue (wait, at most max_queued waiting; "
+              "more are answered 'busy'), preempt (stop the running one, answered 'preempted'), reject "
+              "(answered 'busy').", BUSY_POLICIES),
+    ParamSpec('max_queued', 1, "busy_policy queue: how many instructions may wait behind the running one."),
+    ParamSpec('max_frame_age', 2.0,
+              "An instruction is refused (error 'stale_frame') when the latest camera frame was older than this "
+              "many seconds when it arrived; 0 = frames never go stale."),
+    ParamSpec('use_3d', True,
+              "Back-project each mask into 3D (centroid, size, grasp pose, markers) when depth and camera_info "
+              "arrive."),
+    ParamSpec('sync_slop', 0.05, "Largest stamp difference (s) for depth / camera_info to match an image."),
+    ParamSpec('sync_queue_size', 10, "Depth and camera_info messages kept for stamp matching."),
+    ParamSpec('publish_overlay', True, "Publish ~/overlay (rgb8 camera image with masks, boxes and phrases)."),
+    ParamSpec('speak', False, "Speak each answer with espeak-ng (non-blocking; newest answer wins)."),
+    ParamSpec('input_qos', 'SENSOR_DATA',
+              "QoS of image, depth and camera_info subscriptions (keep-last): " + " | ".join(QOS_PRESETS) + ". "
+              "SENSOR_DATA (best effort) receives from any camera, but Fast DDS drops most best-effort images "
+              "larger than ~500 kB (640x480 rgb8) under default settings; use RELIABLE with a reliable camera.",
+              QOS_PRESETS),
+    ParamSpec('output_qos', 'DEFAULT',
+              "QoS of the published outputs (keep-last 5): " + " | ".join(QOS_PRESETS) + ".", QOS_PRESETS),
+)
+
+
+def pipeline_parameters() -> tuple[ParamSpec, ...]:
+    defaults = PipelineConfig()
+    return tuple(ParamSpec(f.name, getattr(defaults, f.name), PIPELINE_DESCRIPTIONS[f.name],
+                           PIPELINE_CHOICES.get(f.name, ()))
+                 for f in fields(PipelineConfig))
+
+
+def all_parameters() -> tuple[ParamSpec, ...]:
+    return pipeline_parameters() + NODE_PARAMETERS
+
+
+def validate(values: dict[str, Any]) -> None:
+    """Raise GroundingError naming the first parameter with a value outside its choices or range."""
+    for spec in all_parameters():
+        value = values[spec.name]
+        if spec.choices and value not in spec.choices:
+            raise GroundingError(f"parameter {spec.name}={value!r} is not one of {list(spec.choices)}")
+    for name in ('max_frame_age', 'sync_slop'):
+        if values[name] < 0:
+            raise GroundingError(f"parameter {name} must be >= 0, got {values[name]}")
+    for name in ('max_queued', 'sync_queue_size'):
+        if values[name] < 1:
+            raise GroundingError(f"parameter {name} must be >= 1, got {values[name]}")
+
+
+def embedded_model_dir() -> Path:
+    """The embedded default model: the installed package's share/ copy, else the source tree's."""
+    try:
+        from ament_index_python.packages import PackageNotFoundError, get_package_share_directory
+        try:
+            installed = Path(get_package_share_directory('flmm_ros')) / 'models' / EMBEDDED_MODEL
+            if installed.is_dir():
+                return installed
+        except PackageNotFoundError:
+            pass
+    except ImportError:
+        pass
+    return Path(__file__).resolve().parents[2] / 'models' / EMBEDDED_MODEL
+
+
+def pipeline_config(values: dict[str, Any]) -> PipelineConfig:
+    """PipelineConfig from the node's parameter values; an empty model means the embedded one."""
+    settings = {f.name: values[f.name] for f in fields(PipelineConfig)}
+    if not settings['model']:
+        settings['model'] = str(embedded_model_dir())
+    return PipelineConfig.from_dict(settings)

@@ -1,0 +1,157 @@
+"""What can be checked of the launch file, YAML parameters, RViz config and package manifests without
+`ros2 launch` or RViz (neither is on PyPI): read them statically and compare with the node's parameter table."""
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+from catkin_pkg.package import parse_package
+
+from flmm_ros.ros import node as node_module
+from flmm_ros.ros import parameters
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / 'ros_ws' / 'src' / 'flmm_ros'
+LAUNCH = PKG / 'launch' / 'grounding.launch.py'
+CONFIG = PKG / 'config' / 'grounding.yaml'
+RVIZ = PKG / 'rviz' / 'grounding.rviz'
+# Arguments the launch file itself consumes (not handed to the node as parameters or remappings).
+LAUNCH_LEVEL = {'namespace', 'params_file', 'use_rviz', 'rviz_config', 'log_level'}
+
+
+def call_name(call: ast.Call) -> str:
+    return call.func.id if isinstance(call.func, ast.Name) else getattr(call.func, 'attr', '')
+
+
+def string_args_of(tree: ast.AST, function: str) -> list[str]:
+    return [c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call) and call_name(c) == function
+            and c.args and isinstance(c.args[0], ast.Constant) and isinstance(c.args[0].value, str)]
+
+
+def module_dict(tree: ast.Module, name: str) -> ast.Dict:
+    for stmt in tree.body:
+        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in stmt.targets):
+            assert isinstance(stmt.value, ast.Dict)
+            return stmt.value
+    raise AssertionError(f"{name} not found")
+
+
+@pytest.fixture(scope='module')
+def launch_tree() -> ast.Module:
+    return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+
+
+@pytest.fixture(scope='module')
+def node_topics() -> set[str]:
+    """Relative topics the node subscribes to (second argument of create_subscription in node.py)."""
+    tree = ast.parse(Path(node_module.__file__).read_text())
+    return {c.args[1].value for c in ast.walk(tree) if isinstance(c, ast.Call)
+            and call_name(c) == 'create_subscription' and isinstance(c.args[1], ast.Constant)}
+
+
+def declared_parameters() -> dict:
+    return {spec.name: spec.default for spec in parameters.all_parameters()}
+
+
+def test_node_subscribes_to_the_spec_topics(node_topics):
+    assert node_topics == {'image', 'depth', 'camera_info', 'instruction'}
+
+
+def test_every_launch_argument_maps_to_a_parameter_remapping_or_launch_setting(launch_tree, node_topics):
+    declared = string_args_of(launch_tree, 'DeclareLaunchArgument')
+    assert len(declared) == len(set(declared)), 'an argument is declared twice'
+    topic_arguments = ast.literal_eval(module_dict(launch_tree, 'TOPIC_ARGUMENTS'))
+    parameter_arguments = module_dict(launch_tree, 'PARAMETER_ARGUMENTS')
+    parameter_names = [ast.literal_eval(key) for key in parameter_arguments.keys]
+
+    assert set(topic_arguments) == node_topics, 'every subscribed topic is remappable'
+    params = declared_parameters()
+    for name, kind in zip(parameter_names, parameter_arguments.values):
+        assert name in params, f"launch argument {name} is not a node parameter"
+        assert kind.id == type(params[name]).__name__, f"launch argument {name} converts to the wrong type"
+    mapped = set(topic_arguments.values()) | set(parameter_names) | LAUNCH_LEVEL
+    assert set(declared) == mapped, f"unmapped: {set(declared) - mapped}, undeclared: {mapped - set(declared)}"
+    used = set(string_args_of(launch_tree, 'LaunchConfiguration'))
+    assert LAUNCH_LEVEL <= used, f"declared but unused: {LAUNCH_LEVEL - used}"
+    assert used <= set(declared), f"used but not declared: {used - set(declared)}"
+
+
+def test_spec_launch_arguments_exist(launch_tree):
+    declared = set(string_args_of(launch_tree, 'DeclareLaunchArgument'))
+    assert {'namespace', 'image_topic', 'depth_topic', 'camera_info_topic', 'instruction_topic', 'params_file',
+            'model', 'mask_head', 'backend', 'use_rviz', 'rviz_config', 'log_level'} <= declared
+
+
+def test_launch_file_starts_our_node_by_its_console_script(launch_tree):
+    source = LAUNCH.read_text()
+    assert "executable='flmm_grounding'" in source and f"name='{node_module.NODE_NAME}'" in source
+    setup = (PKG / 'setup.py').read_text()
+    assert "'flmm_grounding = flmm_ros.ros.node:main'" in setup
+
+
+def test_yaml_holds_exactly_the_declared_parameters_with_their_defaults():
+    document = yaml.safe_load(CONFIG.read_text())
+    assert list(document) == [f'/**/{node_module.NODE_NAME}']
+    values = document[f'/**/{node_module.NODE_NAME}']['ros__parameters']
+    params = declared_parameters()
+    assert set(values) == set(params), (f"only in YAML: {set(values) - set(params)}, "
+                                        f"only declared: {set(params) - set(values)}")
+    for name, default in params.items():
+        assert type(values[name]) is type(default), f"{name}: YAML type {type(values[name]).__name__}"
+        assert values[name] == default, f"{name}: YAML {values[name]!r} != default {default!r}"
+    parameters.validate(values)
+
+
+def test_pipeline_parameters_are_the_pipeline_config_fields():
+    from dataclasses import fields
+
+    from flmm_ros.grounding.config import PipelineConfig
+    assert [spec.name for spec in parameters.pipeline_parameters()] == [f.name for f in fields(PipelineConfig)]
+
+
+def test_rviz_config_parses_and_shows_our_topics():
+    config = yaml.safe_load(RVIZ.read_text())
+    manager = config['Visualization Manager']
+    displays = {d['Name']: d for d in manager['Displays']}
+    topics = {d['Topic']['Value']: d['Class'] for d in displays.values() if 'Topic' in d}
+    node = f'/{node_module.NODE_NAME}'
+    assert topics[f'{node}/overlay'] == 'rviz_default_plugins/Image'
+    assert topics[f'{node}/mask'] == 'rviz_default_plugins/Image'
+    assert topics[f'{node}/markers'] == 'rviz_default_plugins/MarkerArray'
+    for display in displays.values():
+        assert display['Class'].startswith('rviz_default_plugins/')
+        if 'Topic' in display:  # what the node publishes: reliable, volatile
+            assert display['Topic']['Reliability Policy'] == 'Reliable'
+            assert display['Topic']['Durability Policy'] == 'Volatile'
+    from flmm_ros.ros.messages import MARKER_NAMESPACE
+    assert displays['Grounded objects 3D']['Namespaces'] == {MARKER_NAMESPACE: True}
+    assert manager['Global Options']['Fixed Frame']
+
+
+@pytest.mark.parametrize('package', ['flmm_ros', 'flmm_msgs'])
+def test_package_manifests_are_valid(package):
+    manifest = parse_package(str(ROOT / 'ros_ws' / 'src' / package))  # catkin_pkg checks e-mails, names
+    manifest.validate()
+    assert manifest.name == package
+    assert all('@' in m.email for m in manifest.maintainers)
+    build_type = manifest.get_build_type()
+    assert build_type == ('ament_python' if package == 'flmm_ros' else 'ament_cmake')
+    if package == 'flmm_ros':
+        assert 'flmm_msgs' in {d.name for d in manifest.build_depends + manifest.exec_depends}
+
+
+def test_interfaces_are_listed_in_cmake():
+    msgs = ROOT / 'ros_ws' / 'src' / 'flmm_msgs'
+    cmake = (msgs / 'CMakeLists.txt').read_text()
+    files = sorted(p.relative_to(msgs).as_posix() for p in [*msgs.glob('msg/*.msg'), *msgs.glob('action/*.action')])
+    assert files == ['action/Ground.action', 'msg/GroundedObject.msg', 'msg/GroundingResult.msg']
+    assert all(f'"{f}"' in cmake for f in files)
+
+
+def test_built_package_installs_launch_config_and_rviz():
+    """scripts/setup.sh builds the workspace; its share/ must hold the same files as the sources."""
+    share = ROOT / 'ros_ws' / 'install' / 'flmm_ros' / 'share' / 'flmm_ros'
+    for source in (LAUNCH, CONFIG, RVIZ):
+        installed = share / source.relative_to(PKG)
+        assert installed.is_file(), f"{installed} missing: run scripts/setup.sh"
+        assert installed.read_text() == source.read_text(), f"{installed} is stale: run scripts/setup.sh"

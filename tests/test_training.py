@@ -1,0 +1,108 @@
+"""Training/evaluation tools for the grounding head (tiny random LMM + tiny SAM, generated scenes)."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from flmm_ros.grounding.testing import write_random_bundle
+from flmm_ros.grounding.training.data import encode_sample, tabletop_samples
+from flmm_ros.grounding.training.evaluate import evaluate, evaluate_cached, whole_image_baseline
+from flmm_ros.grounding.training.losses import bce_loss, dice_loss, mask_losses
+from flmm_ros.grounding.training.metrics import IoUMeter
+from flmm_ros.grounding.training.train import (build_training_pipeline, load_training_state, train,
+                                               trainable_parameters, warmup_cosine)
+
+
+def test_dice_and_bce_match_their_formulas():
+    logits = torch.tensor([[[2.0, -1.0], [0.5, -3.0]]])
+    target = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    p = logits.sigmoid()
+    expected_dice = 1 - (2 * (p * target).sum() + 1) / (p.sum() + target.sum() + 1)
+    assert torch.isclose(dice_loss(logits, target), expected_dice)
+    expected_bce = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
+    assert torch.isclose(bce_loss(logits, target), expected_bce)
+    losses = mask_losses(logits[:, :1, :1], logits, target)
+    assert set(losses) == {"loss_mask", "loss_dice", "sam_loss_mask", "sam_loss_dice"}
+
+
+def test_iou_meter_ciou_and_giou():
+    m = IoUMeter()
+    a = np.zeros((4, 4), bool)
+    a[:2] = True                     # 8 px
+    b = np.zeros((4, 4), bool)
+    b[:1] = True                     # 4 px, inside a
+    assert m.add(b, a) == 0.5
+    assert m.add(a, a) == 1.0
+    assert m.ciou == pytest.approx((4 + 8) / (8 + 8)) and m.giou == pytest.approx(0.75)
+
+
+def test_warmup_then_cosine_schedule():
+    f = warmup_cosine(100, warmup_ratio=0.1)
+    assert f(0) == pytest.approx(1e-5) and f(5) == pytest.approx(0.5, abs=1e-4)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    bundle = write_random_bundle(tmp_path_factory.mktemp("bundle"))
+    return build_training_pipeline(str(bundle))
+
+
+def small_samples(split, count):
+    return list(tabletop_samples(split, count, sizes=((64, 64), (64, 96))))
+
+
+def foreground_contrast(pipe, sample) -> dict[str, float]:
+    """Mean predicted probability inside the ground truth minus outside, per output."""
+    with torch.no_grad():
+        logits = pipe.head_logits(sample.phrase_pass(), sample.prepared, sample.sam_encoding())
+    target = sample.masks()
+    coarse_target = torch.nn.functional.interpolate(target[:, None], size=logits.coarse.shape[-2:])[:, 0] > 0.5
+    out = {}
+    for name, value, t in (("coarse", logits.coarse, coarse_target), ("refined", logits.refined, target > 0.5)):
+        p = value.sigmoid()
+        out[name] = (p[t].mean() - p[~t].mean()).item()
+    return out
+
+
+def test_training_learns_and_only_touches_the_head(pipe, tmp_path):
+    torch.manual_seed(0)
+    cache = [encode_sample(pipe, s) for s in small_samples("train", 1)]
+    frozen = {n: p.clone() for n, p in pipe.lmm.model.named_parameters()}
+    encoder = {n: p.clone() for n, p in pipe.head.sam.image_encoder.named_parameters()}
+    head_before = {n: p.clone() for n, p in pipe.head.mask_head.named_parameters()}
+    before = foreground_contrast(pipe, cache[0])
+    train(pipe, cache, cache, tmp_path, epochs=60, batch_size=1, lr=3e-3, eval_every=10, save_every=1000)
+    log = json.loads((tmp_path / "train_log.json").read_text())
+    after = foreground_contrast(pipe, cache[0])
+    # Overfitting one scene: the loss falls and the masks move towards the objects.
+    assert log[-1]["loss"] < 0.9 * log[0]["loss"]
+    assert after["coarse"] > before["coarse"] + 0.05 and after["refined"] > before["refined"]
+    assert all(torch.equal(p, frozen[n]) for n, p in pipe.lmm.model.named_parameters())
+    assert all(torch.equal(p, encoder[n]) for n, p in pipe.head.sam.image_encoder.named_parameters())
+    assert any(not torch.equal(p, head_before[n]) for n, p in pipe.head.mask_head.named_parameters())
+    assert (tmp_path / "head.safetensors").is_file() and (tmp_path / "train_log.json").is_file()
+
+
+def test_training_resumes_from_its_checkpoint(pipe, tmp_path):
+    cache = [encode_sample(pipe, s) for s in small_samples("train", 2)]
+    train(pipe, cache, cache[:1], tmp_path, epochs=2, batch_size=1, save_every=1, eval_every=100)
+    optimizer = torch.optim.AdamW(trainable_parameters(pipe.head))
+    state = load_training_state(tmp_path / "trainer_state.safetensors", optimizer)
+    assert state["step"] == 4 and len(optimizer.state) > 0
+    final = train(pipe, cache, cache[:1], tmp_path, epochs=3, batch_size=1, save_every=1, eval_every=100)
+    assert final["step"] == 6 and math.isfinite(final["loss"])
+
+
+def test_end_to_end_evaluation_and_baseline(pipe):
+    samples = small_samples("val", 2)
+    scores = evaluate(pipe, samples)
+    n = sum(len(s.masks) for s in samples)
+    assert scores["coarse"]["count"] == n and scores["refined"]["count"] == n
+    base = whole_image_baseline(samples)["whole_image"]
+    total_gt = sum(m.sum() for s in samples for m in s.masks)
+    total_px = sum(m.size for s in samples for m in s.masks)
+    assert base["ciou"] == pytest.approx(total_gt / total_px)
