@@ -106,3 +106,20 @@ def test_end_to_end_evaluation_and_baseline(pipe):
     total_gt = sum(m.sum() for s in samples for m in s.masks)
     total_px = sum(m.size for s in samples for m in s.masks)
     assert base["ciou"] == pytest.approx(total_gt / total_px)
+
+
+def test_refcoco_format_data_feeds_the_trainer(tmp_path):
+    from flmm_ros.grounding.training.data import refcoco_samples
+    from flmm_ros.tabletop.refcoco_format import export_refcoco_format
+    from flmm_ros.tabletop.scenes import generate_scene, split_seeds
+
+    seeds = list(split_seeds("val", 2))
+    export_refcoco_format(tmp_path, seeds, size=(64, 96))
+    samples = list(refcoco_samples(tmp_path, "val"))
+    assert len(samples) == 2
+    scene = generate_scene(seeds[0], size=(64, 96))
+    first = samples[0]
+    assert first.image.shape == (64, 96, 3) and len(first.phrases) == len(first.masks) > 0
+    expected = {e: m for e, m in scene.referring_pairs()}
+    for phrase, mask in zip(first.phrases, first.masks):
+        assert (mask == expected[phrase]).all()

@@ -39,11 +39,12 @@ def tabletop_samples(split: str, count: int, *, offset: int = 0, sizes=((256, 25
 
 
 def refcoco_samples(directory: str | Path, split: str) -> Iterator[RefSample]:
-    """RefCOCO-format data (COCO-style annotations + referring expressions, see tabletop/refcoco_format.py)."""
+    """RefCOCO-format data (COCO-style instances.json + refs.json + images/, see tabletop/refcoco_format.py):
+    every sentence of every referred object of an image, in one sample."""
     from ...tabletop.refcoco_format import load_refcoco_format
 
-    for image, pairs in load_refcoco_format(directory, split=split):
-        yield RefSample(image, [e for e, _ in pairs], [m for _, m in pairs])
+    for ref_image in load_refcoco_format(directory, split=split):
+        yield RefSample(ref_image.image, [e for e, _ in ref_image.refs], [m for _, m in ref_image.refs])
 
 
 @dataclass

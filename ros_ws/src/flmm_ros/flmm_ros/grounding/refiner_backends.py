@@ -1,0 +1,275 @@
+"""Runtimes for SAM's image encoder and F-LMM's prompt decoder, behind one small interface.
+
+- 'torch': `sam.image_encoder` + `SamPromptDecoder` on the model itself (decode is differentiable; training
+  uses it). fp16 runs the encoder under autocast.
+- 'onnxruntime': the two ONNX graphs of `sam_onnx.py` (exported once per set of weights, cached), on the
+  CPU or, for a CUDA device, the CUDA execution provider with tensors bound in place.
+- 'tensorrt': plans built from those graphs (`sam_tensorrt.py`), cached per GPU and TensorRT version.
+
+Precision applies to the image encoder; the prompt decoder always runs FP32 (it is small and bound by
+kernel launches, and FP16 would coarsen the Fourier encoding of the box corners).
+ONNX Runtime and TensorRT snapshot the weights when the backend is made: make a new backend after
+changing them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from segment_anything.modeling import Sam
+
+from .sam_decoder import SamPromptDecoder
+from .sam_onnx import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT, ENCODER_OUTPUT, PRECISIONS,
+                       SamOnnxModels, export_sam_onnx)
+from .types import GroundingError
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+_FALLBACKS = {"tensorrt": ("tensorrt", "onnxruntime", "torch"), "onnxruntime": ("onnxruntime", "torch"),
+              "torch": ("torch",)}
+CACHE_ENV = "FLMM_ROS_ENGINE_CACHE"
+
+log = logging.getLogger(__name__)
+
+
+class RefinerBackend(Protocol):
+    name: str  # 'torch' | 'onnxruntime' | 'tensorrt'
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, 3, S, S) float32, normalised and padded -> (1, C, h, w) image embeddings."""
+
+    def decode(self, image_embeddings: torch.Tensor, mask_input: torch.Tensor, box: torch.Tensor,
+               text_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> low-res logits (1, 1, 4h, 4w) and predicted IoU (1, 1); see `SamPromptDecoder`."""
+
+
+class BackendUnavailable(RuntimeError):
+    """This backend cannot run here (package missing, no GPU); `make_refiner_backend` may fall back."""
+
+
+def default_cache_dir() -> Path:
+    """$FLMM_ROS_ENGINE_CACHE, else `engines/cache` of the source checkout, else ~/.cache/flmm_ros/engines."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    for parent in Path(__file__).resolve().parents:
+        if (parent / "engines").is_dir() and (parent / "ros_ws").is_dir():
+            return parent / "engines" / "cache"
+    return Path.home() / ".cache" / "flmm_ros" / "engines"
+
+
+class SamShapes:
+    """The tensor shapes a SAM model's encoder and decoder take, and checks with clear errors."""
+
+    def __init__(self, sam: Sam) -> None:
+        pe = sam.prompt_encoder
+        self.image_size = sam.image_encoder.img_size
+        self.embed_dim = pe.embed_dim
+        self.embedding_hw = tuple(pe.image_embedding_size)
+        self.mask_hw = tuple(pe.mask_input_size)
+
+    def check_image(self, image: torch.Tensor) -> None:
+        expected = (1, 3, self.image_size, self.image_size)
+        if tuple(image.shape) != expected:
+            raise GroundingError(f"SAM encoder input must be {expected} (resized, normalised, padded), "
+                                 f"got {tuple(image.shape)}")
+
+    def check_decoder_inputs(self, image_embeddings, mask_input, box, text_tokens) -> None:
+        expected = {"image_embeddings": (1, self.embed_dim, *self.embedding_hw),
+                    "mask_input": (1, 1, *self.mask_hw), "box": (1, 4)}
+        for name, tensor in zip(expected, (image_embeddings, mask_input, box)):
+            if tuple(tensor.shape) != expected[name]:
+                raise GroundingError(f"SAM decoder input {name} must be {expected[name]}, got {tuple(tensor.shape)}")
+        if text_tokens.ndim != 3 or text_tokens.shape[0] != 1 or text_tokens.shape[2] != self.embed_dim \
+                or text_tokens.shape[1] < 1:
+            raise GroundingError(f"SAM decoder text_tokens must be (1, T >= 1, {self.embed_dim}), "
+                                 f"got {tuple(text_tokens.shape)}")
+
+
+class TorchBackend:
+    """The model itself, on `device` (moved there)."""
+    name = "torch"
+
+    def __init__(self, sam: Sam, device: torch.device, precision: str) -> None:
+        self.sam = sam.to(device)
+        self.device = device
+        self.precision = precision
+        self.shapes = SamShapes(sam)
+        self.decoder = SamPromptDecoder(sam)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.shapes.check_image(image)
+        image = image.to(self.device, torch.float32)
+        with torch.no_grad(), torch.autocast(self.device.type, dtype=torch.float16,
+                                             enabled=self.precision == "fp16"):
+            return self.sam.image_encoder(image).float()
+
+    def decode(self, image_embeddings, mask_input, box, text_tokens):
+        self.shapes.check_decoder_inputs(image_embeddings, mask_input, box, text_tokens)
+        inputs = (image_embeddings, mask_input, box, text_tokens)
+        return self.decoder(*(t.to(self.device, torch.float32) for t in inputs))
+
+
+def onnxruntime_placement(device: torch.device) -> tuple[torch.device, list]:
+    """(device, execution providers) for ONNX Runtime on `device`; BackendUnavailable when it cannot run there."""
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise BackendUnavailable(f"onnxruntime is not installed ({e})") from None
+    if device.type == "cpu":
+        return device, ["CPUExecutionProvider"]
+    if device.type != "cuda":
+        raise BackendUnavailable(f"onnxruntime runs on cpu or cuda devices, not {device}")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable("this onnxruntime build has no CUDAExecutionProvider "
+                                 "(install onnxruntime-gpu for a CUDA device)")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.device("cuda", index), [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    """The exported graphs on ONNX Runtime: CPU provider for a CPU device, CUDA provider (tensors bound
+    by address, no copies) for a CUDA device."""
+    name = "onnxruntime"
+
+    def __init__(self, models: SamOnnxModels, shapes: SamShapes, device: torch.device) -> None:
+        import onnxruntime as ort
+        self.device, providers = onnxruntime_placement(device)
+        self.models = models
+        self.shapes = shapes
+        self.encoder = ort.InferenceSession(str(models.encoder), providers=providers)
+        self.decoder = ort.InferenceSession(str(models.decoder), providers=providers)
+        embed = (1, shapes.embed_dim, *shapes.embedding_hw)
+        self.encoder_outputs = {ENCODER_OUTPUT: embed}
+        self.decoder_outputs = {DECODER_OUTPUTS[0]: (1, 1, *shapes.mask_hw), DECODER_OUTPUTS[1]: (1, 1)}
+
+    def _run(self, session, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple]) -> list[torch.Tensor]:
+        feeds = {k: v.detach().to(self.device, torch.float32).contiguous() for k, v in feeds.items()}
+        if self.device.type == "cpu":
+            results = session.run(list(outputs), {k: v.numpy() for k, v in feeds.items()})
+            return [torch.from_numpy(r) for r in results]
+        binding = session.io_binding()
+        for name, tensor in feeds.items():
+            binding.bind_input(name, "cuda", self.device.index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        results = [torch.empty(shape, device=self.device) for shape in outputs.values()]
+        for name, tensor in zip(outputs, results):
+            binding.bind_output(name, "cuda", self.device.index, np.float32, tuple(tensor.shape), tensor.data_ptr())
+        torch.cuda.current_stream(self.device).synchronize()  # inputs were written on torch's stream
+        session.run_with_iobinding(binding)
+        return results
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.shapes.check_image(image)
+        return self._run(self.encoder, {ENCODER_INPUT: image}, self.encoder_outputs)[0]
+
+    def decode(self, image_embeddings, mask_input, box, text_tokens):
+        self.shapes.check_decoder_inputs(image_embeddings, mask_input, box, text_tokens)
+        feeds = dict(zip(DECODER_INPUTS, (image_embeddings, mask_input, box, text_tokens)))
+        low_res, iou = self._run(self.decoder, feeds, self.decoder_outputs)
+        return low_res, iou
+
+
+def _make_torch(sam, device, precision, cache_dir, logger):
+    return TorchBackend(sam, device, precision)
+
+
+def _make_onnxruntime(sam, device, precision, cache_dir, logger):
+    onnxruntime_placement(device)  # fail before spending time on the export
+    return OnnxRuntimeBackend(export_sam_onnx(sam, cache_dir, precision), SamShapes(sam), device)
+
+
+def _make_tensorrt(sam, device, precision, cache_dir, logger):
+    from .sam_tensorrt import TensorRTBackend, tensorrt_unavailable_reason
+    reason = tensorrt_unavailable_reason(device)
+    if reason:
+        raise BackendUnavailable(reason)
+    return TensorRTBackend(sam, device=device, precision=precision, cache_dir=cache_dir, logger=logger)
+
+
+_MAKERS = {"torch": _make_torch, "onnxruntime": _make_onnxruntime, "tensorrt": _make_tensorrt}
+
+
+def make_refiner_backend(name: str, sam: Sam, *, device="cpu", precision: str = "fp32", cache_dir=None,
+                         fallback: bool = True, logger: logging.Logger | None = None) -> RefinerBackend:
+    """The backend `name` for `sam`. When it cannot run here (no `tensorrt`, no GPU, no onnxruntime):
+    with `fallback`, warn and take the next of tensorrt -> onnxruntime -> torch; without, raise
+    GroundingError with the reason. Errors of a backend that can run (a failed build) always raise."""
+    logger = logger or log
+    if name not in BACKENDS:
+        raise GroundingError(f"unknown refiner backend {name!r}: use one of {list(BACKENDS)}")
+    if precision not in PRECISIONS:
+        raise GroundingError(f"unknown refiner precision {precision!r}: use one of {list(PRECISIONS)}")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise GroundingError(f"device {device} requested but CUDA is not available")
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    candidates = _FALLBACKS[name] if fallback else (name,)
+    reasons = []
+    for candidate in candidates:
+        try:
+            backend = _MAKERS[candidate](sam, device, precision, cache_dir, logger)
+        except BackendUnavailable as e:
+            reasons.append(f"{candidate}: {e}")
+            if candidate != candidates[-1]:
+                logger.warning("SAM refiner backend %r is unavailable (%s); falling back", candidate, e)
+            continue
+        if candidate != name:
+            logger.warning("SAM refiner runs on %r instead of the requested %r", candidate, name)
+        return backend
+    raise GroundingError(f"SAM refiner backend {name!r} is unavailable: {'; '.join(reasons)}")
+
+
+# Minimum agreement with PyTorch FP32 (random inputs; masks binarised at logit 0).
+PARITY_GATES = {"fp32": {"mask_iou": 0.99, "encoder_cosine": 0.9999},
+                "fp16": {"mask_iou": 0.98, "encoder_cosine": 0.999}}
+
+
+def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a > 0, b > 0
+    union = (a | b).sum().item()
+    return 1.0 if union == 0 else (a & b).sum().item() / union
+
+
+@torch.no_grad()
+def parity_report(reference: RefinerBackend, candidate: RefinerBackend, sam: Sam,
+                  text_token_counts: tuple[int, ...] = (1, 8, 33), seed: int = 0) -> dict[str, float]:
+    """How closely `candidate` follows `reference` on the same random inputs.
+
+    The decoders get the reference's embedding (decoder error alone) and, for `end_to_end_mask_iou`,
+    each its own. Returns the worst value over the text-token counts for every metric."""
+    shapes = SamShapes(sam)
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(1, 3, shapes.image_size, shapes.image_size, generator=g)
+    ref_embedding = reference.encode(image).float().cpu()
+    cand_embedding = candidate.encode(image).float().cpu()
+    report = {
+        "encoder_max_abs": (cand_embedding - ref_embedding).abs().max().item(),
+        "encoder_cosine": torch.nn.functional.cosine_similarity(cand_embedding.flatten(), ref_embedding.flatten(),
+                                                                 dim=0).item(),
+        "decoder_max_abs": 0.0, "iou_pred_max_abs": 0.0, "mask_iou": 1.0, "end_to_end_mask_iou": 1.0,
+    }
+    mask_input = 4 * torch.randn(1, 1, *shapes.mask_hw, generator=g)
+    corners = torch.rand(2, 2, generator=g) * shapes.image_size
+    box = torch.cat([corners.min(0).values, corners.max(0).values])[None]
+    for count in text_token_counts:
+        tokens = torch.randn(1, count, shapes.embed_dim, generator=g)
+        ref_logits, ref_iou = (t.float().cpu() for t in reference.decode(ref_embedding, mask_input, box, tokens))
+        logits, iou = (t.float().cpu() for t in candidate.decode(ref_embedding, mask_input, box, tokens))
+        own_logits = candidate.decode(cand_embedding, mask_input, box, tokens)[0].float().cpu()
+        report["decoder_max_abs"] = max(report["decoder_max_abs"], (logits - ref_logits).abs().max().item())
+        report["iou_pred_max_abs"] = max(report["iou_pred_max_abs"], (iou - ref_iou).abs().max().item())
+        report["mask_iou"] = min(report["mask_iou"], _mask_iou(logits, ref_logits))
+        report["end_to_end_mask_iou"] = min(report["end_to_end_mask_iou"], _mask_iou(own_logits, ref_logits))
+    return report
+
+
+def parity_failures(report: dict[str, float], precision: str) -> list[str]:
+    """The gates of PARITY_GATES[precision] that `report` misses (empty: parity holds)."""
+    gates = PARITY_GATES[precision]
+    failures = [f"{k} {report[k]:.4f} < {gates['mask_iou']}" for k in ("mask_iou", "end_to_end_mask_iou")
+                if report[k] < gates["mask_iou"]]
+    if report["encoder_cosine"] < gates["encoder_cosine"]:
+        failures.append(f"encoder cosine {report['encoder_cosine']:.6f} < {gates['encoder_cosine']}")
+    return failures

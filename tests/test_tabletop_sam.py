@@ -1,0 +1,156 @@
+"""tabletop-tiny's SAM refiner training: prompts, targets, learning, checkpoints (tiny models, CPU)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from flmm_ros.grounding.checkpoint import load_sam_weights
+from flmm_ros.grounding.refiner import SamRefiner
+from flmm_ros.grounding.sam_models import TINY_TEST_SAM, SamArch, build_sam
+from flmm_ros.tabletop import train_sam
+from flmm_ros.tabletop.scenes import generate_scene, split_seeds
+from flmm_ros.tabletop.train_sam import (TABLETOP_SAM, binary_iou, jitter_box, load_tabletop_sam, low_res_targets,
+                                         sample_prompts, save_tabletop_sam, simulate_coarse_logits, training_loss)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _scenes(count: int, sizes=((256, 256), (480, 640))):
+    scenes = [generate_scene(seed, sizes[i % len(sizes)]) for i, seed in enumerate(split_seeds("train", 40))]
+    return [s for s in scenes if s.objects][:count]
+
+
+def test_box_prompts_stay_in_the_image_and_near_the_object():
+    rng = np.random.default_rng(0)
+    for scene in _scenes(6):
+        h, w = scene.image.shape[:2]
+        sample = sample_prompts(scene, rng)
+        assert sample.boxes.shape == (len(scene.objects), 4)
+        x0, y0, x1, y1 = sample.boxes.T
+        assert (x0 >= 0).all() and (y0 >= 0).all() and (x1 <= w).all() and (y1 <= h).all()
+        assert (x1 > x0).all() and (y1 > y0).all()
+        truth = torch.tensor([o.box for o in scene.objects], dtype=torch.float32)
+        jittered = torch.from_numpy(sample.boxes)
+        lt, rb = torch.maximum(truth[:, :2], jittered[:, :2]), torch.minimum(truth[:, 2:], jittered[:, 2:])
+        inter = (rb - lt).clamp(min=0).prod(1)
+        area = lambda b: (b[:, 2:] - b[:, :2]).prod(1)  # noqa: E731
+        assert (inter / (area(truth) + area(jittered) - inter) > 0.4).all()
+    box = (10, 20, 50, 80)
+    assert jitter_box(box, (100, 100), rng, scale=0.0).tolist() == [10, 20, 50, 80]
+
+
+def test_clicks_fall_on_the_right_side_of_the_mask():
+    rng = np.random.default_rng(1)
+    negatives = 0
+    for scene in _scenes(8):
+        sample = sample_prompts(scene, rng)
+        h, w = scene.image.shape[:2]
+        for mask, coords, labels in zip(sample.masks, sample.points, sample.point_labels):
+            assert labels[0] == 1, "the first click is always on the object"
+            xs, ys = coords[:, 0].astype(int), coords[:, 1].astype(int)
+            assert ((xs >= 0) & (xs < w) & (ys >= 0) & (ys < h)).all()
+            assert (mask[ys, xs] == (labels == 1)).all()
+            negatives += int((labels == 0).sum())
+    assert negatives > 0, "some clicks should be negative"
+
+
+def test_coarse_maps_resemble_their_objects_at_a_low_resolution():
+    rng = np.random.default_rng(2)
+    ious = []
+    for scene in _scenes(8):
+        masks = np.stack([o.mask for o in scene.objects])
+        coarse = simulate_coarse_logits(masks, rng)
+        h, w = scene.image.shape[:2]
+        assert coarse.ndim == 3 and coarse.shape[0] == len(masks)
+        assert 16 <= max(coarse.shape[1:]) <= 64
+        assert abs(coarse.shape[2] / coarse.shape[1] - w / h) < 0.2   # the image's aspect ratio
+        up = torch.nn.functional.interpolate(coarse[:, None], size=(h, w), mode="bilinear")[:, 0] > 0
+        ious += binary_iou(up, torch.from_numpy(masks)).tolist()
+    # Rough guesses: mostly on the object, but far from exact (that is the refiner's job).
+    assert 0.25 < float(np.mean(ious)) < 0.8
+
+
+def test_low_res_targets_map_back_onto_the_image_like_sam_outputs():
+    """Targets live in the decoder's frame: SAM's own postprocessing brings them back onto the object."""
+    sam = build_sam(TINY_TEST_SAM)
+    refiner = SamRefiner(sam, backend=None)
+    for scene in _scenes(2):
+        _, input_hw = refiner.preprocess(scene.image)
+        masks = np.stack([o.mask for o in scene.objects])
+        targets = low_res_targets(masks, refiner, input_hw)
+        assert targets.shape[-2:] == sam.prompt_encoder.mask_input_size
+        logits = 20 * (targets - 0.5)
+        back = sam.postprocess_masks(logits, input_hw, scene.image.shape[:2])[:, 0] > 0
+        assert binary_iou(back, torch.from_numpy(masks)).min() > 0.8
+
+
+def test_a_few_steps_on_two_scenes_reduce_the_loss():
+    torch.manual_seed(0)
+    sam = build_sam(TINY_TEST_SAM).train()
+    refiner = SamRefiner(sam, backend=None)
+    rng = np.random.default_rng(3)
+    samples = [sample_prompts(scene, rng) for scene in _scenes(2, sizes=((128, 128), (96, 128)))]
+    optimizer = train_sam.make_optimizer(sam, lr=3e-3, weight_decay=0.0)
+    with torch.no_grad():
+        before, _ = training_loss(sam, refiner, samples)
+    for _ in range(8):
+        loss, parts = training_loss(sam, refiner, samples)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        after, _ = training_loss(sam, refiner, samples)
+    assert parts["prompts"] == 3 * sum(len(s.masks) for s in samples)   # coarse + box, box, clicks
+    assert after.item() < 0.85 * before.item()
+
+
+def _randomised(arch: SamArch, seed: int):
+    """A model whose every tensor is random (fresh SAMs have zero positional embeddings)."""
+    sam = build_sam(arch)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for tensor in sam.state_dict().values():
+            tensor.copy_(torch.randn(tensor.shape, generator=generator))
+    return sam
+
+
+def test_saved_tabletop_sam_reloads_exactly(tmp_path):
+    sam = _randomised(TABLETOP_SAM, 0)
+    save_tabletop_sam(sam, TABLETOP_SAM, tmp_path)
+    reloaded = load_tabletop_sam(tmp_path)
+    expected, got = sam.state_dict(), reloaded.state_dict()
+    assert expected.keys() == got.keys()
+    assert all(k.startswith(("image_encoder.", "prompt_encoder.", "mask_decoder.", "pixel_")) for k in got)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    # The product loader reads the same file into a model built from the constant.
+    other = build_sam(TABLETOP_SAM)
+    report = load_sam_weights(other, tmp_path / train_sam.SAM_FILE)
+    assert not report.missing and not report.unexpected and not report.shape_mismatches
+    assert torch.equal(other.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
+                       sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix)
+
+
+def test_training_writes_the_model_and_resumes_reproducibly(tmp_path):
+    common = ["--eval-scenes", "2", "--log-every", "1", "--eval-every", "1", "--save-every", "1", "--warmup", "1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    train_sam.train(train_sam.parse_args(["--out", str(straight), "--steps", "3", *common]), arch=TINY_TEST_SAM)
+    train_sam.train(train_sam.parse_args(["--out", str(resumed), "--steps", "2", *common]), arch=TINY_TEST_SAM)
+    train_sam.train(train_sam.parse_args(["--out", str(resumed), "--steps", "3", *common]), arch=TINY_TEST_SAM)
+
+    a, b = load_tabletop_sam(straight).state_dict(), load_tabletop_sam(resumed).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must end with the same weights"
+    assert not all(torch.equal(a[k], v) for k, v in build_sam(TINY_TEST_SAM).state_dict().items())
+    log = json.loads((straight / train_sam.LOG_FILE).read_text())
+    assert log["arch"] == TINY_TEST_SAM.to_dict() and log["steps"] == 3
+    assert [r["step"] for r in log["history"]] == [1, 2, 3]
+    assert set(log["val"]) >= {"box_miou", "coarse_box_miou", "coarse_input_miou"}
+    assert all(0.0 <= log["val"][k] <= 1.0 for k in ("box_miou", "coarse_box_miou", "coarse_input_miou"))
