@@ -1,6 +1,6 @@
-# Thin targets over scripts/. `make test` and `make demo` work on a fresh machine.
+# Thin targets over scripts/. `make demo` and `make test` work on a fresh machine.
 SHELL := /bin/bash
-.PHONY: setup test test-core demo bench
+.PHONY: setup test demo bench engines tabletop-model
 
 setup:
 	bash scripts/setup.sh
@@ -12,4 +12,10 @@ demo: setup
 	bash scripts/demo.sh
 
 bench: setup
-	.venv/bin/python bench/attention.py
+	source scripts/env.sh && python bench/attention.py && python bench/refiner.py --sam-type tiny
+
+engines: setup
+	source scripts/env.sh && python engines/build_engines.py $(ENGINE_ARGS)
+
+tabletop-model: setup
+	bash scripts/build_tabletop_model.sh
