@@ -7,13 +7,13 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer, LlavaForConditionalGeneration
 
 from flmm_ros.tabletop.attention_check import attention_report, phrase_attention
-from flmm_ros.tabletop.language import DESCRIBE_PROMPT
+from flmm_ros.tabletop.language import DESCRIBE_PROMPT, QAPair
 from flmm_ros.tabletop.lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
 from flmm_ros.tabletop.packing import collate, pack
 from flmm_ros.tabletop.patch_probe import patch_targets
 from flmm_ros.tabletop.scenes import generate_scene
 from flmm_ros.tabletop.tokenizer import IMAGE, build_tokenizer, format_prompt
-from flmm_ros.tabletop.train_lmm import main as train_main
+from flmm_ros.tabletop.train_lmm import main as train_main, pick_balanced
 
 ARCH = TinyLlavaArch(image_size=64, patch_size=16, vision_hidden=32, vision_intermediate=64, vision_layers=1,
                      vision_heads=2, text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2,
@@ -205,3 +205,10 @@ def test_phrase_attention_maps_and_report(processor, tmp_path):
     sdpa, _ = load_tabletop_lmm(tmp_path)
     with pytest.raises(ValueError, match="eager"):
         attention_report(sdpa, processor, scenes=1)
+
+
+def test_questions_are_drawn_answer_balanced():
+    qas = [QAPair(f"is there a {k}?", "no", "presence") for k in "abcdefghi"] + [QAPair("is there a mug?", "yes", "presence")]
+    rng = np.random.default_rng(0)
+    picks = [pick_balanced(qas, rng).answer for _ in range(400)]
+    assert 0.4 < picks.count("yes") / len(picks) < 0.6

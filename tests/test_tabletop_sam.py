@@ -154,3 +154,15 @@ def test_training_writes_the_model_and_resumes_reproducibly(tmp_path):
     assert [r["step"] for r in log["history"]] == [1, 2, 3]
     assert set(log["val"]) >= {"box_miou", "coarse_box_miou", "coarse_input_miou"}
     assert all(0.0 <= log["val"][k] <= 1.0 for k in ("box_miou", "coarse_box_miou", "coarse_input_miou"))
+    assert log["scenes"] == train_sam.scenes_fingerprint()
+
+
+def test_a_checkpoint_from_other_scenes_is_not_resumed(tmp_path):
+    args = ["--out", str(tmp_path), "--eval-scenes", "1", "--save-every", "1", "--warmup", "1"]
+    train_sam.train(train_sam.parse_args([*args, "--steps", "1"]), arch=TINY_TEST_SAM)
+    state_path = tmp_path / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    state["scenes"] = "0" * 16   # as if the scene generator had changed since
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(SystemExit, match="other scenes"):
+        train_sam.train(train_sam.parse_args([*args, "--steps", "2"]), arch=TINY_TEST_SAM)

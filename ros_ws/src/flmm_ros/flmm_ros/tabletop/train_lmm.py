@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from .attention_check import attention_report
-from .language import DESCRIBE_PROMPT, LOCATION_PHRASES, position_word
+from .language import DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
 from .lmm import TinyLlavaArch, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
 from .packing import collate, pack
 from .patch_probe import PatchProbe, patch_targets
@@ -43,6 +43,17 @@ QUESTION_WEIGHTS = {"colour": 0.22, "presence": 0.2, "instruction": 0.2, "positi
 TRAIN_SIZES = ((256, 256), (240, 320), (192, 256))
 TRAIN_SIZE_WEIGHTS = (0.3, 0.3, 0.4)
 EVAL_TYPES = ("colour", "presence", "position", "count", "kind", "instruction", "describe", "refer")
+
+
+def pick_balanced(qas: list[QAPair], rng: np.random.Generator) -> QAPair:
+    """A question drawn by answer first: each distinct answer is equally likely.
+
+    Without it the answer priors are a shortcut (most presence questions are "no", most counts
+    "zero"), and a model that ignores the image scores well above chance."""
+    answers = sorted({qa.answer for qa in qas})
+    answer = answers[rng.integers(len(answers))]
+    same = [qa for qa in qas if qa.answer == answer]
+    return same[rng.integers(len(same))]
 
 
 def refer_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]:
@@ -65,7 +76,7 @@ def training_turns(scene: Scene, rng: np.random.Generator, questions: int) -> li
     types = [t for t in QUESTION_WEIGHTS if by_type[t]]
     weights = np.array([QUESTION_WEIGHTS[t] for t in types])
     for t in rng.choice(types, size=questions, p=weights / weights.sum()):
-        qa = by_type[t][rng.integers(len(by_type[t]))]
+        qa = pick_balanced(by_type[t], rng)
         turns.append((qa.question, qa.answer))
     return turns
 
@@ -89,7 +100,8 @@ def train_batch(step: int, batch_size: int, seed: int, questions: int, processor
 
 
 def eval_set(count: int, split: str = "val") -> list[tuple[Scene, list[tuple[str, str, str]]]]:
-    """Held-out scenes (fixed seeds, two image sizes) and one question of each type per scene.
+    """Held-out scenes (fixed seeds, two image sizes) and one question of each type per scene,
+    drawn answer-balanced (chance: presence 1/2, position 1/3, kind 1/6, colour ~1/7).
 
     The scenes keep their images only (masks dropped) to stay small in memory."""
     out = []
@@ -104,7 +116,7 @@ def eval_set(count: int, split: str = "val") -> list[tuple[Scene, list[tuple[str
             if t == "refer":
                 items += [("refer", q, a) for q, a in refer_turns(scene, rng)]
             elif by_type[t]:
-                qa = by_type[t][rng.integers(len(by_type[t]))]
+                qa = pick_balanced(by_type[t], rng)
                 items.append((t, qa.question, qa.answer))
         out.append((Scene(scene.seed, scene.image, (), scene.questions, scene.description), items))
     return out

@@ -28,6 +28,7 @@ loadable with `grounding.checkpoint.load_sam_weights`), `sam_arch.yaml` (`SamArc
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -192,7 +193,8 @@ def sample_prompts(scene: Scene, rng: np.random.Generator) -> PromptSample:
     count = int(rng.integers(1, MAX_POINTS + 1))  # one count per image: a decoder batch needs equal lengths
     clicks = [sample_points(o.mask, o.box, count, rng) for o in scene.objects]
     return PromptSample(
-        image=scene.image, masks=masks, boxes=boxes, points=np.stack([c for c, _ in clicks]), point_labels=np.stack([lab for _, lab in clicks]),
+        image=scene.image, masks=masks, boxes=boxes,
+        points=np.stack([c for c, _ in clicks]), point_labels=np.stack([lab for _, lab in clicks]),
         coarse=simulate_coarse_logits(masks, rng))
 
 
@@ -334,6 +336,18 @@ def evaluate(sam: Sam, data: list[EvalScene]) -> dict[str, float]:
     return result
 
 
+def scenes_fingerprint() -> str:
+    """A hash of a few generated scenes: tells whether a model was trained on today's scene generator."""
+    digest = hashlib.sha256()
+    for seed in split_seeds("val", 3):
+        for size in EVAL_SIZES:
+            scene = generate_scene(seed, size)
+            digest.update(scene.image.tobytes())
+            for obj in scene.objects:
+                digest.update(np.packbits(obj.mask).tobytes())
+    return digest.hexdigest()[:16]
+
+
 # ------------------------------------------------------------------------------------- saving, loading
 
 def save_tabletop_sam(sam: Sam, arch: SamArch, out_dir: str | Path) -> None:
@@ -372,13 +386,13 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str,
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _save_checkpoint(ckpt_dir: Path, sam: Sam, optimizer, step: int, history: list[dict]) -> None:
+def _save_checkpoint(ckpt_dir: Path, sam: Sam, optimizer, step: int, history: list[dict], fingerprint: str) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, ckpt_dir / "sam.safetensors.tmp")
     save_file(_optimizer_tensors(optimizer), ckpt_dir / "optimizer.safetensors.tmp")
     (ckpt_dir / "sam.safetensors.tmp").replace(ckpt_dir / "sam.safetensors")
     (ckpt_dir / "optimizer.safetensors.tmp").replace(ckpt_dir / "optimizer.safetensors")
-    (ckpt_dir / "state.json").write_text(json.dumps({"step": step, "history": history}))
+    (ckpt_dir / "state.json").write_text(json.dumps({"step": step, "history": history, "scenes": fingerprint}))
 
 
 # --------------------------------------------------------------------------------------------- training
@@ -407,11 +421,14 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
     sam = build_sam(arch)
     refiner = SamRefiner(sam, backend=None)
     optimizer = make_optimizer(sam, args.lr, args.weight_decay)
-    start, history = 0, []
+    start, history, fingerprint = 0, [], scenes_fingerprint()
     if (ckpt_dir / "state.json").is_file() and not args.restart:
+        state = json.loads((ckpt_dir / "state.json").read_text())
+        if state.get("scenes") != fingerprint:
+            raise SystemExit(f"{ckpt_dir} was trained on other scenes (the scene generator changed since): "
+                             "start again with --restart")
         load_sam_weights(sam, ckpt_dir / "sam.safetensors")
         _load_optimizer_tensors(optimizer, load_file(ckpt_dir / "optimizer.safetensors"))
-        state = json.loads((ckpt_dir / "state.json").read_text())
         start, history = state["step"], state["history"]
         print(f"resuming from step {start}")
     val = eval_set(args.eval_scenes)
@@ -442,11 +459,11 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
                 tqdm.write(f"step {step + 1}: loss {ema:.3f} val {record['val']}")
             history.append(record)
         if (step + 1) % args.save_every == 0 or done:
-            _save_checkpoint(ckpt_dir, sam, optimizer, step + 1, history)
+            _save_checkpoint(ckpt_dir, sam, optimizer, step + 1, history, fingerprint)
     sam.eval()
     final = history[-1]["val"] if history and "val" in history[-1] else evaluate(sam, val)
     save_tabletop_sam(sam, arch, out)
-    log = {"arch": arch.to_dict(), "args": vars(args), "steps": args.steps,
+    log = {"arch": arch.to_dict(), "args": vars(args), "steps": args.steps, "scenes": fingerprint,
            "train_wall_s": history[-1]["elapsed_s"] if history else 0.0,
            "val": final, "history": history}
     (out / LOG_FILE).write_text(json.dumps(log, indent=1))
@@ -457,6 +474,9 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     sam = load_tabletop_sam(args.out)
+    log_path = Path(args.out) / LOG_FILE
+    if log_path.is_file() and json.loads(log_path.read_text()).get("scenes") != scenes_fingerprint():
+        print(f"warning: {args.out} was trained on other scenes (the scene generator changed since)")
     t0 = time.perf_counter()
     result = evaluate(sam, eval_set(args.eval_scenes, args.split))
     print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=1))
@@ -466,7 +486,8 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="run directory: sam.safetensors, sam_arch.yaml, train_log.json, checkpoint/")
+    p.add_argument("--out", required=True,
+                   help="run directory: sam.safetensors, sam_arch.yaml, train_log.json, checkpoint/")
     p.add_argument("--eval", action="store_true", help="only evaluate the saved model in OUT")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--steps", type=int, default=7000)

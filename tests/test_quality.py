@@ -1,0 +1,44 @@
+"""Quality of the shipped embedded model: it must genuinely ground (no retraining here)."""
+from pathlib import Path
+
+import pytest
+
+from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.pipeline import GroundingPipeline
+from flmm_ros.grounding.training.data import tabletop_samples
+from flmm_ros.grounding.training.evaluate import evaluate, whole_image_baseline
+
+BUNDLE = Path(__file__).resolve().parents[1] / "ros_ws/src/flmm_ros/models/tabletop_tiny"
+SCENES = 40          # fixed held-out test scenes (deterministic seeds)
+# Bars a little under what the shipped (interim) model reaches on these 40 scenes: refined 0.547, coarse 0.428
+# (MODEL_CARD.md has the 500-scene table). Raise them when a better model is shipped.
+MIN_REFINED_CIOU = 0.52
+MIN_COARSE_CIOU = 0.40
+
+
+@pytest.fixture(scope="module")
+def scores():
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(BUNDLE), answer=False))
+    return evaluate(pipe, tabletop_samples("test", SCENES, expression="first"), SCENES)
+
+
+def test_shipped_model_grounds_held_out_scenes(scores):
+    assert scores["refined"]["count"] > SCENES            # every object of every scene was grounded
+    assert scores["refined"]["ciou"] >= MIN_REFINED_CIOU
+    assert scores["coarse"]["ciou"] >= MIN_COARSE_CIOU
+
+
+def test_shipped_model_beats_the_whole_image_baseline_by_far(scores):
+    baseline = whole_image_baseline(tabletop_samples("test", SCENES, expression="first"))["whole_image"]
+    assert scores["refined"]["ciou"] > 4 * baseline["ciou"]
+
+
+def test_demo_instruction_gives_one_answer_and_one_mask():
+    """The README demo's request end to end on the shipped model (mask quality: the tests above)."""
+    from flmm_ros.demo import demo_scene
+    scene, _ = demo_scene()
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(BUNDLE)))
+    result = pipe.run(scene.image, "pick the red mug")
+    assert result.phrases == ["the red mug"] and result.answer
+    assert len(result.objects) == 1 and result.objects[0].mask.shape == scene.image.shape[:2]
+    assert result.objects[0].mask.any()
