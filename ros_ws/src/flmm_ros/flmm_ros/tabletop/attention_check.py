@@ -1,8 +1,8 @@
 """Does the LMM look at an object when it reads its name? (what F-LMM's mask head will rely on)
 
 For each held-out object with a referring expression, the F-LMM grounding sequence
-`USER: <image>\\nPlease give me a description of the image. ASSISTANT: {expression}` is run once with
-eager attention. The phrase tokens' attention to the image tokens, per layer and head, is averaged
+`USER: <image>\\nPlease give me a description of the image. ASSISTANT: {expression}` is run once,
+reading the phrase rows with the product's extraction (`grounding/attention.py`, equal to eager). The phrase tokens' attention to the image tokens, per layer and head, is averaged
 over the phrase tokens and normalised over the image (F-LMM's input maps). Reported:
 - lift: attention mass on the object's patches divided by the share of patches the object covers
   (1 = no better than uniform), for the mean over all layers and heads and for the best head;
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from ..grounding.attention import capture_phrase_attention, enable_phrase_attention
 from .language import DESCRIBE_PROMPT
 from .patch_probe import MIN_COVER, patch_coverage
 from .scenes import generate_scene, split_seeds
@@ -26,18 +27,17 @@ def phrase_attention(model: LlavaForConditionalGeneration, processor: LlavaProce
     prompt = processor(text=format_prompt(DESCRIBE_PROMPT), images=image, return_tensors="pt")
     phrase_ids = processor.tokenizer(phrase, add_special_tokens=False, return_tensors="pt").input_ids
     input_ids = torch.cat([prompt.input_ids, phrase_ids], 1)
-    with torch.no_grad():
-        out = model(input_ids=input_ids, pixel_values=prompt.pixel_values, output_attentions=True)
     image_cols = (input_ids[0] == processor.tokenizer.convert_tokens_to_ids(IMAGE)).nonzero().squeeze(1)
     rows = torch.arange(prompt.input_ids.shape[1], input_ids.shape[1])
-    maps = torch.cat([a[0][:, rows][:, :, image_cols].mean(1) for a in out.attentions])  # channel = l*H + h
+    enable_phrase_attention(model)
+    with torch.no_grad(), capture_phrase_attention([rows], image_cols) as capture:
+        model(input_ids=input_ids, pixel_values=prompt.pixel_values, use_cache=False)
+    maps = capture.maps()[0]                                   # (L*H, image tokens), channel = l*H + h
     return maps / maps.sum(-1, keepdim=True).clamp_min(1e-12)
 
 
 def attention_report(model: LlavaForConditionalGeneration, processor: LlavaProcessor, scenes: int = 40,
                      split: str = "val") -> dict[str, float]:
-    if model.config.text_config._attn_implementation != "eager":
-        raise ValueError("attention_report needs the model loaded with attn_implementation='eager'")
     grid = int(round(model.config.image_seq_length ** 0.5))
     lifts, hits = [], []
     for seed in split_seeds(split, scenes):

@@ -271,8 +271,7 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
             said = generate_answer(model, processor, scene.image, question)
             print(f"[seed {scene.seed}] {question!r} -> {said!r} (reference {answer!r})")
     if args.attention:
-        eager, _ = load_tabletop_lmm(Path(args.out) / "model", attn_implementation="eager")
-        report = attention_report(eager, processor, scenes=args.attention)
+        report = attention_report(model, processor, scenes=args.attention)
         print("phrase-to-image attention:", json.dumps(report, indent=1))
         acc.update({f"attention_{k}": v for k, v in report.items() if isinstance(v, float)})
     return acc
