@@ -1,4 +1,4 @@
-"""Word-to-image attention of the phrase tokens, without `output_attentions=True`.
+"""Word-to-image attention of the phrase tokens, without `output_attentions` (all N x N matrices).
 
 F-LMM reads, for every layer and head, the post-softmax attention from each phrase token (query) to
 each image token (key). Asking `transformers` for all attention matrices keeps L x H x N x N floats
@@ -109,7 +109,7 @@ def capture_phrase_attention(phrase_rows: list[torch.Tensor], image_keys: torch.
 
 def eager_phrase_attention(attentions: tuple[torch.Tensor, ...], phrase_rows: list[torch.Tensor],
                            image_keys: torch.Tensor) -> torch.Tensor:
-    """The naive reference: slice `output_attentions=True` matrices (1, H, N, N) -> (P, L*H, n_image).
+    """The naive reference: slice eager `output_attentions` matrices (1, H, N, N) -> (P, L*H, n_image).
 
     phrase_rows here are absolute query positions in the full sequence. Used by tests and benchmarks only.
     """
