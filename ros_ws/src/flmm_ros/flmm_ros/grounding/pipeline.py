@@ -101,7 +101,8 @@ class GroundingPipeline:
     @classmethod
     def from_config(cls, config: PipelineConfig | dict) -> "GroundingPipeline":
         cfg = PipelineConfig.from_dict(config) if isinstance(config, dict) else config
-        cfg.validate()
+        if isinstance(config, PipelineConfig):
+            cfg.validate()                        # from_dict has validated already
         lmm, head = load_components(cfg)
         refiner = None
         if cfg.refine:
@@ -137,7 +138,7 @@ class GroundingPipeline:
     def ground(self, frame: FrameEncoding, phrases: list[str]) -> list[GroundedObject]:
         """One mask per phrase (the F-LMM grounding prompt, phrases as the answer)."""
         with self._lock, torch.no_grad():
-            logits = self.ground_logits(frame, phrases, _StageClock(None))
+            logits = self.ground_logits(frame, phrases)
         return self._objects(phrases, logits, frame.image_hw)
 
     def run(self, image_or_frame: np.ndarray | FrameEncoding, instruction: str,
@@ -177,9 +178,10 @@ class GroundingPipeline:
                                     answer_prefix=phrase_rules.REASONING_ANSWER_PREFIX)
         return answer, phrases, logits
 
-    def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock,
+    def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock | None = None,
                       prompt_text: str = GROUNDING_PROMPT, answer_prefix: str = "") -> GroundingLogits:
         """Phrase pass over the cached frame, then the grounding head."""
+        clock = clock or _StageClock(None)
         with clock.stage("attention"):
             lmm_out = self.lmm.phrase_pass(frame.lmm, phrases, prompt_text, answer_prefix)
         return self.head_logits(lmm_out, frame.lmm.prepared, frame.sam, clock)

@@ -54,11 +54,10 @@ def evaluate_cached(pipe, cache: list) -> dict:
 @torch.no_grad()
 def evaluate(pipe, samples, count: int | None = None) -> dict:
     """End to end through the pipeline (encode + phrase pass + head), the product path."""
-    from ..pipeline import _StageClock
     meters: dict[str, IoUMeter] = {}
     for sample in tqdm(samples, total=count, desc="eval", unit="img"):
         frame = pipe.encode(sample.image)
-        logits = pipe.ground_logits(frame, sample.phrases, _StageClock(None))
+        logits = pipe.ground_logits(frame, sample.phrases)
         _add(meters, logits, np.stack(sample.masks).astype(bool), frame.image_hw)
     return scores_of(meters)
 

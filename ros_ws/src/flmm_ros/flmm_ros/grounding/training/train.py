@@ -41,11 +41,10 @@ from .losses import mask_losses
 def build_training_pipeline(lmm: str, *, sam_arch: str | dict = "vit_l", sam_checkpoint: str = "",
                             mask_head_kwargs: dict | None = None, device: str = "cpu") -> GroundingPipeline:
     """A pipeline whose head is trainable: from a bundle (its head is the start point) or a plain LMM."""
+    cfg = PipelineConfig(model=lmm, device=device)
     if is_bundle(lmm):
-        cfg = PipelineConfig(model=lmm, device=device)
         adapter, head = load_components(cfg)
     else:
-        cfg = PipelineConfig(model=lmm, device=device)
         adapter = load_lmm(lmm, device=device)
         head = GroundingHead(adapter.mask_head_channels, adapter.hidden_size, adapter.num_layers,
                              resolve_sam_arch(sam_arch), mask_head_kwargs).to(device)
