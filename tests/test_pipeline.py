@@ -44,7 +44,7 @@ def test_run_returns_one_mask_per_phrase_at_image_size(pipe):
         else:
             assert obj.box == (0, 0, 0, 0) and obj.score == 0.0
     assert isinstance(result.answer, str)
-    for stage in ("encode_lmm", "encode_sam", "phrases", "answer", "attention", "mask_head", "refine", "post"):
+    for stage in ("vision", "lmm_prefix", "sam_encoder", "phrases", "answer", "phrase_pass", "mask_head", "sam_decoder", "post"):
         assert result.timings[stage] >= 0
     assert not result.frame_cached
 
@@ -59,7 +59,7 @@ def test_second_instruction_on_a_frame_reuses_the_encoding(pipe):
     again = pipe.run(frame, "pick the red mug")
     assert (vision.calls, sam_encoder.calls) == (1, 1)
     assert not first.frame_cached and second.frame_cached and again.frame_cached
-    assert "encode_lmm" not in again.timings
+    assert "vision" not in again.timings and "lmm_prefix" not in again.timings
     np.testing.assert_array_equal(first.objects[0].mask, again.objects[0].mask)
     # And identical to grounding on a fresh encoding of the same image.
     fresh = pipe.run(image(1), "pick the red mug")
@@ -82,7 +82,7 @@ def test_refined_masks_differ_from_coarse_only(bundle):
     coarse = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False, refine=False))
     a = refined.run(image(3), "pick the mug")
     b = coarse.run(image(3), "pick the mug")
-    assert "refine" in a.timings and "refine" not in b.timings and "encode_sam" not in b.timings
+    assert "sam_decoder" in a.timings and "sam_decoder" not in b.timings and "sam_encoder" not in b.timings
     assert a.answer == "" and b.objects[0].mask.shape == (60, 90)
 
 
@@ -96,7 +96,7 @@ def test_reasoning_mode_grounds_the_answer(bundle):
 def test_progress_reports_stages_and_can_cancel(pipe):
     seen = []
     pipe.run(image(5), "pick the mug", progress=seen.append)
-    assert seen == ["phrases", "answer", "attention", "mask_head", "refine", "post"]
+    assert seen == ["phrases", "answer", "phrase_pass", "mask_head", "sam_decoder", "post"]
 
     def cancel_at_mask_head(stage):
         if stage == "mask_head":

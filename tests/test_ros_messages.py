@@ -43,12 +43,12 @@ def test_success_result_with_and_without_pose():
     pose = flat_pose(first)
     msg = result_message('pick the red mug and the blue bowl', header(), answer='It is on the left.',
                          objects=[first, second], poses=[pose, None],
-                         timings={'encode_lmm': 0.01, 'attention': 0.02}, total_seconds=0.2, frame_cached=True)
+                         timings={'vision': 0.01, 'phrase_pass': 0.02}, total_seconds=0.2, frame_cached=True)
     assert isinstance(msg, GroundingResultMsg)
     assert msg.success and msg.error_code == '' and msg.error == ''
     assert msg.header.stamp.sec == 100 and msg.header.frame_id == 'camera_color_optical_frame'
     assert (msg.answer, msg.frame_cached, msg.total_seconds) == ('It is on the left.', True, 0.2)
-    assert list(msg.stage_names) == ['encode_lmm', 'attention']
+    assert list(msg.stage_names) == ['vision', 'phrase_pass']
     assert list(msg.stage_seconds) == pytest.approx([0.01, 0.02])
 
     obj = msg.objects[0]
@@ -112,10 +112,10 @@ def test_client_summary_of_success_and_error():
     from flmm_ros.ros.client import format_result
     first = mug()
     text = format_result(result_message('pick the red mug', header(), answer='On the left.', objects=[first],
-                                        poses=[flat_pose(first)], timings={'attention': 0.012},
+                                        poses=[flat_pose(first)], timings={'phrase_pass': 0.012},
                                         total_seconds=0.25, frame_cached=True))
     assert 'answer: On the left.' in text and "1. 'red mug' score 0.80 box x=10 y=8 w=20 h=12" in text
     assert '3D centroid (-0.315, -0.195, 1.500) m' in text
-    assert 'latency: 250 ms (frame cached) [attention 12 ms]' in text
+    assert 'latency: 250 ms (frame cached) [phrase_pass 12 ms]' in text
     error = result_message('x', header(), error_code='busy', error='busy with another instruction')
     assert format_result(error) == 'error [busy]: busy with another instruction'

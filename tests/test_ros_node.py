@@ -267,7 +267,7 @@ def test_instruction_gets_every_output_with_the_image_header(grounding):
     assert result.success, result.error
     assert same_header(result.header, header)
     assert result.answer and result.objects and result.total_seconds > 0
-    assert not result.frame_cached and 'encode_lmm' in result.stage_names and 'attention' in result.stage_names
+    assert not result.frame_cached and 'vision' in result.stage_names and 'phrase_pass' in result.stage_names
     assert len(result.stage_names) == len(result.stage_seconds) and all(s >= 0 for s in result.stage_seconds)
 
     probe.wait_for(lambda: any(a.data == result.answer for a in probe.outputs['answer']), 10, 'the answer')
@@ -306,7 +306,7 @@ def test_second_instruction_on_the_same_frame_reuses_its_encoding(grounding):
     result = grounding.probe.ask('where is the blue box')
     assert result.success, result.error
     assert result.frame_cached
-    assert 'encode_lmm' not in result.stage_names and 'encode_sam' not in result.stage_names
+    assert 'vision' not in result.stage_names and 'sam_encoder' not in result.stage_names
     assert result.header.stamp.sec == 1000
 
 
@@ -319,8 +319,8 @@ def test_action_goal_with_its_own_image(grounding):
     assert same_header(result.header, image.header)
     assert result.objects and (result.objects[0].mask.height, result.objects[0].mask.width) == (64, 80)
     assert not result.objects[0].has_pose  # no depth has this stamp
-    assert feedback[0] == 'queued' and 'encode' in feedback and 'attention' in feedback
-    assert feedback.index('encode') < feedback.index('attention')
+    assert feedback[0] == 'queued' and 'encode' in feedback and 'phrase_pass' in feedback
+    assert feedback.index('encode') < feedback.index('phrase_pass')
     # The action's result is also the one on ~/result.
     probe.wait_for(lambda: probe.results_for('grab the blue box'), 10, '~/result of the goal')
     assert len(probe.results_for('grab the blue box')) == 1

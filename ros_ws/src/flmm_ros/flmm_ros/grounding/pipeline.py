@@ -68,26 +68,34 @@ def validate_instruction(instruction) -> str:
 
 
 class _StageClock:
-    """Times named stages and reports each start to an optional progress callback."""
+    """Times named stages and reports each start to an optional progress callback.
 
-    def __init__(self, progress: Callable[[str], None] | None):
+    On CUDA it synchronises at stage edges, so a stage's time is its own kernels' time."""
+
+    def __init__(self, progress: Callable[[str], None] | None, device: str = "cpu"):
         self.progress = progress
+        self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
         self.timings: dict[str, float] = {}
 
     def stage(self, name: str):
         if self.progress is not None:
             self.progress(name)          # may raise GroundingCancelled
-        return self._Timer(self.timings, name)
+        return self._Timer(self, name)
 
     class _Timer:
-        def __init__(self, timings, name):
-            self.timings, self.name = timings, name
+        def __init__(self, clock, name):
+            self.clock, self.name = clock, name
 
         def __enter__(self):
+            if self.clock.sync:
+                self.clock.sync()
             self.start = time.perf_counter()
 
         def __exit__(self, *exc):
-            self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start
+            if self.clock.sync:
+                self.clock.sync()
+            timings = self.clock.timings
+            timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
 class GroundingPipeline:
@@ -119,13 +127,12 @@ class GroundingPipeline:
     # ---- per frame -------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> FrameEncoding:
         image = validate_image(image)
-        clock = _StageClock(None)
+        clock = _StageClock(None, self.config.device)
         with self._lock:
-            with clock.stage("encode_lmm"):
-                lmm_frame = self.lmm.encode_frame(image)
+            lmm_frame = self.lmm.encode_frame(image, clock.stage)
             sam = None
             if self.refiner is not None:
-                with clock.stage("encode_sam"):
+                with clock.stage("sam_encoder"):
                     sam = self.refiner.encode(image)
         return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings)
 
@@ -147,7 +154,7 @@ class GroundingPipeline:
         instruction = validate_instruction(instruction)
         frame = image_or_frame if isinstance(image_or_frame, FrameEncoding) else self.encode(image_or_frame)
         cached = frame.uses > 0
-        clock = _StageClock(progress)
+        clock = _StageClock(progress, self.config.device)
         with self._lock, torch.no_grad():
             frame.uses += 1
             if self.config.phrase_mode == "reasoning":
@@ -181,21 +188,21 @@ class GroundingPipeline:
     def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock | None = None,
                       prompt_text: str = GROUNDING_PROMPT, answer_prefix: str = "") -> GroundingLogits:
         """Phrase pass over the cached frame, then the grounding head."""
-        clock = clock or _StageClock(None)
-        with clock.stage("attention"):
+        clock = clock or _StageClock(None, self.config.device)
+        with clock.stage("phrase_pass"):
             lmm_out = self.lmm.phrase_pass(frame.lmm, phrases, prompt_text, answer_prefix)
         return self.head_logits(lmm_out, frame.lmm.prepared, frame.sam, clock)
 
     def head_logits(self, lmm_out: PhrasePass, prepared: PreparedImage, sam: SamImageEncoding | None,
                     clock: _StageClock | None = None) -> GroundingLogits:
         """Mask head -> crop padding -> SAM refiner. Differentiable (the training tool calls this)."""
-        clock = clock or _StageClock(None)
+        clock = clock or _StageClock(None, self.config.device)
         with clock.stage("mask_head"):
             coarse = self.head.mask_head(lmm_out.maps.to(self.head_device).float())[:, 0]
             coarse = self.lmm.crop_to_image(coarse, prepared)
         refined = None
         if self.refiner is not None and sam is not None:
-            with clock.stage("refine"):
+            with clock.stage("sam_decoder"):
                 tokens = [self.head.text_embeddings(h.to(self.head_device).float()) for h in lmm_out.hidden_states]
                 refined = self.refiner.refine(sam, coarse, tokens)
         return GroundingLogits(coarse, refined)

@@ -11,7 +11,10 @@ and crops the cache back afterwards, so the prefix is never recomputed.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -114,18 +117,23 @@ class LMMAdapter(ABC):
 
     # ---- per frame ---------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_frame(self, image: np.ndarray) -> LMMFrame:
-        prepared = self.prepare_image(image)
-        features = self.image_features(prepared).to(self.dtype)     # (n_image, d)
-        ids = self.prompt_ids(GROUNDING_PROMPT, features.shape[0])
-        prefix_len = len(ids) - ids[::-1].index(self.image_token_id)
-        prefix_ids = ids[:prefix_len]
-        id_tensor = torch.tensor([prefix_ids], device=self.device)
-        image_mask = id_tensor[0] == self.image_token_id
-        embeds = self.embed_tokens(id_tensor)
-        embeds[0, image_mask] = features
-        cache = DynamicCache(config=self.model.config.text_config)
-        self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+    def encode_frame(self, image: np.ndarray,
+                     stage: Callable[[str], AbstractContextManager] | None = None) -> LMMFrame:
+        """Vision tower, then the LMM over the image prefix; `stage(name)` may time "vision" and "lmm_prefix"."""
+        stage = stage or (lambda _name: contextlib.nullcontext())
+        with stage("vision"):
+            prepared = self.prepare_image(image)
+            features = self.image_features(prepared).to(self.dtype)     # (n_image, d)
+        with stage("lmm_prefix"):
+            ids = self.prompt_ids(GROUNDING_PROMPT, features.shape[0])
+            prefix_len = len(ids) - ids[::-1].index(self.image_token_id)
+            prefix_ids = ids[:prefix_len]
+            id_tensor = torch.tensor([prefix_ids], device=self.device)
+            image_mask = id_tensor[0] == self.image_token_id
+            embeds = self.embed_tokens(id_tensor)
+            embeds[0, image_mask] = features
+            cache = DynamicCache(config=self.model.config.text_config)
+            self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         return LMMFrame(prepared, prefix_ids, image_mask.nonzero()[:, 0], cache)
 
     def _continuation(self, frame: LMMFrame, prompt_text: str) -> list[int]:

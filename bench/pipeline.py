@@ -1,0 +1,272 @@
+"""Benchmark: where the time goes for one instruction, ours against the naive F-LMM way.
+
+Per stage (vision tower, LMM image prefix, phrase pass, mask head, SAM encoder, SAM decoder,
+post-processing), medians over repeated runs, for three ways of serving "pick the red mug":
+  ours, new frame     encode the frame (vision tower, LMM prefix KV cache, SAM embedding), then ground;
+  ours, cached frame  a second instruction on an encoded frame: phrase pass + head + SAM decoder only;
+  naive               F-LMM as published: one eager LMM forward over image + prompt + phrases with
+                      `output_attentions=True`, fp32 SAM, nothing cached between instructions.
+The spoken answer is not part of "instruction to mask" and is left out of all three.
+
+    python bench/pipeline.py                               # embedded tabletop-tiny on this CPU
+    python bench/pipeline.py --config llava15-7b --device cuda   # LLaVA-1.5-7B + SAM ViT-L shapes, fp16
+    python bench/pipeline.py --config random-small --repeats 2   # smoke (CI)
+
+Random weights cost the same as real ones, so the 7B-shaped row needs no download. Peak memory is
+the allocator's peak on CUDA, and on CPU the RSS high-water mark of a fresh process per method
+(tracemalloc does not see torch tensors): "peak MiB +" above the memory held after loading and one
+warm-up (what one instruction adds), "peak MiB all" including the weights.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ros_ws/src/flmm_ros"))
+from flmm_ros.grounding import phrases as phrase_rules  # noqa: E402
+from flmm_ros.grounding.attention import eager_phrase_attention, enable_phrase_attention  # noqa: E402
+from flmm_ros.grounding.config import PipelineConfig  # noqa: E402
+from flmm_ros.grounding.head import GroundingHead  # noqa: E402
+from flmm_ros.grounding.lmm import GROUNDING_PROMPT, LMMFrame  # noqa: E402
+from flmm_ros.grounding.lmm.llava import LlavaAdapter  # noqa: E402
+from flmm_ros.grounding.pipeline import GroundingLogits, GroundingPipeline, _StageClock  # noqa: E402
+from flmm_ros.grounding.refiner import SamRefiner  # noqa: E402
+from flmm_ros.grounding.refiner_backends import TorchBackend, make_refiner_backend  # noqa: E402
+from flmm_ros.grounding.sam_models import TINY_TEST_SAM  # noqa: E402
+from flmm_ros.grounding.testing import word_tokenizer  # noqa: E402
+from flmm_ros.tabletop.scenes import generate_scene  # noqa: E402
+
+EMBEDDED = ROOT / "ros_ws/src/flmm_ros/models/tabletop_tiny"
+INSTRUCTION = "pick the red mug"
+STAGES = ("vision", "lmm_prefix", "phrase_pass", "mask_head", "sam_encoder", "sam_decoder", "post")
+WAYS = ("ours_new", "ours_cached", "naive")
+
+# Random-weight configurations: LLaVA-1.5 (CLIP ViT tower, Llama) sizes and the SAM size.
+# name: (vision width, depth, heads, image side, patch; text width, layers, heads, MLP width; SAM)
+RANDOM_CONFIGS = {
+    "llava15-7b": ((1024, 24, 16, 336, 14), (4096, 32, 32, 11008), "vit_l"),   # LLaVA-1.5-7B + SAM ViT-L
+    "random-small": ((32, 2, 2, 64, 8), (64, 2, 4, 128), TINY_TEST_SAM),           # smoke test
+}
+
+
+def random_pipeline(name: str, device: str, dtype: str) -> GroundingPipeline:
+    """A LLaVA-1.5-shaped pipeline with random weights, built on the target device."""
+    (v_width, v_depth, v_heads, side, patch), (t_width, t_layers, t_heads, t_mlp), sam = RANDOM_CONFIGS[name]
+    tokenizer = word_tokenizer()
+    vision = CLIPVisionConfig(hidden_size=v_width, intermediate_size=4 * v_width, num_hidden_layers=v_depth,
+                              num_attention_heads=v_heads, image_size=side, patch_size=patch)
+    text = LlamaConfig(vocab_size=32064, hidden_size=t_width, intermediate_size=t_mlp, num_hidden_layers=t_layers,
+                       num_attention_heads=t_heads, num_key_value_heads=t_heads, max_position_embeddings=4096)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+                         image_seq_length=(side // patch) ** 2)
+    cfg = PipelineConfig(model="random", device=device, dtype=dtype, answer=False)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlavaForConditionalGeneration(config).to(cfg.torch_dtype)
+        lmm = LlavaAdapter(model, tokenizer)
+        head = GroundingHead(lmm.mask_head_channels, t_width, t_layers, sam).eval()
+    backend = make_refiner_backend("torch", head.sam, device=device, precision="fp16" if dtype != "float32" else "fp32")
+    return GroundingPipeline(lmm, head, SamRefiner(head.sam, backend), cfg)
+
+
+def build(name: str, device: str, dtype: str) -> tuple[GroundingPipeline, SamRefiner, np.ndarray]:
+    """The pipeline, a naive fp32 torch SAM refiner beside it, and a 640x480 scene."""
+    if name == "tabletop-tiny":
+        pipe = GroundingPipeline.from_config(PipelineConfig(model=str(EMBEDDED), device=device, answer=False))
+    else:
+        pipe = random_pipeline(name, device, dtype)
+    sam32 = copy.deepcopy(pipe.head.sam).float()
+    naive_refiner = SamRefiner(sam32, TorchBackend(sam32, torch.device(device), "fp32"))
+    image = generate_scene(2000016, (480, 640)).image
+    return pipe, naive_refiner, image
+
+
+# ---- the three ways ---------------------------------------------------------------------------
+def ways(pipe: GroundingPipeline, naive_refiner: SamRefiner, image: np.ndarray) -> dict:
+    """way -> a call returning its stage timings. The cached way reuses one frame encoded here."""
+    frame = pipe.encode(image)
+    pipe.run(frame, INSTRUCTION)                          # from now on the frame counts as cached
+    return {"ours_new": lambda: pipe.run(image, INSTRUCTION).timings,
+            "ours_cached": lambda: pipe.run(frame, INSTRUCTION).timings,
+            "naive": lambda: naive(pipe, naive_refiner, image)}
+
+
+@torch.no_grad()
+def naive(pipe: GroundingPipeline, refiner: SamRefiner, image: np.ndarray, keep: dict | None = None
+          ) -> dict[str, float]:
+    """F-LMM's published path: everything recomputed, eager attention with output_attentions, fp32 SAM.
+
+    `keep` receives the coarse logits, to check the naive way computes what ours does."""
+    lmm, clock = pipe.lmm, _StageClock(None, pipe.config.device)
+    lmm.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        phrases = phrase_rules.phrases_from_instruction(INSTRUCTION)
+        with clock.stage("vision"):
+            prepared = lmm.prepare_image(image)
+            features = lmm.image_features(prepared).to(lmm.dtype)
+        with clock.stage("phrase_pass"):   # prefix and phrases in one full forward: no separate prefix
+            ids = lmm.prompt_ids(GROUNDING_PROMPT, features.shape[0])
+            prefix_len = len(ids) - ids[::-1].index(lmm.image_token_id)
+            image_keys = (torch.tensor(ids[:prefix_len]) == lmm.image_token_id).nonzero()[:, 0].to(lmm.device)
+            stub = LMMFrame(prepared, ids[:prefix_len], image_keys, cache=None)
+            continuation, rows = lmm.phrase_tokens(stub, phrases)
+            all_ids = torch.tensor([ids[:prefix_len] + continuation], device=lmm.device)
+            embeds = lmm.embed_tokens(all_ids)
+            embeds[0, all_ids[0] == lmm.image_token_id] = features
+            out = lmm.language_model(inputs_embeds=embeds, use_cache=False, output_attentions=True,
+                                     output_hidden_states=True)
+            rows = [r + prefix_len for r in rows]
+            maps = lmm.attention_to_maps(eager_phrase_attention(out.attentions, rows, image_keys), prepared)
+            hidden = torch.stack(out.hidden_states[1:])[:, 0]
+            del out
+        head = pipe.head
+        with clock.stage("mask_head"):
+            coarse = lmm.crop_to_image(head.mask_head(maps.to(pipe.head_device).float())[:, 0], prepared)
+        if keep is not None:
+            keep["coarse"] = coarse
+        with clock.stage("sam_encoder"):
+            encoding = refiner.encode(image)
+        with clock.stage("sam_decoder"):
+            tokens = [head.text_embeddings(hidden[:, r].to(pipe.head_device).float()) for r in rows]
+            refined = refiner.refine(encoding, coarse, tokens)
+        with clock.stage("post"):
+            pipe._objects(phrases, GroundingLogits(coarse, refined), image.shape[:2])
+    finally:
+        enable_phrase_attention(lmm.model)
+    return clock.timings
+
+
+def timed(call, sync) -> tuple[float, dict[str, float]]:
+    sync()
+    t = time.perf_counter()
+    stages = call()
+    sync()
+    return time.perf_counter() - t, stages
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def cpu_memory_worker(name: str, way: str, dtype: str) -> None:
+    """Fresh process: load, warm up, reset the RSS high-water mark, run once, print the peak above it."""
+    call = ways(*build(name, "cpu", dtype))[way]
+    call()
+    Path("/proc/self/clear_refs").write_text("5")
+    base = rss_kib("VmRSS")
+    call()
+    print(json.dumps({"peak_mib": (rss_kib("VmHWM") - base) / 1024, "total_mib": rss_kib("VmHWM") / 1024}))
+
+
+def cpu_peak_mib(name: str, way: str, dtype: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--memory-worker", name, way, dtype], check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---- the benchmark -----------------------------------------------------------------------------
+def bench(name: str, device: str, dtype: str, repeats: int, warmup: int) -> dict:
+    pipe, refiner, image = build(name, device, dtype)
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    calls = ways(pipe, refiner, image)
+    with torch.no_grad():                              # same masks both ways (up to float rounding)
+        keep = {}
+        naive(pipe, refiner, image, keep)
+        ours = pipe.ground_logits(pipe.encode(image), phrase_rules.phrases_from_instruction(INSTRUCTION)).coarse
+        coarse_diff = float((ours.float() - keep["coarse"].float()).abs().max())
+    totals = {w: [] for w in WAYS}
+    stages = {w: {} for w in WAYS}
+    peaks = {}
+    for i in range(warmup + repeats):
+        for way in WAYS:                                   # interleaved: load changes hit all three alike
+            if cuda and i == warmup:
+                torch.cuda.reset_peak_memory_stats()
+                before = torch.cuda.memory_allocated()
+            total, parts = timed(calls[way], sync)
+            if cuda and i == warmup:
+                peaks[way] = {"peak_mib": (torch.cuda.max_memory_allocated() - before) / 2**20,
+                              "total_mib": torch.cuda.max_memory_allocated() / 2**20}
+            if i >= warmup:
+                totals[way].append(total)
+                for stage, seconds in parts.items():
+                    stages[way].setdefault(stage, []).append(seconds)
+    if not cuda:
+        peaks = {way: cpu_peak_mib(name, way, dtype) for way in WAYS}
+    weights_mib = sum(p.numel() * p.element_size() for p in [*pipe.lmm.model.parameters(), *pipe.head.parameters()])
+    return {"config": name, "device": device, "dtype": dtype if name != "tabletop-tiny" else "float32",
+            "tokens": pipe.encode(image).lmm.cache.get_seq_length(), "repeats": repeats,
+            "total_ms": {w: statistics.median(totals[w]) * 1e3 for w in WAYS},
+            "stage_ms": {w: {s: statistics.median(v) * 1e3 for s, v in stages[w].items()} for w in WAYS},
+            "peak_mib": peaks, "weights_mib": weights_mib / 2**20, "coarse_max_abs_diff": coarse_diff}
+
+
+def print_table(r: dict) -> None:
+    print(f"\n{r['config']} on {r['device']} ({r['dtype']} LMM), {r['tokens']} prefix tokens, "
+          f"median of {r['repeats']}, weights {r['weights_mib']:.0f} MiB")
+    header = f"{'stage':<14} {'ours new ms':>11} {'ours cached ms':>14} {'naive ms':>9} {'cached vs naive':>15}"
+    print(header)
+    print("-" * len(header))
+    for w in WAYS:   # stages not listed (phrase rules, validation, bookkeeping) and timer overhead
+        r["stage_ms"][w]["other"] = r["total_ms"][w] - sum(v for k, v in r["stage_ms"][w].items() if k in STAGES)
+    for stage in (*STAGES, "other"):
+        cells = [r["stage_ms"][w].get(stage) for w in WAYS]
+        text = [f"{c:.1f}" if c is not None else "-" for c in cells]
+        if stage == "lmm_prefix":
+            text[2] = "(in pass)"
+        print(f"{stage:<14} {text[0]:>11} {text[1]:>14} {text[2]:>9}")
+    t = r["total_ms"]
+    print(f"{'total':<14} {t['ours_new']:>11.1f} {t['ours_cached']:>14.1f} {t['naive']:>9.1f} "
+          f"{t['naive'] / t['ours_cached']:>14.2f}x")
+    print(f"{'new vs naive':<14} {t['naive'] / t['ours_new']:>10.2f}x")
+    p = r["peak_mib"]
+    for key, label in (("peak_mib", "peak MiB +"), ("total_mib", "peak MiB all")):
+        print(f"{label:<14} {p['ours_new'][key]:>11.1f} {p['ours_cached'][key]:>14.1f} {p['naive'][key]:>9.1f}")
+    print(f"coarse mask logits, ours vs naive: max |diff| {r['coarse_max_abs_diff']:.1e}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tabletop-tiny", choices=["tabletop-tiny", *RANDOM_CONFIGS])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="LMM dtype of the random configs (default: float16 on "
+                        "CUDA, float32 on CPU); the embedded model runs float32")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--memory-worker", nargs=3, metavar=("CONFIG", "WAY", "DTYPE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_worker:
+        cpu_memory_worker(*args.memory_worker)
+        return
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
+    print(f"torch {torch.__version__}, {gpu}, {torch.get_num_threads()} CPU threads; instruction {INSTRUCTION!r}")
+    result = bench(args.config, args.device, dtype, args.repeats, args.warmup)
+    print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

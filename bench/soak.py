@@ -1,0 +1,291 @@
+"""Soak: the real node under a 30 Hz 640x480 camera with depth, and instructions at 2 Hz.
+
+Starts `flmm_grounding` (a subprocess on an isolated DDS domain, the embedded default model unless
+--model), publishes image + depth + camera_info with one stamp per frame at --fps, and an instruction
+every 1/--rate s, cycling through a few, for --duration seconds. Then waits for the last results and
+prints: instructions sent vs results received (must be equal), successes and errors by code, latency
+percentiles (publish to result, measured here), frames published vs frames grounded (the node keeps only
+the latest frame: the rest are dropped by design), the age of the frame each result used, and the
+node's resident memory over time (first minute vs last minute).
+
+    python bench/soak.py --duration 600            # the 10-minute soak
+    python bench/soak.py --duration 15             # smoke (CI)
+"""
+from __future__ import annotations
+
+import argparse
+import array
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter, defaultdict, deque
+from pathlib import Path
+
+import numpy as np
+import rclpy
+import yaml
+from flmm_msgs.msg import GroundingResult
+from rclpy.context import Context
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.node import Node
+from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import CameraInfo, Image
+from std_msgs.msg import String
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "ros_ws/src/flmm_ros"))
+from flmm_ros.ros.image_conversions import rgb_to_image  # noqa: E402
+from flmm_ros.tabletop.scenes import generate_scene, split_seeds  # noqa: E402
+
+CONFIG = ROOT / "ros_ws/src/flmm_ros/config/grounding.yaml"
+INSTRUCTIONS = ("pick the red mug", "grab the blue ball", "where is the bowl?", "pick up the green box",
+                "take the yellow can", "what is on the left?")
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+H, W = 480, 640
+
+
+class Camera(Node):
+    """Publishes the camera stream and the instructions; records results and status."""
+
+    def __init__(self, context: Context, frames: list[Image], fps: float, rate: float):
+        super().__init__(f"flmm_soak_{os.getpid()}", context=context)
+        self.frames = frames
+        self.image_pub = self.create_publisher(Image, "image", RELIABLE)
+        self.depth_pub = self.create_publisher(Image, "depth", RELIABLE)
+        self.info_pub = self.create_publisher(CameraInfo, "camera_info", RELIABLE)
+        self.instruction_pub = self.create_publisher(String, "instruction", RELIABLE)
+        self.create_subscription(GroundingResult, "/flmm_grounding/result", self._on_result, RELIABLE)
+        self.create_subscription(String, "/flmm_grounding/status", self._on_status, LATCHED)
+        self.depth, self.info = depth_and_info()
+        self.lock = threading.Lock()
+        self.published_frames = 0
+        self.sent: dict[str, deque] = defaultdict(deque)     # instruction -> send times, oldest first
+        self.sent_count = 0
+        self.results: list[dict] = []
+        self.unmatched = 0
+        self.statuses: list[str] = []
+        self.streaming = False
+        self.create_timer(1.0 / fps, self._publish_frame)
+        self.create_timer(1.0 / rate, self._publish_instruction)
+
+    def _publish_frame(self):
+        if not self.streaming:
+            return
+        stamp = self.get_clock().now().to_msg()
+        image = self.frames[self.published_frames % len(self.frames)]
+        for msg in (image, self.depth, self.info):
+            msg.header.stamp = stamp
+        self.depth_pub.publish(self.depth)
+        self.info_pub.publish(self.info)
+        self.image_pub.publish(image)
+        self.published_frames += 1
+
+    def _publish_instruction(self):
+        if not self.streaming or self.published_frames == 0:
+            return
+        text = INSTRUCTIONS[self.sent_count % len(INSTRUCTIONS)]
+        with self.lock:
+            self.sent[text].append(time.monotonic())
+            self.sent_count += 1
+        self.instruction_pub.publish(String(data=text))
+
+    def _on_result(self, msg: GroundingResult):
+        now = time.monotonic()
+        with self.lock:
+            pending = self.sent.get(msg.instruction)
+            if not pending:
+                self.unmatched += 1
+                return
+            sent_at = pending.popleft()
+            frame_age = (self.get_clock().now() - rclpy.time.Time.from_msg(msg.header.stamp)).nanoseconds / 1e9
+            self.results.append({"latency": now - sent_at, "success": msg.success, "code": msg.error_code,
+                                 "error": msg.error, "stamp": (msg.header.stamp.sec, msg.header.stamp.nanosec),
+                                 "frame_age_at_result": frame_age, "cached": msg.frame_cached,
+                                 "received_at": now})
+
+    def _on_status(self, msg: String):
+        self.statuses.append(msg.data)
+
+    def outstanding(self) -> int:
+        with self.lock:
+            return sum(len(q) for q in self.sent.values())
+
+
+def depth_and_info() -> tuple[Image, CameraInfo]:
+    """A table plane 0.8 m away, and a 640x480 pinhole camera."""
+    mm = np.full((H, W), 800, np.uint16)
+    depth = Image(height=H, width=W, encoding="16UC1", is_bigendian=0, step=2 * W)
+    depth.data = array.array("B", mm.tobytes())
+    info = CameraInfo(height=H, width=W, distortion_model="plumb_bob")
+    info.k = [525.0, 0.0, W / 2, 0.0, 525.0, H / 2, 0.0, 0.0, 1.0]
+    for msg in (depth, info):
+        msg.header.frame_id = "camera_color_optical_frame"
+    return depth, info
+
+
+def camera_frames(count: int) -> list[Image]:
+    frames = []
+    for seed in split_seeds("test", count):
+        msg = rgb_to_image(generate_scene(seed, (H, W)).image)
+        msg.header.frame_id = "camera_color_optical_frame"
+        frames.append(msg)
+    return frames
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def start_node(work: Path, model: str, overrides: dict, domain: int) -> subprocess.Popen:
+    params = yaml.safe_load(CONFIG.read_text())
+    node_params = params[next(iter(params))]["ros__parameters"]
+    node_params.update(overrides)
+    if model:
+        node_params["model"] = model
+    params_file = work / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
+           "PYTHONUNBUFFERED": "1"}
+    log = (work / "node.log").open("w")
+    return subprocess.Popen([sys.executable, "-m", "flmm_ros.ros.node", "--ros-args", "--params-file",
+                             str(params_file)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run(args: argparse.Namespace) -> dict:
+    work = Path(args.work or tempfile.mkdtemp(prefix="flmm_soak_"))
+    work.mkdir(parents=True, exist_ok=True)
+    domain = random.Random(os.getpid()).randint(101, 200)
+    overrides = {"input_qos": args.input_qos, "busy_policy": "queue", "max_queued": args.max_queued,
+                 "speak": False}
+    node = start_node(work, args.model, overrides, domain)
+    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
+    context = Context()
+    rclpy.init(context=context, domain_id=domain)
+    camera = Camera(context, camera_frames(8), args.fps, args.rate)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(camera)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    memory: list[tuple[float, float]] = []
+    try:
+        deadline = time.monotonic() + args.startup_timeout
+        while "ready" not in camera.statuses:
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the node did not start; log {work / 'node.log'}:\n"
+                                   f"{(work / 'node.log').read_text()[-3000:]}")
+            time.sleep(0.1)
+        while camera.image_pub.get_subscription_count() == 0 or camera.instruction_pub.get_subscription_count() == 0:
+            time.sleep(0.05)
+        t0 = time.monotonic()
+        camera.streaming = True
+        while (elapsed := time.monotonic() - t0) < args.duration:
+            memory.append((elapsed, rss_mib(node.pid)))
+            time.sleep(min(args.memory_every, max(0.0, args.duration - elapsed)))
+        camera.streaming = False
+        drain_deadline = time.monotonic() + args.drain_timeout
+        while camera.outstanding() and time.monotonic() < drain_deadline:
+            time.sleep(0.1)
+        memory.append((time.monotonic() - t0, rss_mib(node.pid)))
+        alive = node.poll() is None
+    finally:
+        executor.shutdown()
+        camera.destroy_node()
+        rclpy.shutdown(context=context)
+        node.terminate()
+        node.wait(timeout=15)
+    return summarise(camera, memory, args, alive, work)
+
+
+def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bool, work: Path) -> dict:
+    results = camera.results
+    ok = [r for r in results if r["success"]]
+    latencies = [r["latency"] * 1e3 for r in ok]
+    grounded_frames = {r["stamp"] for r in ok}
+    window = min(60.0, args.duration / 3)
+    first = [m for t, m in memory if t <= window]
+    last = [m for t, m in memory if t >= memory[-1][0] - window]
+    return {
+        "duration_s": args.duration, "fps": args.fps, "instruction_rate_hz": args.rate,
+        "instructions_sent": camera.sent_count, "results_received": len(results),
+        "lost": camera.outstanding(), "unmatched_results": camera.unmatched,
+        "successes": len(ok), "errors": dict(Counter(r["code"] for r in results if not r["success"])),
+        "error_examples": sorted({r["error"] for r in results if not r["success"]})[:5],
+        "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
+                       "p99": percentile(latencies, 99), "max": max(latencies, default=float("nan"))},
+        "frame_age_at_result_ms": {"p50": percentile([r["frame_age_at_result"] * 1e3 for r in ok], 50),
+                                   "max": max((r["frame_age_at_result"] * 1e3 for r in ok), default=float("nan"))},
+        "frames_published": camera.published_frames, "frames_grounded": len(grounded_frames),
+        "frames_dropped_by_design": camera.published_frames - len(grounded_frames),
+        "rss_mib": {"start": memory[0][1], "first_window_mean": statistics.fmean(first),
+                    "last_window_mean": statistics.fmean(last), "max": max(m for _, m in memory),
+                    "window_s": window},
+        "rss_growth_mib": statistics.fmean(last) - statistics.fmean(first),
+        "node_alive_at_end": alive, "node_log": str(work / "node.log"),
+        "rss_trace": [(round(t, 1), round(m, 1)) for t, m in memory],
+    }
+
+
+def print_report(s: dict) -> None:
+    lat, age, rss = s["latency_ms"], s["frame_age_at_result_ms"], s["rss_mib"]
+    print(f"soak: {s['duration_s']:.0f} s, camera {s['fps']:.0f} Hz 640x480 rgb8 + 16UC1 depth + camera_info, "
+          f"instructions {s['instruction_rate_hz']:.1f} Hz")
+    rows = [
+        ("instructions sent", s["instructions_sent"]),
+        ("results received", s["results_received"]),
+        ("lost (no result)", s["lost"]),
+        ("successes", s["successes"]),
+        ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"),
+        ("latency p50 / p95 / p99 / max ms", f"{lat['p50']:.0f} / {lat['p95']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f}"),
+        ("frame age at result p50 / max ms", f"{age['p50']:.0f} / {age['max']:.0f}"),
+        ("frames published", s["frames_published"]),
+        ("frames grounded", s["frames_grounded"]),
+        ("frames dropped by design", s["frames_dropped_by_design"]),
+        (f"node RSS MiB: first / last {rss['window_s']:.0f} s", f"{rss['first_window_mean']:.1f} / {rss['last_window_mean']:.1f}"
+         f" (growth {s['rss_growth_mib']:+.1f}, max {rss['max']:.1f})"),
+        ("node alive at end", s["node_alive_at_end"]),
+    ]
+    for name, value in rows:
+        print(f"{name:<38} {value}")
+    for example in s["error_examples"]:
+        print(f"  error: {example}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=600.0, help="seconds of streaming")
+    parser.add_argument("--fps", type=float, default=30.0)
+    parser.add_argument("--rate", type=float, default=2.0, help="instructions per second")
+    parser.add_argument("--model", default="", help="model bundle (default: the embedded tabletop-tiny)")
+    parser.add_argument("--input-qos", default="RELIABLE",
+                        help="the node's input QoS; RELIABLE because Fast DDS drops most best-effort "
+                             "640x480 frames between local processes (see BENCHMARKS.md)")
+    parser.add_argument("--max-queued", type=int, default=2)
+    parser.add_argument("--memory-every", type=float, default=5.0, help="seconds between RSS samples")
+    parser.add_argument("--startup-timeout", type=float, default=120.0)
+    parser.add_argument("--drain-timeout", type=float, default=60.0)
+    parser.add_argument("--work", help="directory for the node's params and log (default: a temp dir)")
+    parser.add_argument("--json", help="also write the summary (with the RSS trace) here")
+    args = parser.parse_args()
+    summary = run(args)
+    print_report(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=1))
+    return 0 if summary["lost"] == 0 and summary["unmatched_results"] == 0 and summary["node_alive_at_end"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
