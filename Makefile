@@ -1,6 +1,6 @@
 # Thin targets over scripts/. `make demo` and `make test` work on a fresh machine.
 SHELL := /bin/bash
-.PHONY: setup test demo bench engines tabletop-model
+.PHONY: setup test demo bench soak engines tabletop-model
 
 setup:
 	bash scripts/setup.sh
@@ -12,7 +12,10 @@ demo: setup
 	bash scripts/demo.sh
 
 bench: setup
-	source scripts/env.sh && python bench/attention.py && python bench/refiner.py --sam-type tiny
+	source scripts/env.sh && python bench/pipeline.py && python bench/attention.py && python bench/refiner.py --sam-type tiny
+
+soak: setup
+	source scripts/env.sh && python bench/soak.py --duration 600
 
 engines: setup
 	source scripts/env.sh && python engines/build_engines.py $(ENGINE_ARGS)

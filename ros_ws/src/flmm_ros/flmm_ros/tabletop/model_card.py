@@ -21,6 +21,12 @@ from ..grounding.config import PipelineConfig
 from ..grounding.pipeline import GroundingPipeline
 from ..grounding.training.data import tabletop_samples
 from ..grounding.training.evaluate import evaluate, whole_image_baseline
+from .lmm import load_tabletop_lmm
+from .train_lmm import EVAL_TYPES, eval_set
+from .train_lmm import evaluate as lmm_accuracy
+
+LMM_TEST_SCENES = 300
+CHANCE = {"colour": "~1/7", "presence": "1/2", "position": "1/3", "kind": "1/6"}
 
 
 def random_lmm_copy(trained: Path, out: Path, seed: int = 0) -> Path:
@@ -43,6 +49,14 @@ def table(rows: dict[str, dict]) -> str:
     for name, scores in rows.items():
         for kind, s in scores.items():
             lines.append(f"| {name} | {kind} | {s['ciou']:.3f} | {s['giou']:.3f} |")
+    return "\n".join(lines)
+
+
+def accuracy_table(acc: dict[str, float]) -> str:
+    lines = ["| question type | exact-match accuracy | chance |", "|---|---|---|"]
+    for t in (*EVAL_TYPES, "questions"):
+        if t in acc:
+            lines.append(f"| {t} | {acc[t]:.3f} | {CHANCE.get(t, '')} |")
     return "\n".join(lines)
 
 
@@ -70,14 +84,21 @@ def main(argv=None) -> None:
     rows = {"tabletop-tiny (trained LMM)": scores_for(bundle, args.count),
             "same recipe, untrained LMM": scores_for(random_bundle, args.count),
             "whole-image baseline": whole_image_baseline(tabletop_samples("test", args.count, expression="first"))}
-    (work / "quality.json").write_text(json.dumps(rows, indent=1))
+    model, processor = load_tabletop_lmm(bundle / "lmm")
+    accuracy = lmm_accuracy(model, processor, eval_set(LMM_TEST_SCENES, "test"))
+    (work / "quality.json").write_text(json.dumps({"grounding": rows, "lmm_accuracy": accuracy}, indent=1))
     print(table(rows))
+    print(accuracy_table(accuracy))
     card = bundle / "MODEL_CARD.md"
     text = card.read_text() if card.is_file() else ""
     marker = "## Quality"
     head = text.split(marker)[0] if marker in text else text
     card.write_text(f"{head}{marker}\n\n{args.count} held-out test scenes (seeds from 2,000,000; 256x256 and "
                     f"640x480 alternating), one expression per object, masks at sigmoid > 0.5:\n\n{table(rows)}\n\n"
+                    f"The frozen LMM's answers on {LMM_TEST_SCENES} held-out test scenes (one question of each type "
+                    f"per scene, drawn answer-balanced; greedy decoding, exact match of the whole answer; "
+                    f"`python -m flmm_ros.tabletop.train_lmm --out <run> --eval --split test`):\n\n"
+                    f"{accuracy_table(accuracy)}\n\n"
                     f"Build wall time (scripts/build_tabletop_model.sh, 2-core CPU): {args.build_seconds} s.\n")
 
 
