@@ -146,6 +146,12 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def rss_slope(memory: list[tuple[float, float]], after: float) -> float:
+    """Least-squares RSS trend after the warm-up window, MiB per minute (0 with too few samples)."""
+    points = [(t / 60, m) for t, m in memory if t >= after]
+    return float(np.polyfit(*zip(*points), 1)[0]) if len(points) >= 3 else 0.0
+
+
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
@@ -234,6 +240,7 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
                     "last_window_mean": statistics.fmean(last), "max": max(m for _, m in memory),
                     "window_s": window},
         "rss_growth_mib": statistics.fmean(last) - statistics.fmean(first),
+        "rss_slope_mib_per_min": rss_slope(memory, after=window),
         "node_alive_at_end": alive, "node_log": str(work / "node.log"),
         "rss_trace": [(round(t, 1), round(m, 1)) for t, m in memory],
     }
@@ -256,6 +263,7 @@ def print_report(s: dict) -> None:
         ("frames dropped by design", s["frames_dropped_by_design"]),
         (f"node RSS MiB: first / last {rss['window_s']:.0f} s", f"{rss['first_window_mean']:.1f} / {rss['last_window_mean']:.1f}"
          f" (growth {s['rss_growth_mib']:+.1f}, max {rss['max']:.1f})"),
+        ("node RSS trend after the first window", f"{s['rss_slope_mib_per_min']:+.2f} MiB/min"),
         ("node alive at end", s["node_alive_at_end"]),
     ]
     for name, value in rows:
