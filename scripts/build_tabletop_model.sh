@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Rebuilds the embedded default model `tabletop-tiny` from scratch (SPEC.md §6), then evaluates it:
 #   1. pre-train the tiny LLaVA on generated question-answer pairs (then it is frozen),
-#   2. pre-train the tiny SAM on generated scenes (box, point and dense-mask prompts),   (1 and 2 run in parallel)
-#   3. train F-LMM's grounding head (mask head + text projection + SAM prompt encoder/decoder) on the frozen LMM,
-#   4. evaluate on 500 held-out scenes against an untrained-LMM head and a whole-image baseline; write the model card.
+#   2. pre-train the tiny SAM on generated scenes (box, point and dense-mask prompts),       (1 and 2 in parallel)
+#   3. train F-LMM's grounding head (mask head + text projection + SAM prompt encoder/decoder) on the frozen
+#      LMM, and the same recipe on an untrained copy of the LMM (the control row),          (in parallel)
+#   4. evaluate on 500 held-out scenes (+ whole-image baseline, LMM answer accuracy); write the model card.
+# One torch thread per job: on 2 cores, two jobs with more threads each slow each other down many times.
 # Deterministic seeds; each step resumes from its checkpoint if interrupted. Work files go to out/tabletop_build/.
 set -eo pipefail
 cd "$(dirname "$0")/.."
@@ -22,11 +24,19 @@ wait $lmm_pid
 wait $sam_pid
 echo "[build] LMM and SAM pre-trained after $(( $(date +%s) - start )) s"
 
-python -m flmm_ros.grounding.training.train --lmm "$WORK/lmm/model" --sam-arch "$WORK/sam/sam_arch.yaml" \
-    --sam-checkpoint "$WORK/sam/sam.safetensors" --mask-head-base 32 --data tabletop --train-count 800 \
-    --val-count 40 --epochs 3 --batch-size 4 --lr 2e-4 --eval-every 100 --save-every 100 --threads 2 \
-    --out "$WORK/head" --bundle-out "$BUNDLE"
-echo "[build] grounding head trained after $(( $(date +%s) - start )) s"
+python -m flmm_ros.tabletop.model_card random-lmm --trained "$WORK/lmm/model" --out "$WORK/random_lmm"
+HEAD_ARGS="--sam-arch $WORK/sam/sam_arch.yaml --sam-checkpoint $WORK/sam/sam.safetensors --mask-head-base 32
+    --data tabletop --train-count 3000 --val-count 40 --epochs 2 --batch-size 4 --lr 2e-4 --eval-every 250
+    --save-every 250 --threads 1"
+python -m flmm_ros.grounding.training.train --lmm "$WORK/lmm/model" $HEAD_ARGS --out "$WORK/head" \
+    --bundle-out "$BUNDLE" > "$WORK/head.log" 2>&1 &
+head_pid=$!
+python -m flmm_ros.grounding.training.train --lmm "$WORK/random_lmm" $HEAD_ARGS --out "$WORK/head_random_lmm" \
+    --bundle-out "$WORK/random_lmm_bundle" > "$WORK/head_random_lmm.log" 2>&1 &
+random_pid=$!
+wait $head_pid
+wait $random_pid
+echo "[build] grounding heads trained after $(( $(date +%s) - start )) s"
 
-python -m flmm_ros.tabletop.model_card --bundle "$BUNDLE" --work "$WORK" --count 500 \
-    --build-seconds $(( $(date +%s) - start ))
+python -m flmm_ros.tabletop.model_card card --bundle "$BUNDLE" --random-bundle "$WORK/random_lmm_bundle" \
+    --work "$WORK" --count 500 --build-seconds $(( $(date +%s) - start ))

@@ -123,3 +123,14 @@ def test_refcoco_format_data_feeds_the_trainer(tmp_path):
     expected = {e: m for e, m in scene.referring_pairs()}
     for phrase, mask in zip(first.phrases, first.masks):
         assert (mask == expected[phrase]).all()
+
+
+def test_tabletop_samples_leave_out_objects_no_expression_singles_out():
+    from flmm_ros.tabletop.scenes import generate_scene, split_seeds
+    seed = split_seeds("train", 1, 1398)[0]     # a training scene with one object nothing singles out
+    scene = generate_scene(seed, size=(256, 256))
+    referable = [o for o in scene.objects if o.expressions]
+    assert 0 < len(referable) < len(scene.objects)
+    sample = next(tabletop_samples("train", 1, offset=1398))
+    assert len(sample.phrases) == len(sample.masks) == len(referable)
+    assert all(sample.phrases)

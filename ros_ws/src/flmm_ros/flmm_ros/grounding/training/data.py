@@ -34,8 +34,12 @@ def tabletop_samples(split: str, count: int, *, offset: int = 0, sizes=((256, 25
     for i, seed in enumerate(split_seeds(split, count, offset)):
         scene = generate_scene(seed, size=sizes[i % len(sizes)])
         rng = random.Random(seed)
-        phrases = [rng.choice(o.expressions) if expression == "random" else o.expressions[0] for o in scene.objects]
-        yield RefSample(scene.image, phrases, [o.mask for o in scene.objects])
+        # An object no expression singles out (e.g. two identical mugs side by side) is not referred to.
+        objects = [o for o in scene.objects if o.expressions]
+        if not objects:
+            continue
+        phrases = [rng.choice(o.expressions) if expression == "random" else o.expressions[0] for o in objects]
+        yield RefSample(scene.image, phrases, [o.mask for o in objects])
 
 
 def refcoco_samples(directory: str | Path, split: str) -> Iterator[RefSample]:
