@@ -10,10 +10,11 @@ from flmm_ros.grounding.training.evaluate import evaluate, whole_image_baseline
 
 BUNDLE = Path(__file__).resolve().parents[1] / "ros_ws/src/flmm_ros/models/tabletop_tiny"
 SCENES = 40          # fixed held-out test scenes (deterministic seeds)
-# Bars a little under what the shipped (interim) model reaches on these 40 scenes: refined 0.547, coarse 0.428
-# (MODEL_CARD.md has the 500-scene table). Raise them when a better model is shipped.
-MIN_REFINED_CIOU = 0.52
-MIN_COARSE_CIOU = 0.40
+# Bars a little under what the shipped model reaches on these 40 scenes: refined 0.681, coarse 0.548
+# (MODEL_CARD.md has the 500-scene table: 0.699 / 0.569). Raise them when a better model is shipped.
+MIN_REFINED_CIOU = 0.65
+MIN_COARSE_CIOU = 0.52
+MIN_DEMO_IOU = 0.6   # the shipped model: IoU 0.71 with the red mug (it also takes in part of the white mug)
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +35,13 @@ def test_shipped_model_beats_the_whole_image_baseline_by_far(scores):
 
 
 def test_demo_instruction_gives_one_answer_and_one_mask():
-    """The README demo's request end to end on the shipped model (mask quality: the tests above)."""
+    """The README demo's request on the shipped model: one answer, one mask, and the mask is on the red mug."""
     from flmm_ros.demo import demo_scene
     scene, _ = demo_scene()
     pipe = GroundingPipeline.from_config(PipelineConfig(model=str(BUNDLE)))
     result = pipe.run(scene.image, "pick the red mug")
     assert result.phrases == ["the red mug"] and result.answer
     assert len(result.objects) == 1 and result.objects[0].mask.shape == scene.image.shape[:2]
-    assert result.objects[0].mask.any()
+    mask = result.objects[0].mask > 0
+    iou = {(o.colour, o.kind): (mask & o.mask).sum() / (mask | o.mask).sum() for o in scene.objects}
+    assert max(iou, key=iou.get) == ("red", "mug") and iou["red", "mug"] >= MIN_DEMO_IOU, iou
