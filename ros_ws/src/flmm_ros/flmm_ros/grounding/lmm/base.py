@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,7 +117,7 @@ class LMMAdapter(ABC):
     # ---- per frame ---------------------------------------------------------------------------
     @torch.no_grad()
     def encode_frame(self, image: np.ndarray,
-                     stage: Callable[[str], AbstractContextManager] | None = None) -> LMMFrame:
+                     stage: Callable[[str], contextlib.AbstractContextManager] | None = None) -> LMMFrame:
         """Vision tower, then the LMM over the image prefix; `stage(name)` may time "vision" and "lmm_prefix"."""
         stage = stage or (lambda _name: contextlib.nullcontext())
         with stage("vision"):
