@@ -48,6 +48,9 @@ from flmm_ros.grounding.sam_models import TINY_TEST_SAM  # noqa: E402
 from flmm_ros.grounding.testing import word_tokenizer  # noqa: E402
 from flmm_ros.tabletop.scenes import generate_scene  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from attention import rss_kib  # noqa: E402
+
 EMBEDDED = ROOT / "ros_ws/src/flmm_ros/models/tabletop_tiny"
 INSTRUCTION = "pick the red mug"
 STAGES = ("vision", "lmm_prefix", "phrase_pass", "mask_head", "sam_encoder", "sam_decoder", "post")
@@ -158,13 +161,6 @@ def timed(call, sync) -> tuple[float, dict[str, float]]:
 
 
 # ---- memory -------------------------------------------------------------------------------------
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field):
-            return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def cpu_memory_worker(name: str, way: str, dtype: str) -> None:
     """Fresh process: load, warm up, reset the RSS high-water mark, run once, print the peak above it."""
     call = ways(*build(name, "cpu", dtype))[way]
