@@ -187,7 +187,9 @@ def bench(name: str, device: str, dtype: str, repeats: int, warmup: int) -> dict
     with torch.no_grad():                              # same masks both ways (up to float rounding)
         keep = {}
         naive(pipe, refiner, image, keep)
-        ours = pipe.ground_logits(pipe.encode(image), phrase_rules.phrases_from_instruction(INSTRUCTION)).coarse
+        frame = pipe.encode(image)
+        prefix_tokens = frame.lmm.cache.get_seq_length()
+        ours = pipe.ground_logits(frame, phrase_rules.phrases_from_instruction(INSTRUCTION)).coarse
         coarse_diff = float((ours.float() - keep["coarse"].float()).abs().max())
     totals = {w: [] for w in WAYS}
     stages = {w: {} for w in WAYS}
@@ -209,7 +211,7 @@ def bench(name: str, device: str, dtype: str, repeats: int, warmup: int) -> dict
         peaks = {way: cpu_peak_mib(name, way, dtype) for way in WAYS}
     weights_mib = sum(p.numel() * p.element_size() for p in [*pipe.lmm.model.parameters(), *pipe.head.parameters()])
     return {"config": name, "device": device, "dtype": dtype if name != "tabletop-tiny" else "float32",
-            "tokens": pipe.encode(image).lmm.cache.get_seq_length(), "repeats": repeats,
+            "tokens": prefix_tokens, "repeats": repeats,
             "total_ms": {w: statistics.median(totals[w]) * 1e3 for w in WAYS},
             "stage_ms": {w: {s: statistics.median(v) * 1e3 for s, v in stages[w].items()} for w in WAYS},
             "peak_mib": peaks, "weights_mib": weights_mib / 2**20, "coarse_max_abs_diff": coarse_diff}
