@@ -13,7 +13,7 @@ from flmm_ros.tabletop.packing import collate, pack
 from flmm_ros.tabletop.patch_probe import patch_targets
 from flmm_ros.tabletop.scenes import generate_scene
 from flmm_ros.tabletop.tokenizer import IMAGE, build_tokenizer, format_prompt
-from flmm_ros.tabletop.train_lmm import main as train_main, pick_balanced
+from flmm_ros.tabletop.train_lmm import QUESTION_WEIGHTS, main as train_main, parse_question_weights, pick_balanced, training_turns
 
 ARCH = TinyLlavaArch(image_size=64, patch_size=16, vision_hidden=32, vision_intermediate=64, vision_layers=1,
                      vision_heads=2, text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2,
@@ -181,6 +181,19 @@ def test_cli_trains_resumes_saves_and_evaluates(tmp_path, capsys):
     report = capsys.readouterr().out
     assert '"colour"' in report and "reference" in report
 
+    # A second stage starts from the saved model (its arch, not the command line's) with another question mix.
+    stage2 = tmp_path / "stage2"
+    stage2.mkdir()
+    train_main(["--out", str(stage2), "--init", str(tmp_path / "model"), "--steps", "1", "--batch-size", "2",
+                "--questions", "2", "--eval-scenes", "2", "--warmup", "1", "--threads", "1", "--lr", "0",
+                "--question-weights", "colour=1", "--refer-prob", "1"])
+    first, _ = load_tabletop_lmm(tmp_path / "model")
+    second, _ = load_tabletop_lmm(stage2 / "model")
+    assert arch_of(second) == arch_of(first)
+    # lr 0: AdamW's weight decay is scaled by lr too, so the weights are the first stage's exactly.
+    for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), name
+
 
 def test_phrase_attention_maps_and_report(processor, tmp_path):
     model = build_model(ARCH, processor.tokenizer, seed=2)
@@ -210,3 +223,19 @@ def test_questions_are_drawn_answer_balanced():
     rng = np.random.default_rng(0)
     picks = [pick_balanced(qas, rng).answer for _ in range(400)]
     assert 0.4 < picks.count("yes") / len(picks) < 0.6
+
+
+def test_question_weights_pick_the_question_mix():
+    assert parse_question_weights("") == QUESTION_WEIGHTS
+    weights = parse_question_weights("colour=0.7,presence=0.3")
+    assert weights["colour"] == 0.7 and weights["presence"] == 0.3 and weights["count"] == 0
+    with pytest.raises(ValueError, match="unknown question type 'size'"):
+        parse_question_weights("size=1")
+    with pytest.raises(ValueError, match="sum to zero"):
+        parse_question_weights("colour=0")
+    scene = generate_scene(5, (96, 128))
+    turns = training_turns(scene, np.random.default_rng(0), 6, weights, refer_prob=1.0)
+    questions = {q.question: q.type for q in scene.questions}
+    assert turns[0] == (DESCRIBE_PROMPT, scene.description)
+    assert turns[1][0] == DESCRIBE_PROMPT       # the referring turn, always with refer_prob 1
+    assert {questions[q] for q, _ in turns[2:]} <= {"colour", "presence"} and len(turns) == 8

@@ -32,7 +32,7 @@ from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from .attention_check import attention_report
 from .language import DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
-from .lmm import TinyLlavaArch, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
+from .lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
 from .packing import collate, pack
 from .patch_probe import PatchProbe, patch_targets
 from .scenes import SPLIT_SIZE, Scene, generate_scene, split_seeds
@@ -66,15 +66,17 @@ def refer_turns(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str]]
     return [(DESCRIBE_PROMPT, f"{expression} is {LOCATION_PHRASES[position_word(obj.facts.cx)]}.")]
 
 
-def training_turns(scene: Scene, rng: np.random.Generator, questions: int) -> list[tuple[str, str]]:
+def training_turns(scene: Scene, rng: np.random.Generator, questions: int,
+                   weights_by_type: dict[str, float] = QUESTION_WEIGHTS, refer_prob: float = 0.5
+                   ) -> list[tuple[str, str]]:
     by_type = defaultdict(list)
     for qa in scene.questions:
         by_type[qa.type].append(qa)
     turns = [(DESCRIBE_PROMPT, scene.description)]
-    if rng.random() < 0.5:
+    if rng.random() < refer_prob:
         turns += refer_turns(scene, rng)
-    types = [t for t in QUESTION_WEIGHTS if by_type[t]]
-    weights = np.array([QUESTION_WEIGHTS[t] for t in types])
+    types = [t for t in weights_by_type if by_type[t] and weights_by_type[t] > 0]
+    weights = np.array([weights_by_type[t] for t in types])
     for t in rng.choice(types, size=questions, p=weights / weights.sum()):
         qa = pick_balanced(by_type[t], rng)
         turns.append((qa.question, qa.answer))
@@ -82,7 +84,8 @@ def training_turns(scene: Scene, rng: np.random.Generator, questions: int) -> li
 
 
 def train_batch(step: int, batch_size: int, seed: int, questions: int, processor: LlavaProcessor,
-                image_tokens: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                image_tokens: int, weights_by_type: dict[str, float] = QUESTION_WEIGHTS, refer_prob: float = 0.5
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The batch of a training step (a pure function of (seed, step)) and its patch targets."""
     rng = np.random.default_rng([seed, step])
     seeds = rng.integers(0, SPLIT_SIZE, size=batch_size)   # train seed range
@@ -92,7 +95,8 @@ def train_batch(step: int, batch_size: int, seed: int, questions: int, processor
         size = TRAIN_SIZES[rng.choice(len(TRAIN_SIZES), p=TRAIN_SIZE_WEIGHTS)]
         scene = generate_scene(int(scene_seed), size)
         images.append(scene.image)
-        seqs.append(pack(processor.tokenizer, image_tokens, training_turns(scene, rng, questions)))
+        seqs.append(pack(processor.tokenizer, image_tokens,
+                         training_turns(scene, rng, questions, weights_by_type, refer_prob)))
         targets.append(patch_targets(scene, grid))
     batch = collate(seqs, processor.tokenizer.pad_token_id)
     batch["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
@@ -165,6 +169,21 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.02) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def parse_question_weights(text: str) -> dict[str, float]:
+    """"colour=0.4,presence=0.3" -> weights; types not named keep weight 0. Empty -> QUESTION_WEIGHTS."""
+    if not text:
+        return QUESTION_WEIGHTS
+    weights = {t: 0.0 for t in QUESTION_WEIGHTS}
+    for item in text.split(","):
+        name, _, value = item.partition("=")
+        if name.strip() not in weights:
+            raise ValueError(f"unknown question type {name.strip()!r} (known: {', '.join(weights)})")
+        weights[name.strip()] = float(value)
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"question weights {text!r} sum to zero")
+    return weights
+
+
 def _save_checkpoint(ckpt_dir: Path, model, probe, optimizer, step: int, args: argparse.Namespace) -> None:
     """Written to temporary names first, so an interrupted save leaves the previous checkpoint whole."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -190,8 +209,12 @@ class _Trainer:
     """The model, its patch probe and the optimizer; one call of `step` is one optimisation step."""
 
     def __init__(self, arch: TinyLlavaArch, args: argparse.Namespace):
-        self.processor = build_processor(arch)
-        self.model = build_model(arch, self.processor.tokenizer, seed=args.seed)
+        if args.init:   # a second stage: go on from a saved model, with a fresh optimizer and schedule
+            self.model, self.processor = load_tabletop_lmm(args.init)
+            arch = arch_of(self.model)
+        else:
+            self.processor = build_processor(arch)
+            self.model = build_model(arch, self.processor.tokenizer, seed=args.seed)
         self.probe = PatchProbe(arch.text_hidden)
         self.params = list(self.model.parameters()) + list(self.probe.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
@@ -227,6 +250,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     ckpt_dir = out / "checkpoint"
     arch = _arch_from_args(args)
     trainer = _Trainer(arch, args)
+    arch = arch_of(trainer.model)
+    weights_by_type = parse_question_weights(args.question_weights)
     start = 0
     if (ckpt_dir / "state.json").is_file() and not args.restart:
         start = trainer.load(ckpt_dir)
@@ -238,7 +263,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         for step in bar:
             lr = lr_at(step, args.steps, args.lr, args.warmup)
             batch, targets = train_batch(step, args.batch_size, args.seed, args.questions, trainer.processor,
-                                         arch.image_tokens)
+                                         arch.image_tokens, weights_by_type, args.refer_prob)
             stats = trainer.step(batch, targets, lr)
             ema = stats["loss"] if ema is None else 0.95 * ema + 0.05 * stats["loss"]
             bar.set_postfix(loss=f"{ema:.3f}", probe=f"{stats['probe_loss']:.3f}", lr=f"{lr:.1e}")
@@ -293,6 +318,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--probe-weight", type=float, default=0.5, help="weight of the patch kind/colour loss (0 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", default="", metavar="MODEL_DIR",
+                   help="start from this saved model (a second training stage) instead of a fresh one")
+    p.add_argument("--question-weights", default="", metavar="TYPE=W,...",
+                   help=f"how often each question type is drawn (default {QUESTION_WEIGHTS})")
+    p.add_argument("--refer-prob", type=float, default=0.5,
+                   help="probability that an image also gets a referring turn (grounding prompt + expression)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=250)
     p.add_argument("--eval-scenes", type=int, default=200)
