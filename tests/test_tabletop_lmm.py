@@ -13,7 +13,8 @@ from flmm_ros.tabletop.packing import collate, pack
 from flmm_ros.tabletop.patch_probe import patch_targets
 from flmm_ros.tabletop.scenes import generate_scene
 from flmm_ros.tabletop.tokenizer import IMAGE, build_tokenizer, format_prompt
-from flmm_ros.tabletop.train_lmm import QUESTION_WEIGHTS, main as train_main, parse_question_weights, pick_balanced, training_turns
+from flmm_ros.tabletop.train_lmm import (QUESTION_WEIGHTS, main as train_main, parse_question_weights, pick_balanced,
+                                        train_batch, training_turns)
 
 ARCH = TinyLlavaArch(image_size=64, patch_size=16, vision_hidden=32, vision_intermediate=64, vision_layers=1,
                      vision_heads=2, text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2,
@@ -239,3 +240,11 @@ def test_question_weights_pick_the_question_mix():
     assert turns[0] == (DESCRIBE_PROMPT, scene.description)
     assert turns[1][0] == DESCRIBE_PROMPT       # the referring turn, always with refer_prob 1
     assert {questions[q] for q, _ in turns[2:]} <= {"colour", "presence"} and len(turns) == 8
+
+
+def test_few_colour_batches_have_at_most_two_colours_per_scene(processor):
+    _, targets = train_batch(0, 6, 0, 2, processor, ARCH.image_tokens, few_colours_prob=1.0)
+    colours_per_scene = [len(set(t[:, 1].tolist()) - {0}) for t in targets]
+    assert max(colours_per_scene) <= 2 and max(colours_per_scene) >= 1
+    _, default = train_batch(0, 6, 0, 2, processor, ARCH.image_tokens)
+    assert default.shape == targets.shape

@@ -44,6 +44,18 @@ def test_variety_of_kinds_colours_and_backgrounds():
     assert len(corners) > 10
 
 
+def test_a_narrowed_palette_keeps_kinds_and_tells_objects_apart_by_kind():
+    scenes = [generate_scene(s, (128, 160), colours=("red",)) for s in SEEDS]
+    assert {o.colour for s in scenes for o in s.objects} == {"red"}
+    assert {o.kind for s in scenes for o in s.objects} == set(KINDS)
+    # One colour: an object is named by its kind (or place), never by a colour that would single it out.
+    assert any("the mug" in o.expressions for s in scenes for o in s.objects if len(s.objects) > 1)
+    with pytest.raises(ValueError, match="colours must be a non-empty subset"):
+        generate_scene(0, colours=("teal",))
+    with pytest.raises(ValueError, match="colours must be a non-empty subset"):
+        generate_scene(0, colours=())
+
+
 def test_masks_are_disjoint_visible_parts_with_exact_boxes():
     for seed in SEEDS:
         scene = generate_scene(seed, (240, 320))

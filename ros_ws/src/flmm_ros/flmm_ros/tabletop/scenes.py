@@ -159,12 +159,13 @@ def _visible_fractions(placed: list[_Placed]) -> list[float]:
     return fractions
 
 
-def _layout(rng: np.random.Generator, h: int, w: int, horizon: int, light_x: float) -> list[_Placed]:
+def _layout(rng: np.random.Generator, h: int, w: int, horizon: int, light_x: float,
+            colours: tuple[str, ...]) -> list[_Placed]:
     count = int(rng.integers(1, MAX_OBJECTS + 1))
     placed: list[_Placed] = []
     for _ in range(count):
         kind = KINDS[rng.integers(len(KINDS))]
-        colour = COLOURS[rng.integers(len(COLOURS))]
+        colour = colours[rng.integers(len(colours))]
         for _attempt in range(30):
             cand = _sample_object(rng, kind, colour, h, w, horizon, light_x)
             if cand is None:
@@ -198,16 +199,20 @@ def _facts(p: _Placed, h: int, w: int) -> ObjectFacts:
                        x=float(cx / s), y=float(cy / s), area=float(len(xs) / (h * w)))
 
 
-def generate_scene(seed: int, size: tuple[int, int] = (256, 256)) -> Scene:
-    """A random tabletop scene, identical for identical (seed, size)."""
+def generate_scene(seed: int, size: tuple[int, int] = (256, 256), colours: tuple[str, ...] = COLOURS) -> Scene:
+    """A random tabletop scene, identical for identical (seed, size, colours).
+
+    `colours` narrows the palette (training scenes where colour cannot tell the objects apart)."""
     h, w = int(size[0]), int(size[1])
     if h < 64 or w < 64:
         raise ValueError(f"scene size must be at least 64x64, got {h}x{w}")
+    if not colours or set(colours) - set(COLOURS):
+        raise ValueError(f"colours must be a non-empty subset of {COLOURS}, got {colours}")
     rng = np.random.default_rng(seed)
     horizon = int(h * rng.uniform(0.22, 0.42))
     light_x = float(rng.uniform(-1, 1))
     img = _background(rng, h, w, horizon)
-    placed = _layout(rng, h, w, horizon, light_x)
+    placed = _layout(rng, h, w, horizon, light_x, tuple(colours))
     _draw_shadows(img, placed, light_x)
 
     labels = np.full((h, w), -1, np.int16)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
 from .attention_check import attention_report
-from .language import DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
+from .language import COLOURS, DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
 from .lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
 from .packing import collate, pack
 from .patch_probe import PatchProbe, patch_targets
@@ -84,16 +84,22 @@ def training_turns(scene: Scene, rng: np.random.Generator, questions: int,
 
 
 def train_batch(step: int, batch_size: int, seed: int, questions: int, processor: LlavaProcessor,
-                image_tokens: int, weights_by_type: dict[str, float] = QUESTION_WEIGHTS, refer_prob: float = 0.5
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The batch of a training step (a pure function of (seed, step)) and its patch targets."""
+                image_tokens: int, weights_by_type: dict[str, float] = QUESTION_WEIGHTS, refer_prob: float = 0.5,
+                few_colours_prob: float = 0.0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The batch of a training step (a pure function of (seed, step)) and its patch targets.
+
+    With `few_colours_prob`, that share of the scenes has only one or two colours: there, objects can
+    be told apart by kind alone, so the questions teach finding an object by its kind."""
     rng = np.random.default_rng([seed, step])
     seeds = rng.integers(0, SPLIT_SIZE, size=batch_size)   # train seed range
     images, seqs, targets = [], [], []
     grid = int(round(math.sqrt(image_tokens)))
     for scene_seed in seeds:
         size = TRAIN_SIZES[rng.choice(len(TRAIN_SIZES), p=TRAIN_SIZE_WEIGHTS)]
-        scene = generate_scene(int(scene_seed), size)
+        colours = COLOURS
+        if few_colours_prob and rng.random() < few_colours_prob:
+            colours = tuple(rng.choice(COLOURS, size=int(rng.integers(1, 3)), replace=False))
+        scene = generate_scene(int(scene_seed), size, colours)
         images.append(scene.image)
         seqs.append(pack(processor.tokenizer, image_tokens,
                          training_turns(scene, rng, questions, weights_by_type, refer_prob)))
@@ -263,7 +269,7 @@ def train(args: argparse.Namespace) -> dict[str, float]:
         for step in bar:
             lr = lr_at(step, args.steps, args.lr, args.warmup)
             batch, targets = train_batch(step, args.batch_size, args.seed, args.questions, trainer.processor,
-                                         arch.image_tokens, weights_by_type, args.refer_prob)
+                                         arch.image_tokens, weights_by_type, args.refer_prob, args.few_colours)
             stats = trainer.step(batch, targets, lr)
             ema = stats["loss"] if ema is None else 0.95 * ema + 0.05 * stats["loss"]
             bar.set_postfix(loss=f"{ema:.3f}", probe=f"{stats['probe_loss']:.3f}", lr=f"{lr:.1e}")
@@ -322,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start from this saved model (a second training stage) instead of a fresh one")
     p.add_argument("--question-weights", default="", metavar="TYPE=W,...",
                    help=f"how often each question type is drawn (default {QUESTION_WEIGHTS})")
+    p.add_argument("--few-colours", type=float, default=0.0, metavar="P",
+                   help="share of training scenes drawn with only one or two colours (find objects by kind)")
     p.add_argument("--refer-prob", type=float, default=0.5,
                    help="probability that an image also gets a referring turn (grounding prompt + expression)")
     p.add_argument("--threads", type=int, default=2)
