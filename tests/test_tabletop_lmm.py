@@ -215,8 +215,11 @@ def test_phrase_attention_maps_and_report(processor, tmp_path):
     last_head = att[1][0, 1, -3:][:, image_cols].mean(0)
     assert torch.allclose(maps[1 * ARCH.text_heads + 1], last_head / last_head.sum(), atol=1e-6)
 
-    report = attention_report(sdpa, processor, scenes=2)
+    report = attention_report(sdpa, processor, scenes=6)
     assert report["objects"] > 0 and 0 <= report["pointing_mean_map"] <= 1 and report["lift_mean_map"] > 0
+    assert report["kind_tests"] > 0 and report["colour_tests"] > 0
+    for test in ("kind", "colour"):
+        assert 0 < report[f"{test}_share_mean_map"] < 1 and 0 < report[f"{test}_share_best_head"] < 1
 
 
 def test_questions_are_drawn_answer_balanced():
@@ -248,3 +251,20 @@ def test_few_colour_batches_have_at_most_two_colours_per_scene(processor):
     assert max(colours_per_scene) <= 2 and max(colours_per_scene) >= 1
     _, default = train_batch(0, 6, 0, 2, processor, ARCH.image_tokens)
     assert default.shape == targets.shape
+
+
+def test_model_card_tables_by_case_and_attention():
+    from flmm_ros.tabletop.model_card import attention_table, case_table
+
+    scores = {"coarse": {"ciou": 0.5, "count": 3}, "refined": {"ciou": 0.6, "count": 3},
+              "coarse | unique colour and kind": {"ciou": 0.7, "count": 2},
+              "refined | unique colour and kind": {"ciou": 0.8, "count": 2},
+              "coarse | another object of its colour": {"ciou": 0.3, "count": 1},
+              "refined | another object of its colour": {"ciou": 0.4, "count": 1}}
+    rows = case_table(scores).splitlines()[2:]
+    assert rows == ["| unique colour and kind | 2 | 0.700 | 0.800 |", "| another object of its colour | 1 | 0.300 | 0.400 |"]
+    report = {"kind_tests": 5, "kind_share_mean_map": 0.47, "kind_share_best_head": 0.48,
+              "colour_tests": 4, "colour_share_mean_map": 0.58, "colour_share_best_head": 0.97}
+    rows = attention_table(report).splitlines()[2:]
+    assert rows == ["| an object of the same colour, another kind | 5 | 0.470 | 0.480 |",
+                    "| an object of the same kind, another colour | 4 | 0.580 | 0.970 |"]

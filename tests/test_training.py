@@ -107,6 +107,29 @@ def test_end_to_end_evaluation_and_baseline(pipe):
     total_px = sum(m.size for s in samples for m in s.masks)
     assert base["ciou"] == pytest.approx(total_gt / total_px)
 
+    # By case: every phrase is scored once more, in its case's group, and the groups add up.
+    by_case = evaluate(pipe, samples, by_case=True)
+    cases = [c for s in samples for c in s.cases]
+    for name in ("coarse", "refined"):
+        groups = {k: v for k, v in by_case.items() if k.startswith(f"{name} | ")}
+        assert {k.split(" | ")[1] for k in groups} == set(cases)
+        assert sum(g["count"] for g in groups.values()) == by_case[name]["count"] == n
+        assert by_case[name]["ciou"] == pytest.approx(scores[name]["ciou"])
+
+
+def test_distractor_cases_of_tabletop_objects():
+    from types import SimpleNamespace
+
+    from flmm_ros.grounding.training.data import distractor_case
+
+    red_mug, red_box, white_mug, blue_ball = (SimpleNamespace(colour=c, kind=k) for c, k in
+                                              (("red", "mug"), ("red", "box"), ("white", "mug"), ("blue", "ball")))
+    scene = [red_mug, red_box, white_mug, blue_ball]
+    assert distractor_case(red_mug, scene) == "another object of its colour"
+    assert distractor_case(red_box, scene) == "another object of its colour"
+    assert distractor_case(white_mug, scene) == "another object of its kind, no other of its colour"
+    assert distractor_case(blue_ball, scene) == "unique colour and kind"
+
 
 def test_refcoco_format_data_feeds_the_trainer(tmp_path):
     from flmm_ros.grounding.training.data import refcoco_samples

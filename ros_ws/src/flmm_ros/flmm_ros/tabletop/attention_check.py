@@ -6,7 +6,11 @@ reading the phrase rows with the product's extraction (`grounding/attention.py`,
 over the phrase tokens and normalised over the image (F-LMM's input maps). Reported:
 - lift: attention mass on the object's patches divided by the share of patches the object covers
   (1 = no better than uniform), for the mean over all layers and heads and for the best head;
-- pointing: how often the argmax patch of the mean map lies on the object, and the same for the best head.
+- pointing: how often the argmax patch of the mean map lies on the object, and the same for the best head;
+- kind share: where another object has the same colour but another kind, the object's share of the
+  attention on the two (0.5 = the attention cannot tell them apart; ~patch-area share when it ignores
+  kind), for the mean map and the best head; colour share: the same against same-kind objects of
+  another colour. Together they say whether the phrase finds its object by kind, by colour, or both.
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ def attention_report(model: LlavaForConditionalGeneration, processor: LlavaProce
                      split: str = "val") -> dict[str, float]:
     grid = int(round(model.config.image_seq_length ** 0.5))
     lifts, hits = [], []
+    shares = {"kind": [], "colour": []}
     for seed in split_seeds(split, scenes):
         scene = generate_scene(seed, (480, 640) if seed % 2 else (256, 256))
         for obj in scene.objects:
@@ -52,9 +57,23 @@ def attention_report(model: LlavaForConditionalGeneration, processor: LlavaProce
             maps = torch.cat([maps, maps.mean(0, keepdim=True)])       # last row: mean of all heads
             lifts.append((maps[:, on_object].sum(-1) / on_object.float().mean()).numpy())
             hits.append(on_object[maps.argmax(-1)].numpy())
+            cover = torch.from_numpy(patch_coverage(obj.mask, grid)).float()
+            for test, others in (("kind", [o for o in scene.objects if o.colour == obj.colour and o.kind != obj.kind]),
+                                 ("colour", [o for o in scene.objects if o.kind == obj.kind and o.colour != obj.colour])):
+                if others:
+                    on_target = maps @ cover
+                    on_others = maps @ torch.from_numpy(sum(patch_coverage(o.mask, grid) for o in others)).float()
+                    shares[test].append((on_target / (on_target + on_others).clamp_min(1e-12)).numpy())
     lifts, hits = np.stack(lifts), np.stack(hits).astype(float)
     best = int(hits[:, :-1].mean(0).argmax())
     heads = model.config.text_config.num_attention_heads
-    return {"objects": len(lifts), "lift_mean_map": float(lifts[:, -1].mean()),
-            "pointing_mean_map": float(hits[:, -1].mean()), "best_head": f"layer {best // heads} head {best % heads}",
-            "lift_best_head": float(lifts[:, best].mean()), "pointing_best_head": float(hits[:, best].mean())}
+    report = {"objects": len(lifts), "lift_mean_map": float(lifts[:, -1].mean()),
+              "pointing_mean_map": float(hits[:, -1].mean()), "best_head": f"layer {best // heads} head {best % heads}",
+              "lift_best_head": float(lifts[:, best].mean()), "pointing_best_head": float(hits[:, best].mean())}
+    for test, values in shares.items():
+        if values:
+            values = np.stack(values)
+            report[f"{test}_tests"] = len(values)
+            report[f"{test}_share_mean_map"] = float(values[:, -1].mean())
+            report[f"{test}_share_best_head"] = float(values[:, :-1].mean(0).max())
+    return report

@@ -22,11 +22,13 @@ from ..grounding.config import PipelineConfig
 from ..grounding.pipeline import GroundingPipeline
 from ..grounding.training.data import tabletop_samples
 from ..grounding.training.evaluate import evaluate, whole_image_baseline
+from .attention_check import attention_report
 from .lmm import load_tabletop_lmm
 from .train_lmm import EVAL_TYPES, eval_set
 from .train_lmm import evaluate as lmm_accuracy
 
 LMM_TEST_SCENES = 300
+ATTENTION_TEST_SCENES = 150
 CHANCE = {"colour": "~1/7", "presence": "1/2", "position": "1/3", "kind": "1/6"}
 
 
@@ -40,9 +42,9 @@ def random_lmm_copy(trained: Path, out: Path, seed: int = 0) -> Path:
     return out
 
 
-def scores_for(bundle: Path, count: int) -> dict:
+def scores_for(bundle: Path, count: int, by_case: bool = False) -> dict:
     pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle), answer=False))
-    return evaluate(pipe, tabletop_samples("test", count, expression="first"), count)
+    return evaluate(pipe, tabletop_samples("test", count, expression="first"), count, by_case=by_case)
 
 
 def table(rows: dict[str, dict]) -> str:
@@ -50,6 +52,25 @@ def table(rows: dict[str, dict]) -> str:
     for name, scores in rows.items():
         for kind, s in scores.items():
             lines.append(f"| {name} | {kind} | {s['ciou']:.3f} | {s['giou']:.3f} |")
+    return "\n".join(lines)
+
+
+def case_table(scores: dict) -> str:
+    lines = ["| what else is in the scene | objects | coarse cIoU | refined cIoU |", "|---|---|---|---|"]
+    for key, refined in scores.items():
+        if key.startswith("refined | "):
+            case = key.split(" | ", 1)[1]
+            coarse = scores[f"coarse | {case}"]
+            lines.append(f"| {case} | {refined['count']} | {coarse['ciou']:.3f} | {refined['ciou']:.3f} |")
+    return "\n".join(lines)
+
+
+def attention_table(report: dict) -> str:
+    lines = ["| the phrase's object against | objects | share, mean map | share, best head |", "|---|---|---|---|"]
+    for test, against in (("kind", "an object of the same colour, another kind"),
+                          ("colour", "an object of the same kind, another colour")):
+        lines.append(f"| {against} | {report[f'{test}_tests']} | {report[f'{test}_share_mean_map']:.3f} | "
+                     f"{report[f'{test}_share_best_head']:.3f} |")
     return "\n".join(lines)
 
 
@@ -62,24 +83,34 @@ def accuracy_table(acc: dict[str, float]) -> str:
 
 
 def write_card(bundle: Path, random_bundle: Path, work: Path, count: int, build_seconds: int) -> None:
-    rows = {"tabletop-tiny (trained LMM)": scores_for(bundle, count),
+    trained = scores_for(bundle, count, by_case=True)
+    rows = {"tabletop-tiny (trained LMM)": {k: v for k, v in trained.items() if " | " not in k},
             "same recipe, untrained LMM": scores_for(random_bundle, count),
             "whole-image baseline": whole_image_baseline(tabletop_samples("test", count, expression="first"))}
     model, processor = load_tabletop_lmm(bundle / "lmm")
     accuracy = lmm_accuracy(model, processor, eval_set(LMM_TEST_SCENES, "test"))
-    (work / "quality.json").write_text(json.dumps({"grounding": rows, "lmm_accuracy": accuracy}, indent=1))
+    attention = attention_report(model, processor, scenes=ATTENTION_TEST_SCENES, split="test")
+    (work / "quality.json").write_text(json.dumps({"grounding": rows, "by_case": trained, "lmm_accuracy": accuracy,
+                                                   "attention": attention}, indent=1))
     print(table(rows))
+    print(case_table(trained))
     print(accuracy_table(accuracy))
+    print(attention_table(attention))
     card = bundle / "MODEL_CARD.md"
     text = card.read_text() if card.is_file() else ""
     marker = "## Quality"
     head = text.split(marker)[0] if marker in text else text
     card.write_text(f"{head}{marker}\n\n{count} held-out test scenes (seeds from 2,000,000; 256x256 and "
                     f"640x480 alternating), one expression per object, masks at sigmoid > 0.5:\n\n{table(rows)}\n\n"
+                    f"The trained model's masks by what else is in the scene:\n\n{case_table(trained)}\n\n"
                     f"The frozen LMM's answers on {LMM_TEST_SCENES} held-out test scenes (one question of each type "
                     f"per scene, drawn answer-balanced; greedy decoding, exact match of the whole answer; "
                     f"`python -m flmm_ros.tabletop.train_lmm --out <run> --eval --split test`):\n\n"
                     f"{accuracy_table(accuracy)}\n\n"
+                    f"Where the frozen LMM's phrase attention goes ({ATTENTION_TEST_SCENES} test scenes; F-LMM's "
+                    f"grounding pass, `tabletop/attention_check.py`): the share of attention on the phrase's object "
+                    f"out of the attention on it and on a look-alike (0.5 = cannot tell them apart):\n\n"
+                    f"{attention_table(attention)}\n\n"
                     f"Build wall time (scripts/build_tabletop_model.sh, 2-core CPU): {build_seconds} s.\n")
 
 

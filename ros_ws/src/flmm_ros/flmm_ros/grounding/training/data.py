@@ -23,6 +23,7 @@ class RefSample:
     image: np.ndarray            # (H, W, 3) uint8 RGB
     phrases: list[str]           # one referring expression per object
     masks: list[np.ndarray]      # (H, W) bool, one per phrase
+    cases: list[str] | None = None  # optional group of each phrase, for scores by case
 
 
 def tabletop_samples(split: str, count: int, *, offset: int = 0, sizes=((256, 256), (480, 640)),
@@ -39,7 +40,16 @@ def tabletop_samples(split: str, count: int, *, offset: int = 0, sizes=((256, 25
         if not objects:
             continue
         phrases = [rng.choice(o.expressions) if expression == "random" else o.expressions[0] for o in objects]
-        yield RefSample(scene.image, phrases, [o.mask for o in objects])
+        yield RefSample(scene.image, phrases, [o.mask for o in objects], [distractor_case(o, scene.objects) for o in objects])
+
+
+def distractor_case(obj, objects) -> str:
+    """What else in the scene looks like the object: the hardest case for a model that finds it by colour."""
+    if any(o is not obj and o.colour == obj.colour for o in objects):
+        return "another object of its colour"
+    if any(o is not obj and o.kind == obj.kind for o in objects):
+        return "another object of its kind, no other of its colour"
+    return "unique colour and kind"
 
 
 def refcoco_samples(directory: str | Path, split: str) -> Iterator[RefSample]:

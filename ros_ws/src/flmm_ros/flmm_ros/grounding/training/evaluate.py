@@ -25,12 +25,15 @@ def _predictions(logits: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
     return (logits.sigmoid() > 0.5).cpu().numpy()
 
 
-def _add(meters: dict[str, IoUMeter], logits, targets: np.ndarray, image_hw) -> None:
+def _add(meters: dict[str, IoUMeter], logits, targets: np.ndarray, image_hw, cases=None) -> None:
+    """Scores under "coarse" / "refined", and with cases also under "refined | <case>"."""
     for name, value in (("coarse", logits.coarse), ("refined", logits.refined)):
         if value is None:
             continue
-        for pred, target in zip(_predictions(value.detach(), image_hw), targets):
+        for k, (pred, target) in enumerate(zip(_predictions(value.detach(), image_hw), targets)):
             meters.setdefault(name, IoUMeter()).add(pred, target)
+            if cases:
+                meters.setdefault(f"{name} | {cases[k]}", IoUMeter()).add(pred, target)
 
 
 def scores_of(meters: dict[str, IoUMeter]) -> dict[str, dict[str, float]]:
@@ -52,13 +55,14 @@ def evaluate_cached(pipe, cache: list) -> dict:
 
 
 @torch.no_grad()
-def evaluate(pipe, samples, count: int | None = None) -> dict:
-    """End to end through the pipeline (encode + phrase pass + head), the product path."""
+def evaluate(pipe, samples, count: int | None = None, by_case: bool = False) -> dict:
+    """End to end through the pipeline (encode + phrase pass + head), the product path.
+    With by_case, also the scores of each group of phrases named in the samples' `cases`."""
     meters: dict[str, IoUMeter] = {}
     for sample in tqdm(samples, total=count, desc="eval", unit="img"):
         frame = pipe.encode(sample.image)
         logits = pipe.ground_logits(frame, sample.phrases)
-        _add(meters, logits, np.stack(sample.masks).astype(bool), frame.image_hw)
+        _add(meters, logits, np.stack(sample.masks).astype(bool), frame.image_hw, sample.cases if by_case else None)
     return scores_of(meters)
 
 
