@@ -41,7 +41,9 @@ def scores_of(meters: dict[str, IoUMeter]) -> dict[str, dict[str, float]]:
 
 
 def format_scores(scores: dict) -> str:
-    return "  ".join(f"{k}: cIoU {s['ciou']:.3f} gIoU {s['giou']:.3f}" for k, s in scores.items())
+    """One line for the overall scores (training logs); one line per group when there are cases."""
+    sep = "\n" if any(" | " in k for k in scores) else "  "
+    return sep.join(f"{k}: cIoU {s['ciou']:.3f} gIoU {s['giou']:.3f}" for k, s in sorted(scores.items()))
 
 
 @torch.no_grad()
@@ -91,6 +93,8 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline", choices=["whole-image"], help="score a trivial baseline instead of a model")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print scores as JSON")
+    parser.add_argument("--by-case", action="store_true",
+                        help="tabletop: also score objects by what else is in the scene (same colour, same kind)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
         pipe = GroundingPipeline.from_config(PipelineConfig(model=args.model, mask_head=args.mask_head,
                                                             sam_checkpoint=args.sam_checkpoint,
                                                             sam_type=args.sam_type, answer=False))
-        scores = evaluate(pipe, samples(), args.count if args.data == "tabletop" else None)
+        scores = evaluate(pipe, samples(), args.count if args.data == "tabletop" else None, by_case=args.by_case)
     print(json.dumps(scores, indent=1) if args.json else format_scores(scores))
 
 
