@@ -50,18 +50,18 @@ def attention_report(model: LlavaForConditionalGeneration, processor: LlavaProce
         for obj in scene.objects:
             if not obj.expressions:
                 continue
-            on_object = torch.from_numpy(patch_coverage(obj.mask, grid) >= MIN_COVER)
+            cover = torch.from_numpy(patch_coverage(obj.mask, grid)).float()
+            on_object = cover >= MIN_COVER
             if not on_object.any():
                 continue
             maps = phrase_attention(model, processor, scene.image, obj.expressions[0])
             maps = torch.cat([maps, maps.mean(0, keepdim=True)])       # last row: mean of all heads
             lifts.append((maps[:, on_object].sum(-1) / on_object.float().mean()).numpy())
             hits.append(on_object[maps.argmax(-1)].numpy())
-            cover = torch.from_numpy(patch_coverage(obj.mask, grid)).float()
+            on_target = maps @ cover
             for test, others in (("kind", [o for o in scene.objects if o.colour == obj.colour and o.kind != obj.kind]),
                                  ("colour", [o for o in scene.objects if o.kind == obj.kind and o.colour != obj.colour])):
                 if others:
-                    on_target = maps @ cover
                     on_others = maps @ torch.from_numpy(sum(patch_coverage(o.mask, grid) for o in others)).float()
                     shares[test].append((on_target / (on_target + on_others).clamp_min(1e-12)).numpy())
     lifts, hits = np.stack(lifts), np.stack(hits).astype(float)

@@ -217,11 +217,11 @@ class _Trainer:
     def __init__(self, arch: TinyLlavaArch, args: argparse.Namespace):
         if args.init:   # a second stage: go on from a saved model, with a fresh optimizer and schedule
             self.model, self.processor = load_tabletop_lmm(args.init)
-            arch = arch_of(self.model)
         else:
             self.processor = build_processor(arch)
             self.model = build_model(arch, self.processor.tokenizer, seed=args.seed)
-        self.probe = PatchProbe(arch.text_hidden)
+        self.arch = arch_of(self.model)
+        self.probe = PatchProbe(self.arch.text_hidden)
         self.params = list(self.model.parameters()) + list(self.probe.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
         self.probe_weight = args.probe_weight
@@ -254,9 +254,8 @@ def train(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     ckpt_dir = out / "checkpoint"
-    arch = _arch_from_args(args)
-    trainer = _Trainer(arch, args)
-    arch = arch_of(trainer.model)
+    trainer = _Trainer(_arch_from_args(args), args)
+    arch = trainer.arch   # a second stage's arch is the saved model's
     weights_by_type = parse_question_weights(args.question_weights)
     start = 0
     if (ckpt_dir / "state.json").is_file() and not args.restart:
