@@ -1,5 +1,6 @@
 """tabletop-tiny's LMM: tokenizer, processor, Hugging Face save/reload, packing, training step, CLI."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,11 +11,11 @@ from flmm_ros.tabletop.attention_check import attention_report, phrase_attention
 from flmm_ros.tabletop.language import DESCRIBE_PROMPT, QAPair
 from flmm_ros.tabletop.lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
 from flmm_ros.tabletop.packing import collate, pack
-from flmm_ros.tabletop.patch_probe import patch_targets
+from flmm_ros.tabletop.patch_probe import TiedPatchProbe, patch_targets
 from flmm_ros.tabletop.scenes import generate_scene
 from flmm_ros.tabletop.tokenizer import IMAGE, build_tokenizer, format_prompt
-from flmm_ros.tabletop.train_lmm import (QUESTION_WEIGHTS, main as train_main, parse_question_weights, pick_balanced,
-                                        train_batch, training_turns)
+from flmm_ros.tabletop.train_lmm import (QUESTION_WEIGHTS, _tied_probe, main as train_main, parse_question_weights,
+                                        pick_balanced, train_batch, training_turns)
 
 ARCH = TinyLlavaArch(image_size=64, patch_size=16, vision_hidden=32, vision_intermediate=64, vision_layers=1,
                      vision_heads=2, text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2,
@@ -167,6 +168,40 @@ def test_patch_targets_label_the_object_patches():
     assert (targets[:, 0] > 0).sum() >= len(scene.objects)
 
 
+def test_tied_probe_scores_patches_by_word_embeddings_and_trains_them(processor):
+    model = build_model(ARCH, processor.tokenizer, seed=3)
+    probe = _tied_probe(model, processor)
+    embeddings = model.get_input_embeddings().weight
+    # The model owns the word embeddings: the probe's own parameters are only background, bias and scale.
+    assert {name for name, _ in probe.named_parameters()} == {"background", "bias", "scale"}
+    mug, red = (processor.tokenizer.convert_tokens_to_ids(w) for w in ("mug", "red"))
+    targets = torch.zeros(1, 3, 2, dtype=torch.long)
+    targets[0, 0] = torch.tensor([probe.kind_ids.tolist().index(mug) + 1, probe.colour_ids.tolist().index(red) + 1])
+    # A patch that is the "mug" embedding plus the "red" embedding, scaled up, is scored as a red mug.
+    patch = 20 * (embeddings[mug] + embeddings[red]).detach()
+    tokens = torch.stack([patch, torch.zeros_like(patch), torch.zeros_like(patch)])[None]
+    with torch.no_grad():
+        probe.bias.fill_(-1e4)   # nothing is background here
+        aligned = probe.loss(tokens, targets).item()
+        swapped = probe.loss(tokens.flip(-1), targets).item()
+        probe.bias.zero_()
+    assert aligned < swapped
+    probe.loss(tokens, targets).backward()
+    assert embeddings.grad is not None and embeddings.grad[mug].abs().sum() > 0
+
+
+def test_tied_probe_needs_every_kind_and_colour_as_a_word(processor):
+    class NoSceneWords:   # a tokenizer whose vocabulary lacks the scene words
+        unk_token_id = processor.tokenizer.unk_token_id
+
+        def convert_tokens_to_ids(self, tokens):
+            return [self.unk_token_id] * len(tokens)
+
+    model = build_model(ARCH, processor.tokenizer, seed=3)
+    with pytest.raises(ValueError, match="kind or colour word"):
+        _tied_probe(model, SimpleNamespace(tokenizer=NoSceneWords()))
+
+
 def test_cli_trains_resumes_saves_and_evaluates(tmp_path, capsys):
     small = ["--image-size", "64", "--patch-size", "16", "--vision-hidden", "32", "--vision-layers", "1",
              "--text-hidden", "32", "--text-intermediate", "64", "--text-layers", "1", "--heads", "2",
@@ -182,12 +217,13 @@ def test_cli_trains_resumes_saves_and_evaluates(tmp_path, capsys):
     report = capsys.readouterr().out
     assert '"colour"' in report and "reference" in report
 
-    # A second stage starts from the saved model (its arch, not the command line's) with another question mix.
+    # A second stage starts from the saved model (its arch, not the command line's) with another question mix
+    # (and here the tied probe).
     stage2 = tmp_path / "stage2"
     stage2.mkdir()
     train_main(["--out", str(stage2), "--init", str(tmp_path / "model"), "--steps", "1", "--batch-size", "2",
                 "--questions", "2", "--eval-scenes", "2", "--warmup", "1", "--threads", "1", "--lr", "0",
-                "--question-weights", "colour=1", "--refer-prob", "1"])
+                "--question-weights", "colour=1", "--refer-prob", "1", "--tied-probe"])
     first, _ = load_tabletop_lmm(tmp_path / "model")
     second, _ = load_tabletop_lmm(stage2 / "model")
     assert arch_of(second) == arch_of(first)

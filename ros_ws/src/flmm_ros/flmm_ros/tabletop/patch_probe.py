@@ -51,6 +51,13 @@ def patch_targets(scene: Scene, grid: int) -> np.ndarray:
     return out
 
 
+def _weighted_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over patches with the background class (0) weighed down."""
+    weight = torch.ones(logits.shape[-1], device=logits.device)
+    weight[0] = BACKGROUND_WEIGHT
+    return F.cross_entropy(logits.flatten(0, 1), target.flatten(), weight=weight)
+
+
 class PatchProbe(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -59,9 +66,35 @@ class PatchProbe(nn.Module):
 
     def loss(self, image_tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of kind and colour per patch; image_tokens (B, N, D), targets (B, N, 2)."""
+        return (KIND_WEIGHT * _weighted_loss(self.kind(image_tokens), targets[..., 0])
+                + _weighted_loss(self.colour(image_tokens), targets[..., 1]))
+
+
+class TiedPatchProbe(nn.Module):
+    """The probe with its class vectors tied to the input embeddings of the kind and colour words.
+
+    LLaVA's stage-1 alignment in miniature: a mug's patches are pulled towards the embedding of the
+    word "mug", so that from the first training step a word can find its object by the same kind of
+    dot product that attention computes. Only the background vectors, biases and scales are the
+    probe's own; the word embeddings stay the model's (and train with it)."""
+
+    def __init__(self, embeddings: nn.Embedding, kind_ids: list[int], colour_ids: list[int]):
+        super().__init__()
+        self._embeddings = [embeddings]   # in a list: the model owns these weights, not the probe
+        self.register_buffer("kind_ids", torch.tensor(kind_ids), persistent=False)
+        self.register_buffer("colour_ids", torch.tensor(colour_ids), persistent=False)
+        dim = embeddings.weight.shape[1]
+        self.background = nn.Parameter(torch.zeros(2, dim))
+        self.bias = nn.Parameter(torch.zeros(2))
+        self.scale = nn.Parameter(torch.ones(2))
+
+    def loss(self, image_tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        words = self._embeddings[0].weight
         total = image_tokens.new_zeros(())
-        for head, target, scale in ((self.kind, targets[..., 0], KIND_WEIGHT), (self.colour, targets[..., 1], 1.0)):
-            weight = torch.ones(head.out_features, device=image_tokens.device)
-            weight[0] = BACKGROUND_WEIGHT
-            total = total + scale * F.cross_entropy(head(image_tokens).flatten(0, 1), target.flatten(), weight=weight)
+        for i, (ids, scale) in enumerate(((self.kind_ids, KIND_WEIGHT), (self.colour_ids, 1.0))):
+            classes = torch.cat([self.background[i:i + 1], words[ids]])
+            logits = self.scale[i] * (image_tokens @ classes.T) / classes.shape[1] ** 0.5
+            # Only the background class has a bias: a word's score is its embedding's dot product alone.
+            logits = logits + torch.cat([self.bias[i:i + 1], logits.new_zeros(len(ids))])
+            total = total + scale * _weighted_loss(logits, targets[..., i])
         return total

@@ -34,8 +34,9 @@ from .attention_check import attention_report
 from .language import COLOURS, DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
 from .lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
 from .packing import collate, pack
-from .patch_probe import PatchProbe, patch_targets
+from .patch_probe import PatchProbe, TiedPatchProbe, patch_targets
 from .scenes import SPLIT_SIZE, Scene, generate_scene, split_seeds
+from .shapes import KINDS
 
 # How often each kind of question is drawn for a training turn.
 QUESTION_WEIGHTS = {"colour": 0.22, "presence": 0.2, "instruction": 0.2, "position": 0.15, "count": 0.13, "kind": 0.1}
@@ -211,6 +212,14 @@ def _arch_from_args(args: argparse.Namespace) -> TinyLlavaArch:
                          text_layers=args.text_layers, text_heads=args.heads, text_kv_heads=args.kv_heads)
 
 
+def _tied_probe(model: LlavaForConditionalGeneration, processor: LlavaProcessor) -> TiedPatchProbe:
+    tokenizer = processor.tokenizer
+    kind_ids, colour_ids = tokenizer.convert_tokens_to_ids(list(KINDS)), tokenizer.convert_tokens_to_ids(list(COLOURS))
+    if tokenizer.unk_token_id in kind_ids + colour_ids:
+        raise ValueError("the tokenizer lacks a kind or colour word: the tied probe needs each as one token")
+    return TiedPatchProbe(model.get_input_embeddings(), kind_ids, colour_ids)
+
+
 class _Trainer:
     """The model, its patch probe and the optimizer; one call of `step` is one optimisation step."""
 
@@ -221,7 +230,7 @@ class _Trainer:
             self.processor = build_processor(arch)
             self.model = build_model(arch, self.processor.tokenizer, seed=args.seed)
         self.arch = arch_of(self.model)
-        self.probe = PatchProbe(self.arch.text_hidden)
+        self.probe = _tied_probe(self.model, self.processor) if args.tied_probe else PatchProbe(self.arch.text_hidden)
         self.params = list(self.model.parameters()) + list(self.probe.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
         self.probe_weight = args.probe_weight
@@ -329,6 +338,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"how often each question type is drawn (default {QUESTION_WEIGHTS})")
     p.add_argument("--few-colours", type=float, default=0.0, metavar="P",
                    help="share of training scenes drawn with only one or two colours (find objects by kind)")
+    p.add_argument("--tied-probe", action="store_true",
+                   help="tie the patch probe's kind/colour classes to those words' embeddings (see TiedPatchProbe)")
     p.add_argument("--refer-prob", type=float, default=0.5,
                    help="probability that an image also gets a referring turn (grounding prompt + expression)")
     p.add_argument("--threads", type=int, default=2)
