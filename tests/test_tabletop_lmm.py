@@ -273,6 +273,8 @@ def test_question_weights_pick_the_question_mix():
         parse_question_weights("size=1")
     with pytest.raises(ValueError, match="sum to zero"):
         parse_question_weights("colour=0")
+    with pytest.raises(ValueError, match="'colour' is not TYPE=NUMBER"):
+        parse_question_weights("colour,presence=1")
     scene = generate_scene(5, (96, 128))
     turns = training_turns(scene, np.random.default_rng(0), 6, weights, refer_prob=1.0)
     questions = {q.question: q.type for q in scene.questions}

@@ -185,7 +185,10 @@ def parse_question_weights(text: str) -> dict[str, float]:
         name, _, value = item.partition("=")
         if name.strip() not in weights:
             raise ValueError(f"unknown question type {name.strip()!r} (known: {', '.join(weights)})")
-        weights[name.strip()] = float(value)
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"question weight {item!r} is not TYPE=NUMBER") from None
     if sum(weights.values()) <= 0:
         raise ValueError(f"question weights {text!r} sum to zero")
     return weights
