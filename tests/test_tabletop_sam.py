@@ -6,14 +6,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from flmm_ros.grounding.checkpoint import load_sam_weights
 from flmm_ros.grounding.refiner import SamRefiner
 from flmm_ros.grounding.sam_models import TINY_TEST_SAM, SamArch, build_sam
 from flmm_ros.tabletop import train_sam
 from flmm_ros.tabletop.scenes import generate_scene, split_seeds
-from flmm_ros.tabletop.train_sam import (TABLETOP_SAM, binary_iou, jitter_box, load_tabletop_sam, low_res_targets,
-                                         sample_prompts, save_tabletop_sam, simulate_coarse_logits, training_loss)
+from flmm_ros.tabletop.shapes import KINDS
+from flmm_ros.tabletop.train_sam import (TABLETOP_SAM, binary_iou, confusable_masks, jitter_box, load_tabletop_sam,
+                                         low_res_targets, sample_prompts, save_tabletop_sam, simulate_coarse_logits,
+                                         training_loss)
 
 
 @pytest.fixture(autouse=True)
@@ -79,6 +82,56 @@ def test_coarse_maps_resemble_their_objects_at_a_low_resolution():
     assert 0.25 < float(np.mean(ious)) < 0.8
 
 
+def test_confusable_masks_join_objects_of_other_kinds_only():
+    rng = np.random.default_rng(4)
+    joined = 0
+    for scene in _scenes(30):
+        own = np.stack([o.mask for o in scene.objects])
+        assert np.array_equal(confusable_masks(scene, rng, prob=0.0), own)
+        confused = confusable_masks(scene, rng, prob=1.0)
+        for obj, mask in zip(scene.objects, confused):
+            assert (mask >= obj.mask).all()
+            others = [x for x in scene.objects if x.kind != obj.kind]
+            added = [x for x in others if (mask & x.mask & ~obj.mask).any()]
+            # Every object of another kind that the map covers is covered whole; none of the same kind is.
+            assert np.array_equal(mask, np.logical_or.reduce([obj.mask] + [x.mask for x in added]))
+            assert bool(added) == bool(others)
+            joined += len(added)
+    assert joined > 0
+
+
+def test_kind_tokens_are_one_per_kind_and_steer_the_decoder():
+    torch.manual_seed(0)
+    sam = _randomised(TINY_TEST_SAM, 1).eval()
+    kind_prompts = train_sam.KindPrompts(sam.prompt_encoder.embed_dim)
+    tokens = kind_prompts(["mug", "ball", "mug"])
+    assert tokens.shape == (3, 1, sam.prompt_encoder.embed_dim)
+    assert torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[0], tokens[1])
+    with pytest.raises(ValueError, match="unknown kind 'spoon'"):
+        kind_prompts(["spoon"])
+    refiner = SamRefiner(sam, backend=None)
+    x, _ = refiner.preprocess(_scenes(1)[0].image)
+    with torch.no_grad():
+        embedding = sam.image_encoder(x)
+        boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0]] * 2)
+        plain, _ = train_sam.decode(sam, embedding, boxes=boxes)
+        with_kind, _ = train_sam.decode(sam, embedding, boxes=boxes, tokens=kind_prompts(["mug", "ball"]))
+    assert not torch.allclose(plain, with_kind)
+    assert not torch.allclose(with_kind[0], with_kind[1])   # same box, other kind: another mask
+
+
+def test_cell_kinds_label_each_embedding_cell_with_the_kind_covering_it():
+    target = torch.zeros(2, 1, 8, 8)
+    target[0, 0, :4, :4] = 1.0      # a ball filling the top-left 2x2 cells of a 4x4 grid
+    target[1, 0, 4:, 6:] = 1.0      # a mug over the right half of the bottom-right cells
+    target[1, 0, 0, 7] = 1.0        # one stray pixel: under 30 % of its cell
+    labels = train_sam.cell_kinds(target, ["ball", "mug"], (4, 4))
+    expected = torch.zeros(4, 4, dtype=torch.long)
+    expected[:2, :2] = KINDS.index("ball") + 1
+    expected[2:, 3] = KINDS.index("mug") + 1
+    assert torch.equal(labels, expected)
+
+
 def test_low_res_targets_map_back_onto_the_image_like_sam_outputs():
     """Targets live in the decoder's frame: SAM's own postprocessing brings them back onto the object."""
     sam = build_sam(TINY_TEST_SAM)
@@ -99,17 +152,19 @@ def test_a_few_steps_on_two_scenes_reduce_the_loss():
     refiner = SamRefiner(sam, backend=None)
     rng = np.random.default_rng(3)
     samples = [sample_prompts(scene, rng) for scene in _scenes(2, sizes=((128, 128), (96, 128)))]
-    optimizer = train_sam.make_optimizer(sam, lr=3e-3, weight_decay=0.0)
+    kind_prompts = train_sam.KindPrompts(sam.prompt_encoder.embed_dim)
+    optimizer = train_sam.make_optimizer(torch.nn.ModuleList([sam, kind_prompts]), lr=3e-3, weight_decay=0.0)
     with torch.no_grad():
-        before, _ = training_loss(sam, refiner, samples)
+        before, _ = training_loss(sam, kind_prompts, refiner, samples)
     for _ in range(8):
-        loss, parts = training_loss(sam, refiner, samples)
+        loss, parts = training_loss(sam, kind_prompts, refiner, samples)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     with torch.no_grad():
-        after, _ = training_loss(sam, refiner, samples)
-    assert parts["prompts"] == 3 * sum(len(s.masks) for s in samples)   # coarse + box, box, clicks
+        after, _ = training_loss(sam, kind_prompts, refiner, samples)
+    assert parts["prompts"] == 4 * sum(len(s.masks) for s in samples)   # coarse + box, box, clicks, + kind
+    assert parts["kind_probe"] > 0
     assert after.item() < 0.85 * before.item()
 
 
@@ -148,12 +203,15 @@ def test_training_writes_the_model_and_resumes_reproducibly(tmp_path):
 
     a, b = load_tabletop_sam(straight).state_dict(), load_tabletop_sam(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must end with the same weights"
+    kinds_a, kinds_b = (load_file(d / train_sam.KIND_FILE)["table.weight"] for d in (straight, resumed))
+    assert kinds_a.shape[0] == len(KINDS) and torch.equal(kinds_a, kinds_b)
     assert not all(torch.equal(a[k], v) for k, v in build_sam(TINY_TEST_SAM).state_dict().items())
     log = json.loads((straight / train_sam.LOG_FILE).read_text())
     assert log["arch"] == TINY_TEST_SAM.to_dict() and log["steps"] == 3
     assert [r["step"] for r in log["history"]] == [1, 2, 3]
-    assert set(log["val"]) >= {"box_miou", "coarse_box_miou", "coarse_input_miou"}
-    assert all(0.0 <= log["val"][k] <= 1.0 for k in ("box_miou", "coarse_box_miou", "coarse_input_miou"))
+    names = ("box_miou", "coarse_box_miou", "coarse_input_miou", "confused_box_miou", "confused_kind_miou")
+    assert set(log["val"]) >= set(names)
+    assert all(0.0 <= log["val"][k] <= 1.0 for k in names)
     assert log["scenes"] == train_sam.scenes_fingerprint()
 
 

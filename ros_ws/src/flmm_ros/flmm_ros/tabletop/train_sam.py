@@ -12,18 +12,26 @@ gets three, each kind one decoder batch per image:
 - coarse + box: F-LMM's refiner prompt. A coarse logit map like the mask head's (the object's mask at a
   low resolution, shifted, scaled, grown or shrunk, blurred, with holes, leaks onto other objects and
   noise) becomes the dense prompt, and the box is thresholded from it, both through `SamRefiner`, the
-  product's own code (whole image when nothing passes the threshold).
+  product's own code (whole image when nothing passes the threshold);
+- coarse + box + kind: SAM's text prompt (SAM paper §7.5) in miniature. The coarse map also covers
+  objects of other kinds (mostly of the same colour: a frozen LMM's attention finds colour more easily
+  than kind), and one learned token per kind (`KindPrompts`) goes after the box tokens, where F-LMM puts
+  the phrase's tokens. To pick the named object the encoder has to see what kind each object is, and
+  the decoder to read a token that names it; F-LMM's head then learns to say the kind through its text
+  projection. A linear probe on the image embedding, trained to read each cell's kind, teaches the encoder
+  to see kinds sooner. The kind table and probe are training aids, saved beside the model, not part of it.
 Images go through SAM's own path: `ResizeLongestSide`, `sam.preprocess` (normalise, pad bottom/right).
 The image encoder runs once per image.
 Loss on the single-mask output (`multimask_output=False`, SAM's first mask token) at the low-res mask
 size: BCE + Dice (F-LMM's losses) against the visible mask resized the same way, plus the MSE of the
-IoU head against the IoU the mask actually reached. AdamW, linear warm-up, cosine decay, gradient
+IoU head against the IoU the mask actually reached, plus the kind probe's cross-entropy. AdamW, linear warm-up, cosine decay, gradient
 clipping; batches are a pure function of (seed, step), so a run resumes from its last checkpoint and
 reproduces the same batches.
 
 Output in OUT: `sam.safetensors` (a Sam state_dict: image_encoder.*, prompt_encoder.*, mask_decoder.*,
-loadable with `grounding.checkpoint.load_sam_weights`), `sam_arch.yaml` (`SamArch.to_dict()`) and
-`train_log.json`; `load_tabletop_sam(OUT)` rebuilds the model.
+loadable with `grounding.checkpoint.load_sam_weights`), `sam_arch.yaml` (`SamArch.to_dict()`),
+`kind_prompts.safetensors` (the kind tokens, for `--eval`) and `train_log.json`; `load_tabletop_sam(OUT)`
+rebuilds the model.
 """
 from __future__ import annotations
 
@@ -41,12 +49,14 @@ import torch.nn.functional as F
 import yaml
 from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
+from torch import nn
 from tqdm import tqdm
 
 from ..grounding.checkpoint import load_sam_weights
 from ..grounding.refiner import SamRefiner
 from ..grounding.sam_models import SamArch, build_sam
 from .scenes import SPLIT_SIZE, Scene, generate_scene, split_seeds
+from .shapes import KINDS
 
 # 256 px input with 16 px patches (SAM's): a 16x16 embedding and 64x64 low-res masks. Masks at 64x64,
 # upsampled as SAM does, still reproduce the scenes' objects at 0.98 mIoU, and 8 px patches cost 2.5x
@@ -62,7 +72,11 @@ EVAL_SIZES = ((256, 256), (480, 640))
 BOX_JITTER = 0.1            # std of box-corner noise, as a fraction of the box side (SAM)
 MAX_POINTS = 3
 COARSE_LONG_SIDE = (16, 64)  # coarse logit maps: LMM attention grids (24) up to the mask head's 64
+CONFUSION_PROB = 0.75        # kind prompts: how often the coarse map also covers objects of other kinds
+SAME_COLOUR_PROB = 0.7       # ... and how often those are the ones of the object's colour (when there are)
+KIND_PROBE_WEIGHT = 0.5
 SAM_FILE, ARCH_FILE, LOG_FILE = "sam.safetensors", "sam_arch.yaml", "train_log.json"
+KIND_FILE = "kind_prompts.safetensors"
 
 
 @dataclass
@@ -74,6 +88,26 @@ class PromptSample:
     points: np.ndarray          # (N, P, 2) float x, y pixel indices
     point_labels: np.ndarray    # (N, P) int, 1 = on the object, 0 = off it
     coarse: torch.Tensor        # (N, h, w) coarse logits over the image
+    kinds: list[str]            # (N,) each object's kind
+    confusable: torch.Tensor    # (N, h, w) coarse logits that may also cover objects of other kinds
+
+
+class KindPrompts(nn.Module):
+    """One learned sparse prompt token per object kind (`shapes.KINDS`), and a linear probe that reads each
+    image-embedding cell's kind (0 = no object): its loss makes the encoder see kinds from the first steps,
+    which the kind prompts alone teach it only slowly."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.table = nn.Embedding(len(KINDS), dim)
+        self.probe = nn.Conv2d(dim, len(KINDS) + 1, kernel_size=1)
+
+    def forward(self, kinds: list[str]) -> torch.Tensor:
+        """N kind names -> (N, 1, dim) tokens."""
+        unknown = sorted(set(kinds) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown kind {unknown[0]!r}; kinds are {KINDS}")
+        return self.table(torch.tensor([KINDS.index(k) for k in kinds]))[:, None]
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -185,8 +219,26 @@ def simulate_coarse_logits(masks: np.ndarray, rng: np.random.Generator,
     return torch.stack(out)
 
 
+def confusable_masks(scene: Scene, rng: np.random.Generator, prob: float = CONFUSION_PROB) -> np.ndarray:
+    """(N, H, W): each object's mask, with probability `prob` joined with one or two objects of other kinds,
+    preferring those of its own colour: what a phrase's attention covers when it matches colour, not kind."""
+    objects = scene.objects
+    out = []
+    for obj in objects:
+        mask = obj.mask.copy()
+        others = [x for x in objects if x.kind != obj.kind]
+        if others and rng.random() < prob:
+            same_colour = [x for x in others if x.colour == obj.colour]
+            pool = same_colour if same_colour and rng.random() < SAME_COLOUR_PROB else others
+            count = min(len(pool), int(rng.integers(1, 3)))
+            for k in rng.choice(len(pool), size=count, replace=False):
+                mask |= pool[k].mask
+        out.append(mask)
+    return np.stack(out)
+
+
 def sample_prompts(scene: Scene, rng: np.random.Generator) -> PromptSample:
-    """A jittered box, clicks and a coarse map for every object of `scene`."""
+    """A jittered box, clicks, a coarse map and a confusable coarse map for every object of `scene`."""
     image_hw = scene.image.shape[:2]
     masks = np.stack([o.mask for o in scene.objects])
     boxes = np.stack([jitter_box(o.box, image_hw, rng) for o in scene.objects])
@@ -195,7 +247,8 @@ def sample_prompts(scene: Scene, rng: np.random.Generator) -> PromptSample:
     return PromptSample(
         image=scene.image, masks=masks, boxes=boxes,
         points=np.stack([c for c, _ in clicks]), point_labels=np.stack([lab for _, lab in clicks]),
-        coarse=simulate_coarse_logits(masks, rng))
+        coarse=simulate_coarse_logits(masks, rng), kinds=[o.kind for o in scene.objects],
+        confusable=simulate_coarse_logits(confusable_masks(scene, rng), rng))
 
 
 def training_samples(step: int, seed: int, images: int) -> list[PromptSample]:
@@ -220,17 +273,20 @@ def low_res_targets(masks: np.ndarray, refiner: SamRefiner, input_hw: tuple[int,
     return F.interpolate(t, size=refiner.mask_prompt_size, mode="area")
 
 
-def decode(sam: Sam, embedding: torch.Tensor, points=None, boxes=None, masks=None):
-    """One decoder batch on one image's embedding; SAM's single-mask output (low-res logits, IoU)."""
+def decode(sam: Sam, embedding: torch.Tensor, points=None, boxes=None, masks=None, tokens=None):
+    """One decoder batch on one image's embedding; SAM's single-mask output (low-res logits, IoU).
+    `tokens` (N, T, C) go after the box tokens, where F-LMM puts a phrase's."""
     sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
+    if tokens is not None:
+        sparse = torch.cat([sparse, tokens.to(sparse.dtype)], dim=1)
     return sam.mask_decoder(image_embeddings=embedding, image_pe=sam.prompt_encoder.get_dense_pe(),
                             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
                             multimask_output=False)
 
 
-def prompt_batches(sam: Sam, refiner: SamRefiner, embedding: torch.Tensor, sample: PromptSample,
-                   input_hw: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(low-res logits, predicted IoU) of every object, for each prompt kind of one image."""
+def prompt_batches(sam: Sam, kind_prompts: KindPrompts, refiner: SamRefiner, embedding: torch.Tensor,
+                   sample: PromptSample, input_hw: tuple[int, int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(low-res logits, predicted IoU) of every object, for each prompt type of one image."""
     image_hw = sample.image.shape[:2]
     boxes = refiner.transform.apply_boxes_torch(torch.from_numpy(sample.boxes), image_hw)
     coords = refiner.transform.apply_coords_torch(torch.from_numpy(sample.points), image_hw)
@@ -239,6 +295,8 @@ def prompt_batches(sam: Sam, refiner: SamRefiner, embedding: torch.Tensor, sampl
                masks=refiner.dense_prompts(sample.coarse, input_hw)),
         decode(sam, embedding, boxes=boxes),
         decode(sam, embedding, points=(coords, torch.from_numpy(sample.point_labels))),
+        decode(sam, embedding, boxes=refiner.boxes(sample.confusable, image_hw),
+               masks=refiner.dense_prompts(sample.confusable, input_hw), tokens=kind_prompts(sample.kinds)),
     ]
 
 
@@ -256,14 +314,27 @@ def binary_iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
 
 
-def training_loss(sam: Sam, refiner: SamRefiner, samples: list[PromptSample]) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean over every prompt of BCE + Dice + IoU-head MSE; the encoder runs once for all images."""
+def cell_kinds(target: torch.Tensor, kinds: list[str], grid: tuple[int, int]) -> torch.Tensor:
+    """(N, 1, h, w) low-res coverage of N objects -> (gh, gw) class per embedding cell: 1 + the kind index of
+    the object covering most of it, or 0 where no object covers 30 %."""
+    cover = F.adaptive_avg_pool2d(target, grid)[:, 0]
+    best, index = cover.max(dim=0)
+    labels = torch.tensor([KINDS.index(k) + 1 for k in kinds])[index]
+    return torch.where(best >= 0.3, labels, torch.zeros_like(labels))
+
+
+def training_loss(sam: Sam, kind_prompts: KindPrompts, refiner: SamRefiner, samples: list[PromptSample],
+                  probe_weight: float = KIND_PROBE_WEIGHT) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over every prompt of BCE + Dice + IoU-head MSE, plus the kind probe's cross-entropy over the
+    embedding cells; the encoder runs once for all images."""
     inputs = [refiner.preprocess(s.image) for s in samples]
     embeddings = sam.image_encoder(torch.cat([x for x, _ in inputs]))
-    logits, ious, targets = [], [], []
+    logits, ious, targets, cells = [], [], [], []
     for i, (sample, (_, input_hw)) in enumerate(zip(samples, inputs)):
         target = low_res_targets(sample.masks, refiner, input_hw)
-        for batch_logits, batch_iou in prompt_batches(sam, refiner, embeddings[i:i + 1], sample, input_hw):
+        cells.append(cell_kinds(target, sample.kinds, embeddings.shape[-2:]))
+        for batch_logits, batch_iou in prompt_batches(sam, kind_prompts, refiner, embeddings[i:i + 1], sample,
+                                                      input_hw):
             logits.append(batch_logits)
             ious.append(batch_iou[:, 0])
             targets.append(target)
@@ -272,9 +343,10 @@ def training_loss(sam: Sam, refiner: SamRefiner, samples: list[PromptSample]) ->
     dice = dice_loss(logits, targets)
     reached = binary_iou(logits.detach() > 0, targets > 0.5)
     iou_mse = (ious - reached) ** 2
-    loss = (bce + dice + iou_mse).mean()
+    probe = F.cross_entropy(kind_prompts.probe(embeddings), torch.stack(cells))
+    loss = (bce + dice + iou_mse).mean() + probe_weight * probe
     return loss, {"bce": bce.mean().item(), "dice": dice.mean().item(), "iou_mse": iou_mse.mean().item(),
-                  "train_iou": reached.mean().item(), "prompts": len(logits)}
+                  "kind_probe": probe.item(), "train_iou": reached.mean().item(), "prompts": len(logits)}
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -283,6 +355,7 @@ def training_loss(sam: Sam, refiner: SamRefiner, samples: list[PromptSample]) ->
 class EvalScene:
     scene: Scene
     coarse: torch.Tensor        # fixed simulated coarse logits, one map per object
+    confused: torch.Tensor      # the same, also covering objects of other kinds wherever a scene has them
 
 
 def eval_set(count: int, split: str = "val") -> list[EvalScene]:
@@ -292,21 +365,26 @@ def eval_set(count: int, split: str = "val") -> list[EvalScene]:
         scene = generate_scene(seed, EVAL_SIZES[seed % len(EVAL_SIZES)])
         if scene.objects:
             masks = np.stack([o.mask for o in scene.objects])
-            out.append(EvalScene(scene, simulate_coarse_logits(masks, np.random.default_rng([seed, 1]))))
+            confused = confusable_masks(scene, np.random.default_rng([seed, 2]), prob=1.0)
+            out.append(EvalScene(scene, simulate_coarse_logits(masks, np.random.default_rng([seed, 1])),
+                                 simulate_coarse_logits(confused, np.random.default_rng([seed, 3]))))
     return out
 
 
 @torch.no_grad()
-def evaluate(sam: Sam, data: list[EvalScene]) -> dict[str, float]:
+def evaluate(sam: Sam, kind_prompts: KindPrompts, data: list[EvalScene]) -> dict[str, float]:
     """Per-object IoU at the image's resolution (logits > 0), averaged (mIoU) and pooled (cIoU = ΣI/ΣU).
 
     box: the exact object box; coarse_box: F-LMM's prompt from the fixed coarse map; coarse_input:
-    the coarse map itself (sigmoid > 0.5 at image size), the baseline the refiner has to beat.
+    the coarse map itself (sigmoid > 0.5 at image size), the baseline the refiner has to beat;
+    confused_box / confused_kind: F-LMM's prompt from a map that also covers objects of other kinds,
+    without / with the object's kind token (the gap is what the kind token tells the refiner).
     """
     was_training = sam.training
     sam.eval()
     refiner = SamRefiner(sam, backend=None)
-    stats = {k: {"ious": [], "inter": 0, "union": 0} for k in ("box", "coarse_box", "coarse_input")}
+    names = ("box", "coarse_box", "coarse_input", "confused_box", "confused_kind")
+    stats = {k: {"ious": [], "inter": 0, "union": 0} for k in names}
     for item in data:
         scene = item.scene
         image_hw = scene.image.shape[:2]
@@ -317,10 +395,16 @@ def evaluate(sam: Sam, data: list[EvalScene]) -> dict[str, float]:
         low_box, _ = decode(sam, embedding, boxes=refiner.transform.apply_boxes_torch(boxes, image_hw))
         low_coarse, _ = decode(sam, embedding, boxes=refiner.boxes(item.coarse, image_hw),
                                masks=refiner.dense_prompts(item.coarse, input_hw))
+        confused = {"boxes": refiner.boxes(item.confused, image_hw),
+                    "masks": refiner.dense_prompts(item.confused, input_hw)}
+        low_confused, _ = decode(sam, embedding, **confused)
+        low_kind, _ = decode(sam, embedding, **confused, tokens=kind_prompts([o.kind for o in scene.objects]))
         predictions = {
             "box": sam.postprocess_masks(low_box, input_hw, image_hw)[:, 0] > 0,
             "coarse_box": sam.postprocess_masks(low_coarse, input_hw, image_hw)[:, 0] > 0,
             "coarse_input": F.interpolate(item.coarse[:, None], size=image_hw, mode="bilinear")[:, 0] > 0,
+            "confused_box": sam.postprocess_masks(low_confused, input_hw, image_hw)[:, 0] > 0,
+            "confused_kind": sam.postprocess_masks(low_kind, input_hw, image_hw)[:, 0] > 0,
         }
         for kind, pred in predictions.items():
             s = stats[kind]
@@ -386,12 +470,15 @@ def _load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str,
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _save_checkpoint(ckpt_dir: Path, sam: Sam, optimizer, step: int, history: list[dict], fingerprint: str) -> None:
+def _save_checkpoint(ckpt_dir: Path, sam: Sam, kind_prompts: KindPrompts, optimizer, step: int,
+                     history: list[dict], fingerprint: str) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, ckpt_dir / "sam.safetensors.tmp")
-    save_file(_optimizer_tensors(optimizer), ckpt_dir / "optimizer.safetensors.tmp")
-    (ckpt_dir / "sam.safetensors.tmp").replace(ckpt_dir / "sam.safetensors")
-    (ckpt_dir / "optimizer.safetensors.tmp").replace(ckpt_dir / "optimizer.safetensors")
+    files = {"sam.safetensors": sam.state_dict(), KIND_FILE: kind_prompts.state_dict(),
+             "optimizer.safetensors": _optimizer_tensors(optimizer)}
+    for name, tensors in files.items():
+        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, ckpt_dir / (name + ".tmp"))
+    for name in files:
+        (ckpt_dir / (name + ".tmp")).replace(ckpt_dir / name)
     (ckpt_dir / "state.json").write_text(json.dumps({"step": step, "history": history, "scenes": fingerprint}))
 
 
@@ -404,10 +491,10 @@ def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.02) 
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(sam: Sam, lr: float, weight_decay: float) -> torch.optim.AdamW:
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms and biases."""
-    decay = [p for p in sam.parameters() if p.ndim >= 2]
-    no_decay = [p for p in sam.parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.999))
 
@@ -419,8 +506,10 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
     out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
     sam = build_sam(arch)
+    kind_prompts = KindPrompts(arch.prompt_embed_dim)
+    trained = nn.ModuleList([sam, kind_prompts])
     refiner = SamRefiner(sam, backend=None)
-    optimizer = make_optimizer(sam, args.lr, args.weight_decay)
+    optimizer = make_optimizer(trained, args.lr, args.weight_decay)
     start, history, fingerprint = 0, [], scenes_fingerprint()
     if (ckpt_dir / "state.json").is_file() and not args.restart:
         state = json.loads((ckpt_dir / "state.json").read_text())
@@ -428,11 +517,12 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
             raise SystemExit(f"{ckpt_dir} was trained on other scenes (the scene generator changed since): "
                              "start again with --restart")
         load_sam_weights(sam, ckpt_dir / "sam.safetensors")
+        kind_prompts.load_state_dict(load_file(ckpt_dir / KIND_FILE))
         _load_optimizer_tensors(optimizer, load_file(ckpt_dir / "optimizer.safetensors"))
         start, history = state["step"], state["history"]
         print(f"resuming from step {start}")
     val = eval_set(args.eval_scenes)
-    sam.train()
+    trained.train()
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train sam", mininterval=10)
     # elapsed_s counts training time over resumed runs too
     ema, window = None, []
@@ -441,9 +531,10 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
         lr = lr_at(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss, parts = training_loss(sam, refiner, training_samples(step, args.seed, args.images_per_step))
+        samples = training_samples(step, args.seed, args.images_per_step)
+        loss, parts = training_loss(sam, kind_prompts, refiner, samples, args.kind_probe_weight)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(sam.parameters(), args.clip))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
@@ -455,14 +546,15 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
             record.update({k: round(float(np.mean([w[k] for w in window])), 4) for k in window[0]})
             window = []
             if (step + 1) % args.eval_every == 0 or done:
-                record["val"] = {k: round(v, 4) for k, v in evaluate(sam, val).items()}
+                record["val"] = {k: round(v, 4) for k, v in evaluate(sam, kind_prompts, val).items()}
                 tqdm.write(f"step {step + 1}: loss {ema:.3f} val {record['val']}")
             history.append(record)
         if (step + 1) % args.save_every == 0 or done:
-            _save_checkpoint(ckpt_dir, sam, optimizer, step + 1, history, fingerprint)
-    sam.eval()
-    final = history[-1]["val"] if history and "val" in history[-1] else evaluate(sam, val)
+            _save_checkpoint(ckpt_dir, sam, kind_prompts, optimizer, step + 1, history, fingerprint)
+    trained.eval()
+    final = history[-1]["val"] if history and "val" in history[-1] else evaluate(sam, kind_prompts, val)
     save_tabletop_sam(sam, arch, out)
+    save_file({k: v.detach().contiguous() for k, v in kind_prompts.state_dict().items()}, str(out / KIND_FILE))
     log = {"arch": arch.to_dict(), "args": vars(args), "steps": args.steps, "scenes": fingerprint,
            "train_wall_s": history[-1]["elapsed_s"] if history else 0.0,
            "val": final, "history": history}
@@ -474,11 +566,13 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
 def run_eval(args: argparse.Namespace) -> dict[str, float]:
     torch.set_num_threads(args.threads)
     sam = load_tabletop_sam(args.out)
+    kind_prompts = KindPrompts(sam.prompt_encoder.embed_dim)
+    kind_prompts.load_state_dict(load_file(Path(args.out) / KIND_FILE))
     log_path = Path(args.out) / LOG_FILE
     if log_path.is_file() and json.loads(log_path.read_text()).get("scenes") != scenes_fingerprint():
         print(f"warning: {args.out} was trained on other scenes (the scene generator changed since)")
     t0 = time.perf_counter()
-    result = evaluate(sam, eval_set(args.eval_scenes, args.split))
+    result = evaluate(sam, kind_prompts, eval_set(args.eval_scenes, args.split))
     print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=1))
     print(f"{args.eval_scenes} {args.split} scenes in {time.perf_counter() - t0:.1f} s")
     return result
@@ -496,6 +590,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+    p.add_argument("--kind-probe-weight", type=float, default=KIND_PROBE_WEIGHT,
+                   help="weight of the per-cell kind probe's loss on the image embedding (0: none)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--log-every", type=int, default=50)
