@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuilds the embedded default model `tabletop-tiny` from scratch (SPEC.md §6), then evaluates it:
 #   1. pre-train the tiny LLaVA on generated question-answer pairs (then it is frozen),
-#   2. pre-train the tiny SAM on generated scenes (box, point and dense-mask prompts),       (1 and 2 in parallel)
+#   2. pre-train the tiny SAM on generated scenes (box, point, dense-mask and kind prompts), (1 and 2 in parallel)
 #   3. train F-LMM's grounding head (mask head + text projection + SAM prompt encoder/decoder) on the frozen
 #      LMM, and the same recipe on an untrained copy of the LMM (the control row),          (in parallel)
 #   4. evaluate on 500 held-out scenes (+ whole-image baseline, LMM answer accuracy); write the model card.

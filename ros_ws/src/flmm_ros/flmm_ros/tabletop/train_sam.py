@@ -6,7 +6,7 @@
 The model is a real `segment_anything.Sam` (`build_sam(TABLETOP_SAM)`). Later, F-LMM style, its image
 encoder is frozen and its prompt encoder + mask decoder are fine-tuned to refine the mask head's
 coarse masks. Here all of it learns to segment tabletop objects from SAM-style prompts; every object
-gets three, each kind one decoder batch per image:
+gets four, each type one decoder batch per image:
 - box: the object's box, jittered (SAM: noise of 10% of the box side);
 - points: 1-3 clicks, the first positive, later ones positive in the object or negative just around it;
 - coarse + box: F-LMM's refiner prompt. A coarse logit map like the mask head's (the object's mask at a
@@ -24,13 +24,13 @@ Images go through SAM's own path: `ResizeLongestSide`, `sam.preprocess` (normali
 The image encoder runs once per image.
 Loss on the single-mask output (`multimask_output=False`, SAM's first mask token) at the low-res mask
 size: BCE + Dice (F-LMM's losses) against the visible mask resized the same way, plus the MSE of the
-IoU head against the IoU the mask actually reached, plus the kind probe's cross-entropy. AdamW, linear warm-up, cosine decay, gradient
-clipping; batches are a pure function of (seed, step), so a run resumes from its last checkpoint and
+IoU head against the IoU the mask actually reached, plus the kind probe's cross-entropy. AdamW, linear
+warm-up, cosine decay, gradient clipping; batches are a pure function of (seed, step), so a run resumes from its last checkpoint and
 reproduces the same batches.
 
 Output in OUT: `sam.safetensors` (a Sam state_dict: image_encoder.*, prompt_encoder.*, mask_decoder.*,
 loadable with `grounding.checkpoint.load_sam_weights`), `sam_arch.yaml` (`SamArch.to_dict()`),
-`kind_prompts.safetensors` (the kind tokens, for `--eval`) and `train_log.json`; `load_tabletop_sam(OUT)`
+`kind_prompts.safetensors` (kind tokens and probe, for `--eval`) and `train_log.json`; `load_tabletop_sam(OUT)`
 rebuilds the model.
 """
 from __future__ import annotations
