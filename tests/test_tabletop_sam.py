@@ -224,3 +224,11 @@ def test_a_checkpoint_from_other_scenes_is_not_resumed(tmp_path):
     state_path.write_text(json.dumps(state))
     with pytest.raises(SystemExit, match="other scenes"):
         train_sam.train(train_sam.parse_args([*args, "--steps", "2"]), arch=TINY_TEST_SAM)
+
+
+def test_a_checkpoint_without_kind_prompts_is_not_resumed(tmp_path):
+    args = ["--out", str(tmp_path), "--eval-scenes", "1", "--save-every", "1", "--warmup", "1"]
+    train_sam.train(train_sam.parse_args([*args, "--steps", "1"]), arch=TINY_TEST_SAM)
+    (tmp_path / "checkpoint" / train_sam.KIND_FILE).unlink()   # as if trained before kind prompts existed
+    with pytest.raises(SystemExit, match="before kind prompts"):
+        train_sam.train(train_sam.parse_args([*args, "--steps", "2"]), arch=TINY_TEST_SAM)

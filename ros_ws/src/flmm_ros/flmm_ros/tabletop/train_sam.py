@@ -516,6 +516,9 @@ def train(args: argparse.Namespace, arch: SamArch = TABLETOP_SAM) -> dict[str, f
         if state.get("scenes") != fingerprint:
             raise SystemExit(f"{ckpt_dir} was trained on other scenes (the scene generator changed since): "
                              "start again with --restart")
+        if not (ckpt_dir / KIND_FILE).is_file():
+            raise SystemExit(f"{ckpt_dir} has no {KIND_FILE} (it was trained before kind prompts): "
+                             "start again with --restart")
         load_sam_weights(sam, ckpt_dir / "sam.safetensors")
         kind_prompts.load_state_dict(load_file(ckpt_dir / KIND_FILE))
         _load_optimizer_tensors(optimizer, load_file(ckpt_dir / "optimizer.safetensors"))
