@@ -92,6 +92,14 @@ class PromptSample:
     confusable: torch.Tensor    # (N, h, w) coarse logits that may also cover objects of other kinds
 
 
+def kind_ids(kinds: list[str]) -> torch.Tensor:
+    """Kind names -> their indices in `shapes.KINDS`; a clear error for a name not there."""
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        raise ValueError(f"unknown kind {unknown[0]!r}; kinds are {KINDS}")
+    return torch.tensor([KINDS.index(k) for k in kinds])
+
+
 class KindPrompts(nn.Module):
     """One learned sparse prompt token per object kind (`shapes.KINDS`), and a linear probe that reads each
     image-embedding cell's kind (0 = no object): its loss makes the encoder see kinds from the first steps,
@@ -104,10 +112,7 @@ class KindPrompts(nn.Module):
 
     def forward(self, kinds: list[str]) -> torch.Tensor:
         """N kind names -> (N, 1, dim) tokens."""
-        unknown = sorted(set(kinds) - set(KINDS))
-        if unknown:
-            raise ValueError(f"unknown kind {unknown[0]!r}; kinds are {KINDS}")
-        return self.table(torch.tensor([KINDS.index(k) for k in kinds]))[:, None]
+        return self.table(kind_ids(kinds))[:, None]
 
 
 # ----------------------------------------------------------------------------------------------- prompts
@@ -319,7 +324,7 @@ def cell_kinds(target: torch.Tensor, kinds: list[str], grid: tuple[int, int]) ->
     the object covering most of it, or 0 where no object covers 30 %."""
     cover = F.adaptive_avg_pool2d(target, grid)[:, 0]
     best, index = cover.max(dim=0)
-    labels = torch.tensor([KINDS.index(k) + 1 for k in kinds])[index]
+    labels = (kind_ids(kinds) + 1)[index]
     return torch.where(best >= 0.3, labels, torch.zeros_like(labels))
 
 
