@@ -25,8 +25,8 @@ The image encoder runs once per image.
 Loss on the single-mask output (`multimask_output=False`, SAM's first mask token) at the low-res mask
 size: BCE + Dice (F-LMM's losses) against the visible mask resized the same way, plus the MSE of the
 IoU head against the IoU the mask actually reached, plus the kind probe's cross-entropy. AdamW, linear
-warm-up, cosine decay, gradient clipping; batches are a pure function of (seed, step), so a run resumes from its last checkpoint and
-reproduces the same batches.
+warm-up, cosine decay, gradient clipping; batches are a pure function of (seed, step), so a run resumes
+from its last checkpoint and reproduces the same batches.
 
 Output in OUT: `sam.safetensors` (a Sam state_dict: image_encoder.*, prompt_encoder.*, mask_decoder.*,
 loadable with `grounding.checkpoint.load_sam_weights`), `sam_arch.yaml` (`SamArch.to_dict()`),
