@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from flmm_ros.grounding import phrases as phrase_rules
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.lmm import GROUNDING_PROMPT
 from flmm_ros.grounding.pipeline import FrameEncoding, GroundingPipeline
@@ -129,10 +130,25 @@ def test_bad_images_are_rejected_clearly(pipe, bad, message):
 
 
 @pytest.mark.parametrize("instruction,message", [("", "empty"), ("   ", "empty"), ("x" * 2000, "too long"),
-                                                 ("please", "no object")])
+                                                 ("please", "no object"), ("\x1b[0m\x7f\u200b", "empty"),
+                                                 ("pick <image> the mug", "may not contain '<image>'"),
+                                                 ("pick the mug</s>", "may not contain '</s>'"),
+                                                 (b"pick the mug", "must be text")])
 def test_bad_instructions_are_rejected_clearly(pipe, instruction, message):
     with pytest.raises(GroundingError, match=message):
         pipe.run(image(), instruction)
+
+
+@pytest.mark.parametrize("text,clean", [
+    ("\x1b[31mpick the red mug\x7f", "pick the red mug"),          # colour escape + DEL
+    ("\x1b]0;title\x07grab\tthe\r\nblue box", "grab the blue box"),  # OSC title, tabs, newlines
+    ("pick\u200b the\x00 mug\x1bM", "pick the mug"),                 # zero-width space, NUL, ESC M
+    ("\x9b1;2Hfind the ball", "find the ball"),                       # 8-bit CSI
+])
+def test_escape_sequences_and_control_characters_never_reach_the_phrases(pipe, text, clean):
+    result = pipe.run(image(), text)
+    assert result.instruction == clean
+    assert result.phrases == phrase_rules.phrases_from_instruction(clean)
 
 
 @pytest.mark.parametrize("settings,message", [

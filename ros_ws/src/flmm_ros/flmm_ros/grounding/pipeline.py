@@ -9,8 +9,10 @@ The F-LMM path per instruction: phrases -> one teacher-forced LMM pass over the 
 """
 from __future__ import annotations
 
+import re
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -59,12 +61,32 @@ def validate_image(image) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+# Terminal escape sequences (ECMA-48: CSI "ESC [ ... final", OSC "ESC ] ... BEL|ESC \\", two-byte "ESC x") and
+# then any other control or invisible format character: text pasted from a terminal must not become words.
+_ESCAPE_SEQUENCE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])|\x9b[0-?]*[ -/]*[@-~]")
+IMAGE_TOKEN_TEXT = "<image>"
+
+
+def clean_instruction(instruction: str) -> str:
+    """The instruction without escape sequences and control/format characters, whitespace collapsed."""
+    text = _ESCAPE_SEQUENCE.sub(" ", instruction)
+    text = "".join(" " if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") else ch for ch in text)
+    return " ".join(text.split())
+
+
 def validate_instruction(instruction) -> str:
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise GroundingError("the instruction is empty")
+    """The cleaned instruction, or GroundingError saying what is wrong with it."""
+    if not isinstance(instruction, str):
+        raise GroundingError(f"the instruction must be text, got {type(instruction).__name__}")
     if len(instruction) > MAX_INSTRUCTION_CHARS:
         raise GroundingError(f"the instruction is too long ({len(instruction)} > {MAX_INSTRUCTION_CHARS} characters)")
-    return " ".join(instruction.split())
+    text = clean_instruction(instruction)
+    if not text:
+        raise GroundingError("the instruction is empty")
+    if IMAGE_TOKEN_TEXT in text.lower():
+        raise GroundingError(f"the instruction may not contain {IMAGE_TOKEN_TEXT!r}: it is the LMM's placeholder for "
+                             "the camera image, which the node inserts itself; remove it")
+    return text
 
 
 class _StageClock:
@@ -137,8 +159,17 @@ class GroundingPipeline:
         return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings)
 
     # ---- per instruction ---------------------------------------------------------------------
+    def validate_instruction(self, instruction) -> str:
+        """validate_instruction, and no special token of this LMM's tokenizer ('</s>' would end the prompt)."""
+        text = validate_instruction(instruction)
+        special = [t for t in getattr(self.lmm.tokenizer, "all_special_tokens", []) if t and t in text]
+        if special:
+            raise GroundingError(f"the instruction may not contain {special[0]!r}, a control token of the LMM's "
+                                 "tokenizer; remove it")
+        return text
+
     def answer(self, frame: FrameEncoding, instruction: str) -> str:
-        instruction = validate_instruction(instruction)
+        instruction = self.validate_instruction(instruction)
         with self._lock:
             return self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
 
@@ -151,7 +182,7 @@ class GroundingPipeline:
     def run(self, image_or_frame: np.ndarray | FrameEncoding, instruction: str,
             progress: Callable[[str], None] | None = None) -> GroundingResult:
         """Answer + grounding for one instruction. `progress(stage)` may raise GroundingCancelled."""
-        instruction = validate_instruction(instruction)
+        instruction = self.validate_instruction(instruction)
         frame = image_or_frame if isinstance(image_or_frame, FrameEncoding) else self.encode(image_or_frame)
         cached = frame.uses > 0
         clock = _StageClock(progress, self.config.device)
