@@ -1,6 +1,6 @@
 # Thin targets over scripts/. `make demo` and `make test` work on a fresh machine.
 SHELL := /bin/bash
-.PHONY: setup test demo bench soak engines tabletop-model
+.PHONY: setup test demo bench soak engines tabletop-model docker-test
 
 setup:
 	bash scripts/setup.sh
@@ -22,3 +22,7 @@ engines: setup
 
 tabletop-model: setup
 	bash scripts/build_tabletop_model.sh
+
+# Builds docker/Dockerfile.debian with podman, runs `make demo` and the node's health check in it (not part of `make test`).
+docker-test:
+	bash docker/podman/docker_test.sh

@@ -9,13 +9,17 @@ ROOT=$(pwd)
 VENV=$ROOT/.venv
 PY=$VENV/bin/python
 
-# The message packages are compiled (C type support): needs a C/C++ compiler and CMake.
-if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
+# The message packages are compiled (C type support): needs a C/C++ compiler, CMake and Python's headers
+# (Python.h: a fresh Debian 12 lacks python3-dev; found by the podman image of `make docker-test`).
+has_python_headers() {
+  "$PY" -c 'import os, sysconfig; raise SystemExit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'
+}
+if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null || ! has_python_headers; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "[setup_ros] installing cmake and g++ (apt)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ make >/dev/null
+    echo "[setup_ros] installing cmake, g++ and python3-dev (apt)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake g++ make python3-dev >/dev/null
   else
-    echo "[setup_ros] error: cmake and g++ are needed to build the ROS messages; install them first" >&2
+    echo "[setup_ros] error: cmake, g++ and python3-dev are needed to build the ROS messages; install them first" >&2
     exit 1
   fi
 fi

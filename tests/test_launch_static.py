@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 from catkin_pkg.package import parse_package
-
+from flmm_ros import launch_args as la
 from flmm_ros.ros import node as node_module
 from flmm_ros.ros import parameters
 
@@ -16,7 +16,7 @@ LAUNCH = PKG / 'launch' / 'grounding.launch.py'
 CONFIG = PKG / 'config' / 'grounding.yaml'
 RVIZ = PKG / 'rviz' / 'grounding.rviz'
 # Arguments the launch file itself consumes (not handed to the node as parameters or remappings).
-LAUNCH_LEVEL = {'namespace', 'params_file', 'use_rviz', 'rviz_config', 'log_level'}
+LAUNCH_LEVEL = set(la.LAUNCH_ARGUMENTS)
 
 
 def call_name(call: ast.Call) -> str:
@@ -26,14 +26,6 @@ def call_name(call: ast.Call) -> str:
 def string_args_of(tree: ast.AST, function: str) -> list[str]:
     return [c.args[0].value for c in ast.walk(tree) if isinstance(c, ast.Call) and call_name(c) == function
             and c.args and isinstance(c.args[0], ast.Constant) and isinstance(c.args[0].value, str)]
-
-
-def module_dict(tree: ast.Module, name: str) -> ast.Dict:
-    for stmt in tree.body:
-        if isinstance(stmt, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in stmt.targets):
-            assert isinstance(stmt.value, ast.Dict)
-            return stmt.value
-    raise AssertionError(f"{name} not found")
 
 
 @pytest.fixture(scope='module')
@@ -60,31 +52,55 @@ def test_node_subscribes_to_the_spec_topics(node_topics):
 def test_every_launch_argument_maps_to_a_parameter_remapping_or_launch_setting(launch_tree, node_topics):
     declared = string_args_of(launch_tree, 'DeclareLaunchArgument')
     assert len(declared) == len(set(declared)), 'an argument is declared twice'
-    topic_arguments = ast.literal_eval(module_dict(launch_tree, 'TOPIC_ARGUMENTS'))
-    parameter_arguments = module_dict(launch_tree, 'PARAMETER_ARGUMENTS')
-    parameter_names = [ast.literal_eval(key) for key in parameter_arguments.keys]
-
-    assert set(topic_arguments) == node_topics, 'every subscribed topic is remappable'
+    assert set(la.TOPIC_ARGUMENTS) == node_topics, 'every subscribed topic is remappable'
     params = declared_parameters()
-    for name, kind in zip(parameter_names, parameter_arguments.values):
+    for name, kind in la.PARAMETER_ARGUMENTS.items():
         assert name in params, f"launch argument {name} is not a node parameter"
-        assert kind.id == type(params[name]).__name__, f"launch argument {name} converts to the wrong type"
-    mapped = set(topic_arguments.values()) | set(parameter_names) | LAUNCH_LEVEL
+        assert kind is type(params[name]), f"launch argument {name} converts to the wrong type"
+    mapped = set(la.TOPIC_ARGUMENTS.values()) | set(la.PARAMETER_ARGUMENTS) | LAUNCH_LEVEL
     assert set(declared) == mapped, f"unmapped: {set(declared) - mapped}, undeclared: {mapped - set(declared)}"
-    used = set(string_args_of(launch_tree, 'LaunchConfiguration'))
-    assert LAUNCH_LEVEL <= used, f"declared but unused: {LAUNCH_LEVEL - used}"
-    assert used <= set(declared), f"used but not declared: {used - set(declared)}"
+    # The launch file reads every argument through these tables (flmm_ros.launch_args checks them).
+    names = {n.id for n in ast.walk(launch_tree) if isinstance(n, ast.Name)}
+    assert {'TOPIC_ARGUMENTS', 'PARAMETER_ARGUMENTS', 'LAUNCH_ARGUMENTS', 'plan'} <= names
 
 
 def test_spec_launch_arguments_exist(launch_tree):
     declared = set(string_args_of(launch_tree, 'DeclareLaunchArgument'))
     assert {'namespace', 'image_topic', 'depth_topic', 'camera_info_topic', 'instruction_topic', 'params_file',
-            'model', 'mask_head', 'backend', 'use_rviz', 'rviz_config', 'log_level'} <= declared
+            'model', 'mask_head', 'backend', 'use_rviz', 'rviz_config', 'log_level', 'input_qos'} <= declared
+
+
+def declare_call(tree: ast.Module, name: str) -> ast.Call:
+    return next(c for c in ast.walk(tree) if isinstance(c, ast.Call) and call_name(c) == 'DeclareLaunchArgument'
+                and c.args and getattr(c.args[0], 'value', None) == name)
+
+
+def test_enumerated_arguments_declare_their_choices(launch_tree):
+    for name in ('input_qos', 'log_level'):
+        assert 'choices' in {k.arg for k in declare_call(launch_tree, name).keywords}, name
+
+
+def test_every_launched_process_shuts_the_launch_down_when_it_exits(launch_tree):
+    """No orphan: whichever process ends (or fails to start), the launch stops and takes the other with it."""
+    nodes = [c for c in ast.walk(launch_tree) if isinstance(c, ast.Call) and call_name(c) == 'Node']
+    assert {ast.literal_eval(k.value) for c in nodes for k in c.keywords if k.arg == 'executable'} == {
+        'flmm_grounding', 'rviz2'}
+    for call in nodes:
+        on_exit = next((k.value for k in call.keywords if k.arg == 'on_exit'), None)
+        assert isinstance(on_exit, ast.Call) and call_name(on_exit) == 'Shutdown', ast.unparse(call)[:80]
+
+
+def test_processes_are_created_only_after_every_argument_is_checked(launch_tree):
+    setup = next(f for f in launch_tree.body if isinstance(f, ast.FunctionDef) and f.name == '_launch_setup')
+    plan_line = min(c.lineno for c in ast.walk(setup) if isinstance(c, ast.Call) and call_name(c) == 'plan')
+    node_calls = [c for c in ast.walk(launch_tree) if isinstance(c, ast.Call) and call_name(c) == 'Node']
+    assert all(c in list(ast.walk(setup)) and c.lineno > plan_line for c in node_calls)
 
 
 def test_launch_file_starts_our_node_by_its_console_script(launch_tree):
     source = LAUNCH.read_text()
-    assert "executable='flmm_grounding'" in source and f"name='{node_module.NODE_NAME}'" in source
+    assert "executable='flmm_grounding'" in source and 'name=NODE_NAME' in source
+    assert la.NODE_NAME == node_module.NODE_NAME
     setup = (PKG / 'setup.py').read_text()
     assert "'flmm_grounding = flmm_ros.ros.node:main'" in setup
 

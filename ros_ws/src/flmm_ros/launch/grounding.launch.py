@@ -4,58 +4,54 @@
     ros2 launch flmm_ros grounding.launch.py model:=/path/to/bundle device:=cuda \
         image_topic:=/camera/camera/color/image_raw \
         depth_topic:=/camera/camera/aligned_depth_to_color/image_raw \
-        camera_info_topic:=/camera/camera/color/camera_info use_rviz:=true
+        camera_info_topic:=/camera/camera/color/camera_info input_qos:=RELIABLE use_rviz:=true
 
 Every parameter lives in params_file (config/grounding.yaml by default); the parameter arguments below
-override it only when given.
+override it only when given. All arguments are checked (flmm_ros.launch_args) before any process starts,
+so a bad value or a missing rviz2 starts nothing; when either process exits, the launch shuts down and
+takes the other one with it (no orphaned node).
 """
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
-from launch.conditions import IfCondition
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, Shutdown
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
 from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
 
-# Node topic -> the launch argument naming what it is remapped to.
-TOPIC_ARGUMENTS = {
-    'image': 'image_topic',
-    'depth': 'depth_topic',
-    'camera_info': 'camera_info_topic',
-    'instruction': 'instruction_topic',
-}
-# Launch arguments handed to the node as parameters of the same name (when not empty): name -> type.
-PARAMETER_ARGUMENTS = {
-    'model': str,
-    'mask_head': str,
-    'backend': str,
-    'device': str,
-    'use_3d': bool,
-}
+from flmm_ros.launch_args import (LAUNCH_ARGUMENTS, LOG_LEVELS, NODE_NAME, PARAMETER_ARGUMENTS, QOS_PRESETS,
+                                  TOPIC_ARGUMENTS, log_level_argument, normalize_namespace, plan,
+                                  write_rviz_config)
 
 
-def _parameter_value(text: str, kind: type):
-    if kind is bool:
-        return text.strip().lower() in ('true', '1', 'yes', 'on')
-    return text
-
-
-def _grounding_node(context):
-    overrides = {}
-    for name, kind in PARAMETER_ARGUMENTS.items():
-        text = LaunchConfiguration(name).perform(context)
-        if text != '':
-            overrides[name] = _parameter_value(text, kind)
-    return [Node(
+def _launch_setup(context):
+    names = [*TOPIC_ARGUMENTS.values(), *PARAMETER_ARGUMENTS, *LAUNCH_ARGUMENTS]
+    launch_plan = plan({name: LaunchConfiguration(name).perform(context) for name in names})
+    # A relative namespace goes under one pushed by an including launch file (PushRosNamespace).
+    given = LaunchConfiguration('namespace').perform(context).strip().rstrip('/')
+    pushed = context.launch_configurations.get('ros_namespace', '') or ''
+    full_namespace = launch_plan.namespace if given.startswith('/') else normalize_namespace(f'{pushed}/{given}')
+    node = Node(
         package='flmm_ros',
         executable='flmm_grounding',
-        name='flmm_grounding',
-        namespace=LaunchConfiguration('namespace'),
-        parameters=[LaunchConfiguration('params_file'), overrides],
-        remappings=[(topic, LaunchConfiguration(argument)) for topic, argument in TOPIC_ARGUMENTS.items()],
-        arguments=['--ros-args', '--log-level', LaunchConfiguration('log_level')],
+        name=NODE_NAME,
+        namespace=given or None,
+        parameters=[launch_plan.params_file, *([launch_plan.overrides] if launch_plan.overrides else [])],
+        remappings=launch_plan.remappings,
+        ros_arguments=['--log-level', log_level_argument(full_namespace, launch_plan.log_level)],
         output='screen',
         emulate_tty=True,
-    )]
+        on_exit=Shutdown(reason=f'{NODE_NAME} exited'),
+    )
+    if not launch_plan.use_rviz:
+        return [node]
+    rviz = Node(
+        package='rviz2',
+        executable='rviz2',
+        name='rviz2',
+        namespace=given or None,
+        arguments=['-d', write_rviz_config(launch_plan.rviz_config, full_namespace)],
+        on_exit=Shutdown(reason='rviz2 exited'),
+    )
+    return [node, rviz]
 
 
 def generate_launch_description():
@@ -80,17 +76,14 @@ def generate_launch_description():
         DeclareLaunchArgument('device', default_value='', description='cpu | cuda | cuda:N (empty: from params_file).'),
         DeclareLaunchArgument('use_3d', default_value='',
                               description='true | false: 3D from depth + camera_info (empty: from params_file).'),
-        DeclareLaunchArgument('use_rviz', default_value='false', description='Start RViz with rviz_config.'),
+        DeclareLaunchArgument('input_qos', default_value='', choices=['', *QOS_PRESETS],
+                              description='QoS of image/depth/camera_info: RELIABLE for a reliable camera driver '
+                                          '(empty: from params_file).'),
+        DeclareLaunchArgument('use_rviz', default_value='false',
+                              description='true | false: start RViz with rviz_config (refused when rviz2 is missing).'),
         DeclareLaunchArgument('rviz_config', default_value=PathJoinSubstitution([share, 'rviz', 'grounding.rviz']),
-                              description='RViz configuration file.'),
-        DeclareLaunchArgument('log_level', default_value='info', description='debug | info | warn | error.'),
+                              description='RViz configuration; its /flmm_grounding/... topics follow namespace.'),
+        DeclareLaunchArgument('log_level', default_value='info', choices=[*LOG_LEVELS, *map(str.upper, LOG_LEVELS)],
+                              description="Level of the node's logger (rcl/rmw stay at info)."),
     ]
-    rviz = Node(
-        package='rviz2',
-        executable='rviz2',
-        name='rviz2',
-        namespace=LaunchConfiguration('namespace'),
-        arguments=['-d', LaunchConfiguration('rviz_config')],
-        condition=IfCondition(LaunchConfiguration('use_rviz')),
-    )
-    return LaunchDescription([*arguments, OpaqueFunction(function=_grounding_node), rviz])
+    return LaunchDescription([*arguments, OpaqueFunction(function=_launch_setup)])
