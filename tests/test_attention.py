@@ -73,3 +73,36 @@ def test_prefix_cache_is_restored_after_each_pass():
     adapter.generate(frame, "where is the mug ?", max_new_tokens=4)
     assert frame.cache.get_seq_length() == n
     assert torch.equal(adapter.phrase_pass(frame, ["the mug"]).maps, first)
+
+
+def flmm_bf16_maps(adapter, frame, phrases):
+    """F-LMM's bf16 way: eager output_attentions in the model dtype, image columns sliced, mean in that dtype."""
+    ids, rows = adapter.phrase_tokens(frame, phrases)
+    offset = len(frame.prefix_ids)
+    model = adapter.model
+    model.set_attn_implementation({"text_config": "eager"})
+    try:
+        out = model(input_ids=torch.tensor([frame.prefix_ids + ids]), pixel_values=frame.prepared.pixel_values,
+                    output_attentions=True, use_cache=False)
+    finally:
+        from flmm_ros.grounding.attention import enable_phrase_attention
+        enable_phrase_attention(model)
+    maps = [torch.cat([a[0][:, r + offset][..., frame.image_keys].mean(dim=1) for a in out.attentions]) for r in rows]
+    return adapter.attention_to_maps(torch.stack(maps).float(), frame.prepared)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bf16_phrase_rows_round_like_flmms_bf16_eager(seed):
+    """In bf16 (F-LMM's dtype) the recomputed rows round scores and probabilities as eager bf16 does: the first
+    layer (same inputs for both) is bit-identical, and overall we sit far closer to F-LMM's bf16 maps than they
+    sit to float32 (later layers differ only through SDPA vs eager outputs in the bf16 forward)."""
+    model, tok, proc = tiny_llava(layers=4, heads=4, kv_heads=2, seed=seed)
+    image, phrases = random_image(seed), ["the red mug", "the ball"]
+    fp32 = LlavaAdapter(model, tok, proc)
+    flmm_fp32 = flmm_bf16_maps(fp32, fp32.encode_frame(image), phrases)
+    bf16 = LlavaAdapter(model.to(torch.bfloat16), tok, proc)
+    frame = bf16.encode_frame(image)
+    ours, flmm = bf16.phrase_pass(frame, phrases).maps, flmm_bf16_maps(bf16, frame, phrases)
+    assert torch.equal(ours[:, :4], flmm[:, :4])                                  # layer 0: 4 heads
+    assert (ours - flmm).abs().mean() < 0.2 * (flmm - flmm_fp32).abs().mean()
+    assert (ours - flmm).abs().max() <= 2 ** -7 * flmm.abs().max()                # at most one bf16 step

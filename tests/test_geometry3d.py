@@ -179,6 +179,20 @@ def test_shape_and_intrinsics_errors():
         CameraIntrinsics.from_k([1, 2, 3], 320, 240)
 
 
+@pytest.mark.parametrize("fx, cx, message", [
+    (1e-300, 160.0, "focal lengths fx=1e-300"),          # would put points at 1e300 m
+    (300.0, float("nan"), "non-finite"),
+    (float("inf"), 160.0, "non-finite"),
+    (300.0, 1e9, "principal point"),
+])
+def test_unusable_intrinsics_are_refused_with_the_reason(fx, cx, message):
+    with pytest.raises(GroundingError, match=message):
+        CameraIntrinsics.from_k([fx, 0, cx, 0, 300.0, 120.0, 0, 0, 1], 320, 240)
+    depth = np.ones((240, 320), np.float32)
+    with pytest.raises(GroundingError, match=message):   # K given directly: same check, never LinAlgError
+        object_pose_from_depth(np.ones(depth.shape, np.uint8), depth, [fx, 0, cx, 0, 300.0, 120.0, 0, 0, 1])
+
+
 def test_intrinsics_from_k_matrix_or_list_and_as_argument():
     k = [[300.0, 0, 159.5], [0, 300.0, 119.5], [0, 0, 1]]
     assert CameraIntrinsics.from_k(k, 320, 240) == CAMERA

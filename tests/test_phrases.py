@@ -1,8 +1,9 @@
 """Which phrases get grounded: instruction rules and F-LMM's reasoning recipe."""
 import pytest
 
-from flmm_ros.grounding.phrases import (REASONING_ANSWER_PREFIX, is_sentence_query, phrases_from_answer,
-                                        phrases_from_instruction, reasoning_prompt)
+from flmm_ros.grounding.phrases import (REASONING_ANSWER_PREFIX, REASONING_MAX_NEW_TOKENS, REASONING_SUFFIX,
+                                        is_sentence_query, phrases_from_instruction, reasoning_phrase,
+                                        reasoning_prompt)
 from flmm_ros.grounding.types import GroundingError
 
 
@@ -77,35 +78,36 @@ def test_nothing_to_ground_is_an_error(instruction):
 
 
 def test_short_queries_are_rewritten_as_flmm_questions():
+    """scripts/reason_seg.py: f"What is {instruction} in this image? " + 'Briefly answer ...' (text as given)."""
     assert reasoning_prompt("the red mug") == \
         "What is the red mug in this image? Briefly answer the question in a single sentence."
-    assert reasoning_prompt("  something to drink from. ") == \
+    assert reasoning_prompt("something to drink from", is_sentence=False) == \
         "What is something to drink from in this image? Briefly answer the question in a single sentence."
 
 
-def test_questions_are_kept_and_get_the_brief_answer_request():
+def test_sentence_queries_get_the_suffix_without_a_space_as_in_flmm():
     question = "What could I use to cut the bread?"
     assert is_sentence_query(question) and not is_sentence_query("the knife")
-    assert reasoning_prompt(question) == question + " Briefly answer the question in a single sentence."
-    assert reasoning_prompt("which  object holds soup") == \
-        "which object holds soup Briefly answer the question in a single sentence."
+    assert reasoning_prompt(question) == question + "Briefly answer the question in a single sentence."
     with pytest.raises(GroundingError):
         reasoning_prompt("  ")
 
 
-@pytest.mark.parametrize("answer, phrase", [
-    (" the red mug on the left.", "the red mug on the left"),
-    ("It is the Red mug.", "the Red mug"),
-    ("it's a bowl!", "a bowl"),
-    ("  a   knife ", "a knife"),
-    ("Italian bread.", "Italian bread"),
-])
-def test_answer_content_is_grounded_without_prefix_and_final_punctuation(answer, phrase):
-    assert REASONING_ANSWER_PREFIX == "It is"
-    assert phrases_from_answer(answer) == [phrase]
+def test_the_query_type_decides_not_the_wording():
+    """ReasonSeg labels each query; a labelled type overrides the guess from the text."""
+    assert reasoning_prompt("what the man holds", is_sentence=False) == \
+        "What is what the man holds in this image? Briefly answer the question in a single sentence."
+    assert reasoning_prompt("the thing that keeps food cold", is_sentence=True) == \
+        "the thing that keeps food coldBriefly answer the question in a single sentence."
 
 
-@pytest.mark.parametrize("answer", ["", " . ", "It is.", "it is"])
-def test_empty_answer_is_an_error(answer):
-    with pytest.raises(GroundingError, match="no object to ground in the answer"):
-        phrases_from_answer(answer)
+@pytest.mark.parametrize("grounded, phrase", [(" a red mug.", "a red mug"), ("the knife", "the knife"),
+                                              (" .", "it"), ("", "it")])
+def test_reasoning_mask_is_named_after_its_grounded_tokens(grounded, phrase):
+    assert reasoning_phrase(grounded) == phrase
+
+
+def test_reasoning_constants_are_flmms():
+    """scripts/reason_seg.py: answer_prefix='It is', max_new_tokens=16, the brief-answer request."""
+    assert (REASONING_ANSWER_PREFIX, REASONING_MAX_NEW_TOKENS) == ("It is", 16)
+    assert REASONING_SUFFIX == "Briefly answer the question in a single sentence."

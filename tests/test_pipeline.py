@@ -94,6 +94,29 @@ def test_reasoning_mode_grounds_the_answer(bundle):
     assert len(result.phrases) == 1 and len(result.objects) == 1
 
 
+def test_reasoning_mode_is_flmms_recipe(bundle):
+    """16 tokens after "It is" whatever max_new_tokens says (it is the instruction-mode answer's bound); the mask
+    is the fed tokens' grounding; the spoken answer is "It is" + the generated text."""
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, phrase_mode="reasoning", max_new_tokens=4))
+    frame = pipe.encode(image(4))
+    question = "what can I drink from?"
+    out = pipe.lmm.reasoning_pass(frame.lmm, phrase_rules.reasoning_prompt(question), "It is", 16)
+    result = pipe.run(frame, question)
+
+    def decode(ids):
+        return pipe.lmm.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    assert result.answer == f"It is {decode(out.generated_ids)}".strip()
+    assert result.phrases == [phrase_rules.reasoning_phrase(decode(out.grounded_ids))]
+    _, _, logits = pipe.reasoning_logits(frame, question)
+    np.testing.assert_array_equal((logits.refined[0].sigmoid() > 0.5).numpy().astype(np.uint8) * 255,
+                                  result.objects[0].mask)
+
+
+def test_default_dtype_runs_sam_in_float32_like_flmm(pipe):
+    assert pipe.config.dtype == "auto" and pipe.lmm.dtype == torch.float32
+    assert pipe.refiner.backend.precision == "fp32"
+
+
 def test_progress_reports_stages_and_can_cancel(pipe):
     seen = []
     pipe.run(image(5), "pick the mug", progress=seen.append)

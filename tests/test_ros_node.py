@@ -1,15 +1,13 @@
 """The flmm_grounding node over real DDS: a subprocess started with --params-file, a random-weight model bundle
-(real LLaVA architecture, tiny), and a probe node in this process that publishes inputs and records every output.
+(real LLaVA architecture, tiny), and a probe node in this process that publishes inputs and records every output
+(flmm_ros.ros.testing). Every wait is on an event (a result, a /diagnostics value), never on a sleep.
 
-Isolated with a random ROS_DOMAIN_ID and ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST. The tests of the shared node
-run in file order: the first one needs a node that has not seen an image yet.
+The tests of the shared node run in file order: the first one needs a node that has not seen an image yet.
 """
 from __future__ import annotations
 
 import array
 import os
-import random
-import signal
 import subprocess
 import sys
 import threading
@@ -18,194 +16,33 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import rclpy
-import yaml
 from action_msgs.msg import GoalStatus
-from flmm_msgs.action import Ground
 from flmm_msgs.msg import GroundingResult
-from rclpy.action import ActionClient
-from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
-from rclpy.node import Node
-from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
-from sensor_msgs.msg import CameraInfo, Image
-from std_msgs.msg import Header, String
-from visualization_msgs.msg import Marker, MarkerArray
+from sensor_msgs.msg import Image
+from std_msgs.msg import String
+from visualization_msgs.msg import Marker
 
 from flmm_ros.grounding.testing import write_random_bundle
 from flmm_ros.ros.image_conversions import image_to_rgb, rgb_to_image
+from flmm_ros.ros.testing import (ANSWER_TIMEOUT, STARTUP_TIMEOUT, GroundingProcess, camera_info, depth_image, same_header, scene,
+                                  send_goal, stamped, wait_result)
 
 pytestmark = pytest.mark.ros
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / 'ros_ws' / 'src' / 'flmm_ros' / 'config' / 'grounding.yaml'
 H, W = 96, 128
 DEPTH_M = 0.75
 FX = FY = 100.0
-RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
-LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
-STARTUP_TIMEOUT = 90.0
-ANSWER_TIMEOUT = 60.0
+# 48 phrases: an instruction that runs many times longer than a DDS round trip (to cancel or preempt it).
+MANY_PHRASES = 'take ' + ' and '.join(['the red ball', 'the blue bowl', 'the green mug', 'the white box'] * 12)
 
 
-# ---- harness ----------------------------------------------------------------------------------------
-def scene(seed: int, height: int = H, width: int = W) -> np.ndarray:
-    """A table-like image: grey background with two coloured blocks."""
-    rng = np.random.default_rng(seed)
-    img = np.full((height, width, 3), 200, np.uint8)
-    img[height // 4: height // 2, width // 8: width // 3] = (220, 30, 30)
-    img[height // 2: 3 * height // 4, width // 2: 3 * width // 4] = (30, 30, 220)
-    return np.clip(img.astype(int) + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
-
-
-def stamped(msg, sec: int, nanosec: int = 0, frame_id: str = 'camera_color_optical_frame'):
-    msg.header = Header(frame_id=frame_id)
-    msg.header.stamp.sec, msg.header.stamp.nanosec = sec, nanosec
-    return msg
-
-
-def depth_image(sec: int, nanosec: int = 0) -> Image:
-    mm = np.full((H, W), int(DEPTH_M * 1000), np.uint16)
-    msg = Image(height=H, width=W, encoding='16UC1', is_bigendian=0, step=2 * W)
-    msg.data = array.array('B', mm.tobytes())
-    return stamped(msg, sec, nanosec)
-
-
-def camera_info(sec: int, nanosec: int = 0) -> CameraInfo:
-    info = CameraInfo(height=H, width=W, distortion_model='plumb_bob')
-    info.k = [FX, 0.0, W / 2, 0.0, FY, H / 2, 0.0, 0.0, 1.0]
-    return stamped(info, sec, nanosec)
-
-
-def same_header(a: Header, b: Header) -> bool:
-    return (a.stamp.sec, a.stamp.nanosec, a.frame_id) == (b.stamp.sec, b.stamp.nanosec, b.frame_id)
-
-
-class Probe(Node):
-    """Publishes the node's inputs and records its outputs (spun in a background thread)."""
-
-    def __init__(self, context: Context, namespace: str = ''):
-        super().__init__(f'flmm_test_probe_{os.getpid()}_{id(context)}', namespace=namespace or '/', context=context)
-        node_path = f'{namespace}/flmm_grounding'
-        self.outputs: dict[str, list] = {name: [] for name in ('result', 'answer', 'mask', 'overlay', 'markers',
-                                                                'status')}
-        self._condition = threading.Condition()
-        for name, kind, qos in (('result', GroundingResult, RELIABLE), ('answer', String, RELIABLE),
-                                ('mask', Image, RELIABLE), ('overlay', Image, RELIABLE),
-                                ('markers', MarkerArray, RELIABLE), ('status', String, LATCHED)):
-            self.create_subscription(kind, f'{node_path}/{name}', self._recorder(name), qos)
-        self.image_pub = self.create_publisher(Image, 'image', RELIABLE)
-        self.depth_pub = self.create_publisher(Image, 'depth', RELIABLE)
-        self.info_pub = self.create_publisher(CameraInfo, 'camera_info', RELIABLE)
-        self.instruction_pub = self.create_publisher(String, 'instruction', RELIABLE)
-        self.action = ActionClient(self, Ground, f'{node_path}/ground')
-
-    def _recorder(self, name):
-        def record(msg):
-            with self._condition:
-                self.outputs[name].append(msg)
-                self._condition.notify_all()
-        return record
-
-    def wait_for(self, predicate, timeout: float = ANSWER_TIMEOUT, what: str = ''):
-        with self._condition:
-            if not self._condition.wait_for(predicate, timeout):
-                raise AssertionError(f"timed out after {timeout} s waiting for {what}; "
-                                     f"status: {[s.data for s in self.outputs['status'][-5:]]}")
-
-    def results_for(self, instruction: str) -> list[GroundingResult]:
-        with self._condition:
-            return [r for r in self.outputs['result'] if r.instruction == instruction]
-
-    def ask(self, instruction: str, timeout: float = ANSWER_TIMEOUT) -> GroundingResult:
-        """Publish the instruction and return its result (the first one after publishing)."""
-        before = len(self.results_for(instruction))
-        self.instruction_pub.publish(String(data=instruction))
-        self.wait_for(lambda: len(self.results_for(instruction)) > before, timeout, f"the result of {instruction!r}")
-        return self.results_for(instruction)[before]
-
-    def output_with_header(self, name: str, header: Header, timeout: float = 10.0):
-        def find():
-            return next((m for m in self.outputs[name] if same_header(
-                m.markers[0].header if name == 'markers' else m.header, header)), None)
-        self.wait_for(lambda: find() is not None, timeout, f"{name} with the image's header")
-        return find()
-
-    def publish_frame(self, rgb: np.ndarray, sec: int, nanosec: int = 0, depth: bool = True) -> Header:
-        if depth:
-            self.depth_pub.publish(depth_image(sec, nanosec))
-            self.info_pub.publish(camera_info(sec, nanosec))
-        image = stamped(rgb_to_image(rgb), sec, nanosec)
-        self.image_pub.publish(image)
-        return image.header
-
-
-class GroundingProcess:
-    """The node as a subprocess plus a probe node talking to it in an isolated DDS domain."""
-
-    def __init__(self, tmp: Path, bundle: Path, overrides: dict, namespace: str = ''):
-        self.domain_id = random.randint(1, 100)
-        params = yaml.safe_load(CONFIG.read_text())
-        node_key = next(iter(params))
-        params[node_key]['ros__parameters'].update(model=str(bundle), **overrides)
-        params_file = tmp / 'params.yaml'
-        params_file.write_text(yaml.safe_dump(params))
-        env = dict(os.environ, ROS_DOMAIN_ID=str(self.domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
-                   PYTHONUNBUFFERED='1')
-        ros_args = ['--ros-args', '--params-file', str(params_file)]
-        if namespace:
-            ros_args += ['-r', f'__ns:={namespace}']
-        self.log_path = tmp / 'node.log'
-        self._log = self.log_path.open('w')
-        self.process = subprocess.Popen([sys.executable, '-m', 'flmm_ros.ros.node', *ros_args], env=env,
-                                        stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-        self.context = Context()
-        rclpy.init(context=self.context, domain_id=self.domain_id)
-        self.probe = Probe(self.context, namespace)
-        self.executor = SingleThreadedExecutor(context=self.context)
-        self.executor.add_node(self.probe)
-        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
-        self._spinner.start()
-
-    def wait_ready(self):
-        try:
-            self.probe.wait_for(lambda: any(s.data == 'ready' for s in self.probe.outputs['status']),
-                                STARTUP_TIMEOUT, "status 'ready'")
-        except AssertionError:
-            raise AssertionError(f"node not ready; its log:\n{self.log()}") from None
-        # The probe's publishers must be matched before anything is sent (DDS discovery).
-        for pub in (self.probe.image_pub, self.probe.instruction_pub):
-            deadline = time.monotonic() + 10
-            while pub.get_subscription_count() == 0 and time.monotonic() < deadline:
-                time.sleep(0.02)
-        assert self.probe.action.wait_for_server(timeout_sec=10)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def rss_mb(self) -> float:
-        for line in Path(f'/proc/{self.process.pid}/status').read_text().splitlines():
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 1024
-        raise AssertionError('no VmRSS')
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()[-5000:]
-
-    def close(self):
-        if self.alive():
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        self.executor.shutdown()
-        self.probe.destroy_node()
-        rclpy.try_shutdown(context=self.context)
+def publish_frame(probe, rgb, sec, nanosec=0, depth=True):
+    """Image (+ depth and camera_info at DEPTH_M) with one stamp, then wait until the node has it."""
+    height, width = rgb.shape[:2]
+    header = probe.publish_frame(rgb, sec, nanosec, depth_image(height, width, DEPTH_M) if depth else None,
+                                 camera_info(height, width, FX) if depth else None)
+    probe.wait_frame(header)
+    return header
 
 
 @pytest.fixture(scope='module')
@@ -216,39 +53,15 @@ def bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope='module')
 def grounding(tmp_path_factory, bundle):
     # Low mask threshold: the random-weight model then always marks pixels, so 3D is always computed.
-    # RELIABLE input: the probe publishes reliably, and best-effort 640x480 frames (30 Hz test) are mostly
-    # dropped by Fast DDS's default UDP settings. The namespaced node below keeps the SENSOR_DATA default.
+    # Fast diagnostics: tests wait on the frame the node reports as its latest.
     node = GroundingProcess(tmp_path_factory.mktemp('node'), bundle,
                             {'max_frame_age': 20.0, 'mask_threshold': 0.05, 'busy_policy': 'queue', 'max_queued': 1,
-                             'input_qos': 'RELIABLE'})
+                             'input_qos': 'RELIABLE', 'diagnostics_period': 0.1})
     try:
         node.wait_ready()
         yield node
     finally:
         node.close()
-
-
-def send_goal(probe: Probe, instruction: str, image: Image | None = None, feedback: list | None = None):
-    goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image())
-    future = probe.action.send_goal_async(goal, feedback_callback=(
-        (lambda fb: feedback.append(fb.feedback.stage)) if feedback is not None else None))
-    deadline = time.monotonic() + 10
-    while not future.done():
-        assert time.monotonic() < deadline, 'goal not accepted'
-        time.sleep(0.01)
-    handle = future.result()
-    assert handle.accepted
-    return handle
-
-
-def wait_result(handle, timeout: float = ANSWER_TIMEOUT):
-    future = handle.get_result_async()
-    deadline = time.monotonic() + timeout
-    while not future.done():
-        assert time.monotonic() < deadline, 'no action result'
-        time.sleep(0.01)
-    response = future.result()
-    return response.status, response.result.result
 
 
 # ---- the shared node (file order matters for the first test) ----------------------------------------
@@ -261,8 +74,7 @@ def test_no_frame_yet(grounding):
 
 def test_instruction_gets_every_output_with_the_image_header(grounding):
     probe = grounding.probe
-    header = probe.publish_frame(scene(1), sec=1000, nanosec=500)
-    time.sleep(0.3)
+    header = publish_frame(probe, scene(1), sec=1000, nanosec=500)
     result = probe.ask('pick the red mug')
     assert result.success, result.error
     assert same_header(result.header, header)
@@ -319,7 +131,7 @@ def test_action_goal_with_its_own_image(grounding):
     assert same_header(result.header, image.header)
     assert result.objects and (result.objects[0].mask.height, result.objects[0].mask.width) == (64, 80)
     assert not result.objects[0].has_pose  # no depth has this stamp
-    deadline = time.monotonic() + 5   # feedback and result travel on different topics: either may come first
+    deadline = time.monotonic() + 30   # feedback and result travel on different topics: either may come first
     while 'phrase_pass' not in feedback and time.monotonic() < deadline:
         time.sleep(0.01)
     assert feedback[0] == 'queued' and 'encode' in feedback and 'phrase_pass' in feedback
@@ -331,8 +143,7 @@ def test_action_goal_with_its_own_image(grounding):
 
 def test_action_goal_on_the_latest_frame(grounding):
     probe = grounding.probe
-    header = probe.publish_frame(scene(3), sec=3000)
-    time.sleep(0.3)
+    header = publish_frame(probe, scene(3), sec=3000)
     status, result = wait_result(send_goal(probe, 'pick up the red mug'))
     assert status == GoalStatus.STATUS_SUCCEEDED and result.success, result.error
     assert same_header(result.header, header)
@@ -340,14 +151,12 @@ def test_action_goal_on_the_latest_frame(grounding):
 
 def test_cancel_running_and_queued_goals(grounding):
     probe = grounding.probe
-    probe.publish_frame(scene(4), sec=4000)
-    time.sleep(0.3)
+    publish_frame(probe, scene(4), sec=4000)
     running_stages: list[str] = []
-    # 48 phrases: the running goal takes several times longer than one DDS round trip, so the second
+    # MANY_PHRASES: the running goal takes many times longer than one DDS round trip, so the second
     # goal is still queued when its cancel arrives, and the first still running when its own does.
-    many = 'take ' + ' and '.join(['the red ball', 'the blue bowl', 'the green mug', 'the white box'] * 12)
-    running = send_goal(probe, many, stamped(rgb_to_image(scene(5)), 4001), running_stages)
-    deadline = time.monotonic() + 20
+    running = send_goal(probe, MANY_PHRASES, stamped(rgb_to_image(scene(5)), 4001), running_stages)
+    deadline = time.monotonic() + 60
     while 'encode' not in running_stages:
         assert time.monotonic() < deadline, 'the first goal never started'
         time.sleep(0.005)
@@ -377,6 +186,9 @@ def test_empty_instruction(grounding, instruction):
     assert result.error_code == GroundingResult.ERROR_EMPTY_INSTRUCTION and not result.success
 
 
+BAD_KINDS = ('encoding', 'short', 'zero', 'tiny')
+
+
 def bad_image(kind: str) -> Image:
     msg = rgb_to_image(scene(6))
     if kind == 'encoding':
@@ -388,7 +200,7 @@ def bad_image(kind: str) -> Image:
         msg.data = array.array('B')
     elif kind == 'tiny':
         msg = rgb_to_image(scene(6)[:4, :4])
-    return stamped(msg, 5000)
+    return stamped(msg, 5000, nanosec=BAD_KINDS.index(kind) + 1)   # one stamp each: wait_frame tells them apart
 
 
 @pytest.mark.parametrize('kind, message', [('encoding', "unsupported image encoding 'yuv422'"),
@@ -396,8 +208,9 @@ def bad_image(kind: str) -> Image:
                                            ('tiny', 'too small')])
 def test_bad_images_get_explicit_errors_and_the_node_keeps_serving(grounding, kind, message):
     probe = grounding.probe
-    probe.image_pub.publish(bad_image(kind))
-    time.sleep(0.3)
+    bad = bad_image(kind)
+    probe.image_pub.publish(bad)
+    probe.wait_frame(bad.header)
     instruction = f'pick the mug on a {kind} image'
     result = probe.ask(instruction)
     assert result.error_code == GroundingResult.ERROR_BAD_IMAGE and message in result.error
@@ -406,16 +219,14 @@ def test_bad_images_get_explicit_errors_and_the_node_keeps_serving(grounding, ki
     if kind != 'zero':
         status, goal_result = wait_result(send_goal(probe, instruction + ' again', bad_image(kind)))
         assert status == GoalStatus.STATUS_ABORTED and goal_result.error_code == GroundingResult.ERROR_BAD_IMAGE
-    probe.publish_frame(scene(7), sec=5001)
-    time.sleep(0.3)
+    publish_frame(probe, scene(7), sec=5001)
     assert probe.ask(f'pick the red mug after {kind}').success
     assert grounding.alive()
 
 
 def test_busy_queue_full_is_rejected_and_every_instruction_answered(grounding):
     probe = grounding.probe
-    probe.publish_frame(scene(9), sec=7000)
-    time.sleep(0.3)
+    publish_frame(probe, scene(9), sec=7000)
     instructions = [f'pick the red mug number {i}' for i in range(4)]
     for text in instructions:
         probe.instruction_pub.publish(String(data=text))
@@ -464,49 +275,45 @@ def test_client_errors(grounding, tmp_path):
 
 
 def test_30hz_stream_builds_no_backlog(grounding):
-    """640x480 frames at 30 Hz while instructions are served: each result uses a frame published shortly before
-    its instruction (not an old queued one), latency does not grow, and memory stays flat."""
+    """640x480 frames at 30 Hz while instructions are served: each result uses a frame at least as new as the
+    newest one the node had reported receiving before the instruction was sent (a node that queued frames would
+    serve older ones), and memory stays flat."""
     probe = grounding.probe
     frames = [rgb_to_image(scene(10 + i, 480, 640)) for i in range(3)]
-    published: list[tuple[float, int]] = []   # (monotonic time, stamp nanosec)
+    published = []
     stop = threading.Event()
 
     def camera():
-        n = 0
         while not stop.is_set():
-            msg = stamped(frames[n % 3], 8000, n * 1000)
-            published.append((time.monotonic(), n * 1000))
-            probe.image_pub.publish(msg)
-            n += 1
+            n = len(published)
+            probe.image_pub.publish(stamped(frames[n % 3], 8000, n * 1000))
+            published.append(n)
             time.sleep(1 / 30)
+
+    def frame_index(stamp_value: str) -> int:
+        sec, nanosec = stamp_value.split('.')
+        assert sec == '8000', stamp_value
+        return int(nanosec) // 1000
 
     thread = threading.Thread(target=camera, daemon=True)
     thread.start()
     try:
-        time.sleep(1.0)
-        probe.ask('pick the red mug in the stream')  # warm up: first 640x480 encode
+        probe.wait_diagnostic('latest_frame_stamp', lambda v: v.startswith('8000.'), 'the first stream frame')
+        assert probe.ask('pick the red mug in the stream').success  # warm up: first 640x480 encode
         rss_before = grounding.rss_mb()
-        latencies, lags = [], []
         for i in range(3):
-            sent = time.monotonic()
+            newest_known = frame_index(probe.diagnostic('latest_frame_stamp'))
             result = probe.ask(f'pick the blue box in the stream {i}')
             assert result.success, result.error
             assert result.header.stamp.sec == 8000
-            used_at = next(t for t, stamp in published if stamp == result.header.stamp.nanosec)
-            lags.append(sent - used_at)  # how old the frame the node grounded in was when we asked
-            latencies.append(result.total_seconds)
+            used = result.header.stamp.nanosec // 1000
+            assert used >= newest_known, f"grounded in frame {used}, older than frame {newest_known}: a backlog"
         rss_after = grounding.rss_mb()
-        while len(published) < 90:                 # at least 3 s of stream, however fast the answers
-            time.sleep(0.05)
+        probe.wait_for(lambda: len(published) >= 90, 60, '3 s of stream')
         frames_sent = len(published)
     finally:
         stop.set()
         thread.join()
-    assert frames_sent > 60
-    # A node that queued frames would fall further behind with every frame it is sent (each instruction takes
-    # far longer than 1/30 s); one that keeps only the latest stays within the transport's delay.
-    assert max(lags) < 1.5, f"grounded in frames {lags} s old: a backlog"
-    assert max(latencies) < 10 * min(latencies) + 1.0, latencies
     assert rss_after - rss_before < 150, f"RSS grew {rss_after - rss_before:.0f} MB over {frames_sent} frames"
     assert grounding.alive()
 
@@ -514,22 +321,22 @@ def test_30hz_stream_builds_no_backlog(grounding):
 # ---- a node of its own --------------------------------------------------------------------------------
 def test_preempt_policy_and_stale_frame_in_a_namespace(tmp_path, bundle):
     node = GroundingProcess(tmp_path, bundle, {'busy_policy': 'preempt', 'max_frame_age': 1.0, 'use_3d': False,
-                                               'publish_overlay': False}, namespace='/robot1')
+                                               'publish_overlay': False, 'diagnostics_period': 0.1},
+                            namespace='/robot1')
     try:
         node.wait_ready()
         probe = node.probe
         assert probe.image_pub.topic_name == '/robot1/image'
-        probe.publish_frame(scene(11), sec=9000, depth=False)
-        time.sleep(1.3)
+        publish_frame(probe, scene(11), sec=9000, depth=False)
+        probe.wait_diagnostic('latest_frame_age_s', lambda v: float(v) > 1.2, 'the frame to go stale')
         stale = probe.ask('pick the stale mug')
         assert stale.error_code == GroundingResult.ERROR_STALE_FRAME and 'max_frame_age' in stale.error
         assert 'no image' not in stale.error and stale.header.stamp.sec == 9000
 
-        probe.publish_frame(scene(13), sec=9002, depth=False)   # the camera's latest frame
-        time.sleep(0.2)
+        publish_frame(probe, scene(13), sec=9002, depth=False)   # the camera's latest frame
         stages: list[str] = []
-        first = send_goal(probe, 'pick the red mug', stamped(rgb_to_image(scene(12)), 9001), stages)
-        deadline = time.monotonic() + 20
+        first = send_goal(probe, MANY_PHRASES, stamped(rgb_to_image(scene(12)), 9001), stages)
+        deadline = time.monotonic() + 60
         while 'encode' not in stages:
             assert time.monotonic() < deadline
             time.sleep(0.001)
@@ -549,9 +356,9 @@ def test_bad_parameter_or_missing_model_stops_the_node_with_a_clear_message(tmp_
     bad = GroundingProcess(tmp_path / 'bad', bundle, {'busy_policy': 'sometimes'})
     missing = GroundingProcess(tmp_path / 'missing', tmp_path / 'no_such_bundle', {})  # both start at once
     try:
-        assert bad.process.wait(timeout=STARTUP_TIMEOUT) == 2
+        assert bad.process.wait(timeout=STARTUP_TIMEOUT) == 2, bad.log()
         assert "busy_policy='sometimes' is not one of" in bad.log()
-        assert missing.process.wait(timeout=STARTUP_TIMEOUT) == 1
+        assert missing.process.wait(timeout=STARTUP_TIMEOUT) == 1, missing.log()
         assert 'could not load model' in missing.log() and 'no_such_bundle' in missing.log()
     finally:
         bad.close()

@@ -64,7 +64,7 @@ def test_loader_reads_polygon_segmentations(tmp_path):
     export_refcoco_format(tmp_path, [0], size=(100, 100))
     instances = json.loads((tmp_path / "instances.json").read_text())
     ann = instances["annotations"][0]
-    ann["segmentation"] = [[10, 10, 30, 10, 30, 20, 10, 20]]   # a 21x11 rectangle, corners inclusive
+    ann["segmentation"] = [[10, 10, 30, 10, 30, 20, 10, 20]]   # COCO: pixels 10..29 x 10..19 (pycocotools: 200)
     (tmp_path / "instances.json").write_text(json.dumps(instances))
     refs = json.loads((tmp_path / "refs.json").read_text())
     refs = [r for r in refs if r["ann_id"] == ann["id"]]
@@ -73,7 +73,7 @@ def test_loader_reads_polygon_segmentations(tmp_path):
     (tmp_path / "refs.json").write_text(json.dumps(refs))
     (ref_image,) = load_refcoco_format(tmp_path)
     mask = ref_image.refs[0][1]
-    assert mask.sum() == 21 * 11 and mask[10:21, 10:31].all()
+    assert mask.sum() == 20 * 10 and mask[10:20, 10:30].all()
 
 
 def test_missing_files_give_a_clear_error(tmp_path):

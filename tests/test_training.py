@@ -11,8 +11,8 @@ from flmm_ros.grounding.training.data import encode_sample, tabletop_samples
 from flmm_ros.grounding.training.evaluate import evaluate, evaluate_cached, whole_image_baseline
 from flmm_ros.grounding.training.losses import bce_loss, dice_loss, mask_losses
 from flmm_ros.grounding.training.metrics import IoUMeter
-from flmm_ros.grounding.training.train import (build_training_pipeline, load_training_state, train,
-                                               trainable_parameters, warmup_cosine)
+from flmm_ros.grounding.training.train import (RECIPES, batch_loss, build_training_pipeline, load_training_state,
+                                               train, trainable_parameters, warmup_cosine)
 
 
 def test_dice_and_bce_match_their_formulas():
@@ -36,6 +36,41 @@ def test_iou_meter_ciou_and_giou():
     assert m.add(b, a) == 0.5
     assert m.add(a, a) == 1.0
     assert m.ciou == pytest.approx((4 + 8) / (8 + 8)) and m.giou == pytest.approx(0.75)
+
+
+def test_empty_prediction_on_empty_ground_truth_scores_zero_like_mmdet():
+    """mmdet RefSegMetric: iou = nan_to_num(0 / 0) = 0 for that object (it still counts in the mean)."""
+    m = IoUMeter()
+    empty = np.zeros((4, 4), bool)
+    assert m.add(empty, empty) == 0.0
+    m.add(np.ones((4, 4), bool), np.ones((4, 4), bool))
+    assert m.giou == pytest.approx(0.5) and m.ciou == pytest.approx(1.0) and m.count == 2
+
+
+def test_flmm_targets_go_through_the_lmm_resolution_first():
+    """F-LMM: GT nearest-resized to the LMM's resized image ('masks'), then to each prediction's size."""
+    target = torch.zeros(1, 64, 96)
+    target[0, 20:40, 31] = 1                      # a 1 px line: lost at 21x32, so the refined target loses it too
+    target[0, 40:60, 48:90] = 1
+    coarse, refined = torch.randn(1, 14, 21), torch.randn(1, 64, 96)
+    lmm_hw = (21, 32)
+    via_lmm = torch.nn.functional.interpolate(target[None], size=lmm_hw)[0]
+    small = torch.nn.functional.interpolate(via_lmm[None], size=(14, 21))[0]
+    full = torch.nn.functional.interpolate(via_lmm[None], size=(64, 96))[0]
+    assert not torch.equal(full, target)
+    losses = mask_losses(coarse, refined, target, lmm_hw)
+    assert losses["sam_loss_mask"] == pytest.approx(bce_loss(refined, full).item())
+    assert losses["sam_loss_dice"] == pytest.approx(dice_loss(refined, full).item())
+    assert losses["loss_dice"] == pytest.approx(dice_loss(coarse, small).item())
+    assert mask_losses(coarse, refined, target)["sam_loss_mask"] == pytest.approx(bce_loss(refined, target).item())
+
+
+def test_flmm_recipe_is_the_documented_default_for_refcoco():
+    flmm, tabletop = RECIPES["flmm"], RECIPES["tabletop"]
+    assert (flmm.epochs, flmm.batch_size, flmm.lr, flmm.amp, flmm.targets, flmm.loss_average) == \
+        (8, 8, 1e-4, "bfloat16", "lmm", "sample")
+    assert (tabletop.epochs, tabletop.batch_size, tabletop.amp, tabletop.targets, tabletop.loss_average) == \
+        (2, 4, None, "image", "mask")
 
 
 def test_warmup_then_cosine_schedule():
@@ -95,6 +130,21 @@ def test_training_resumes_from_its_checkpoint(pipe, tmp_path):
     assert state["step"] == 4 and len(optimizer.state) > 0
     final = train(pipe, cache, cache[:1], tmp_path, epochs=3, batch_size=1, save_every=1, eval_every=100)
     assert final["step"] == 6 and math.isfinite(final["loss"])
+
+
+def test_flmm_recipe_averages_samples_and_trains_in_bf16(pipe, tmp_path):
+    """8 GPUs x 1 sample, gradients averaged: the batch loss is the mean of each sample's own mask-mean loss."""
+    cache = [encode_sample(pipe, s) for s in small_samples("train", 2)]
+    with torch.no_grad():
+        each = [batch_loss(pipe, [c], targets="lmm") for c in cache]
+        assert batch_loss(pipe, cache, targets="lmm", loss_average="sample") == pytest.approx((each[0] + each[1]) / 2)
+        masks = [c.masks().shape[0] for c in cache]
+        assert masks[0] != masks[1]                  # so the two averages differ
+        weighted = (each[0] * masks[0] + each[1] * masks[1]) / sum(masks)
+        assert batch_loss(pipe, cache, targets="lmm") == pytest.approx(weighted)
+    final = train(pipe, cache, cache[:1], tmp_path, epochs=1, batch_size=2, eval_every=100, save_every=100,
+                  amp="bfloat16", targets="lmm", loss_average="sample")
+    assert final["step"] == 1 and math.isfinite(final["loss"])
 
 
 def test_end_to_end_evaluation_and_baseline(pipe):

@@ -13,6 +13,7 @@ import numpy as np
 from flmm_ros.grounding.types import GroundingError
 
 MAD_TO_SIGMA = 1.4826  # median absolute deviation -> standard deviation for Gaussian noise
+MIN_FOCAL_PX = 1.0
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,19 @@ class CameraIntrinsics:
         if matrix.size != 9:
             raise GroundingError(f"camera matrix K needs 9 entries (3x3), got {matrix.size}")
         fx, fy, cx, cy = matrix[0], matrix[4], matrix[2], matrix[5]
-        if not (fx > 0 and fy > 0):
-            raise GroundingError(f"camera matrix K has non-positive focal lengths fx={fx}, fy={fy} "
+        if not np.all(np.isfinite([fx, fy, cx, cy])):
+            raise GroundingError(f"camera matrix K has non-finite entries fx={fx}, fy={fy}, cx={cx}, cy={cy} "
                                  "(is the camera calibrated?)")
+        # A focal length below MIN_FOCAL_PX (or a principal point far outside the image) is no real camera, and
+        # dividing by it overflows: refuse it instead of publishing points at 1e300 m.
+        if not (fx >= MIN_FOCAL_PX and fy >= MIN_FOCAL_PX):
+            raise GroundingError(f"camera matrix K has focal lengths fx={fx:g}, fy={fy:g}; need at least "
+                                 f"{MIN_FOCAL_PX:g} px (is the camera calibrated?)")
+        if int(width) <= 0 or int(height) <= 0:
+            raise GroundingError(f"camera info has zero image size ({width}x{height})")
+        if not (-width <= cx <= 2 * width and -height <= cy <= 2 * height):
+            raise GroundingError(f"camera matrix K puts the principal point ({cx:g}, {cy:g}) far outside the "
+                                 f"{width}x{height} image (is camera_info for this camera?)")
         return cls(float(fx), float(fy), float(cx), float(cy), int(width), int(height))
 
 

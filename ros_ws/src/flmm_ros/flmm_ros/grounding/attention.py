@@ -6,6 +6,8 @@ alive and forces the slow eager kernel. Instead, the language model runs on SDPA
 around SDPA recomputes only the phrase rows: q_phrase . K^T over the full causal key range, softmax,
 then keep the image columns. q and k reach the attention function after RoPE, and k before the GQA
 repetition, so no model-specific position code is needed here (research/attention_extraction.md).
+In float32 the rows equal eager attention to ~1e-6; in bf16/fp16 (F-LMM ran bf16) they are rounded where eager
+rounds (scores, scaled scores, probabilities, the mean over a phrase's tokens), so they equal F-LMM's bf16 maps.
 
 Use:
     enable_phrase_attention(model)                  # once per model
@@ -58,7 +60,14 @@ def phrase_attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask
     t = rows.numel()
     # Query head h reads kv head h // n_rep (transformers' repeat_kv order): group queries per kv head.
     q = q.reshape(num_kv_heads, (num_heads // num_kv_heads) * t, head_dim)
-    scores = (q @ key[0].float().transpose(-1, -2)) * scaling      # (Hkv, n_rep*T, Nk)
+    scores = q @ key[0].float().transpose(-1, -2)                   # (Hkv, n_rep*T, Nk)
+    half = query.dtype if query.dtype in (torch.float16, torch.bfloat16) else None
+    if half is not None:
+        # Eager attention in bf16/fp16 (F-LMM's output_attentions path) rounds the scores, the scaled scores
+        # and the probabilities to the model dtype; do the same so the maps match it, not an fp32 ideal.
+        scores = (scores.to(half).float() * scaling).to(half).float()
+    else:
+        scores = scores * scaling
     scores = scores.reshape(num_heads, t, nk)
     if attention_mask is None:                                      # causal, from the absolute position
         absolute = (nk - tq) + rows
@@ -70,8 +79,17 @@ def phrase_attention_rows(query: torch.Tensor, key: torch.Tensor, attention_mask
     scores = scores.masked_fill(~allowed[None], float("-inf"))
     # Softmax over the FULL causal range first, then keep image columns (sinks take real mass).
     probs = scores.softmax(-1)[..., capture.image_keys]             # (H, T, n_image)
+    if half is not None:
+        probs = probs.to(half).float()
     per_phrase = torch.split(probs, [r.numel() for r in capture.phrase_rows], dim=1)
-    return torch.stack([p.mean(dim=1) for p in per_phrase])         # (P, H, n_image)
+    return torch.stack([merge_mean(p, dim=1, dtype=query.dtype) for p in per_phrase])   # (P, H, n_image)
+
+
+def merge_mean(x: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """F-LMM's `apply_merge` (mean over a phrase's tokens) as float32; for a bf16/fp16 model the mean is
+    rounded to that dtype, as F-LMM's mean over its bf16 attention tensors is."""
+    mean = x.float().mean(dim=dim)
+    return mean.to(dtype).float() if dtype in (torch.float16, torch.bfloat16) else mean
 
 
 def _phrase_sdpa(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):

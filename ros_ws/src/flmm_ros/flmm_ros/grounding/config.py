@@ -7,7 +7,8 @@ import torch
 
 from .types import GroundingError
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# "auto" is F-LMM's setting: its configs load the LMM in bfloat16 (on GPUs); on a CPU we keep float32.
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PHRASE_MODES = ("instruction", "reasoning")
 
@@ -22,9 +23,10 @@ class PipelineConfig:
     backend: str = "torch"          # SAM refiner backend: torch | onnxruntime | tensorrt
     engine_dir: str = ""            # where ONNX files / TensorRT plans are cached (empty = engines/cache)
     device: str = "cpu"
-    dtype: str = "float32"          # LMM dtype: float32 | float16 | bfloat16
+    dtype: str = "auto"             # LMM dtype: auto | float32 | float16 | bfloat16. auto: bfloat16 on CUDA with SAM
+    #                                 in float32 (F-LMM), float32 on CPU; float16/bfloat16 also run SAM in fp16
     answer: bool = True             # generate a spoken answer
-    max_new_tokens: int = 24
+    max_new_tokens: int = 24        # the spoken answer (reasoning mode generates F-LMM's 16 after "It is")
     phrase_mode: str = "instruction"  # instruction: ground the instruction's objects; reasoning: ground the answer
     mask_threshold: float = 0.5     # foreground probability threshold for the published masks
     refine: bool = True             # run the SAM refiner (False: publish the mask head's coarse masks)
@@ -60,4 +62,7 @@ class PipelineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        """The LMM dtype; auto = bfloat16 on CUDA (F-LMM's configs), float32 on the CPU."""
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return DTYPES[self.dtype]

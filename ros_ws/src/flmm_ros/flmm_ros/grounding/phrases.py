@@ -29,14 +29,18 @@ Instruction mode, `phrases_from_instruction` (word lists below; deterministic, n
 8. Phrases made only of pronouns/determiners ("it", "them", "that") are dropped; repeats are dropped.
    No phrase left -> GroundingError("no object to ground in ...").
 
-Reasoning mode (F-LMM `rebuttal` branch, `scripts/reason_seg.py`): the LMM first answers the question
-and the answer's content is grounded, all its tokens merged into one mask.
-- `reasoning_prompt(q)`: a short query (not a question: no "?" and no question word first) is rewritten
-  as "What is {q} in this image?"; then " Briefly answer the question in a single sentence." is
-  appended (F-LMM appends it to sentence queries without a space; we always put one).
-- The answer is generated after the prefix `REASONING_ANSWER_PREFIX` ("It is").
-- `phrases_from_answer(answer)`: the answer without the "It is" prefix and final punctuation, as
-  one phrase, with its case kept (its tokens are the LMM's own).
+Reasoning mode (F-LMM `rebuttal` branch, `scripts/reason_seg.py` + `FrozenLlavaSAM.reason_seg`): the LMM
+first answers the question and the answer's tokens are grounded, all merged into one mask.
+- `reasoning_prompt(q, is_sentence)`: a short query (ReasonSeg's `is_sentence` false) becomes
+  "What is {q} in this image? "; then `REASONING_SUFFIX` is appended directly, so a sentence query gets it
+  without a space ("...cut the bread?Briefly answer ..."), exactly as F-LMM builds it. The node has no
+  query type: `is_sentence=None` guesses it with `is_sentence_query` (a question mark or a question word first).
+- The prompt string ends with `REASONING_ANSWER_PREFIX` ("It is", no space after the template, so the
+  tokenizer gives `It`, not `▁It`); at most `REASONING_MAX_NEW_TOKENS` (16) tokens are then generated after
+  the first one, greedily.
+- The grounded rows are the tokens fed back while generating: every generated token but the last (a
+  generated '.' included, "It is" not), collected during generation (`LMMAdapter.reasoning_pass`), never a
+  re-tokenised copy of the decoded answer. `reasoning_phrase` only names that mask for display.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from .types import GroundingError
 
 REASONING_ANSWER_PREFIX = "It is"
 REASONING_SUFFIX = "Briefly answer the question in a single sentence."
+REASONING_MAX_NEW_TOKENS = 16   # scripts/reason_seg.py: max_new_tokens=16
 
 
 def _phrases(*items: str) -> tuple[tuple[str, ...], ...]:
@@ -269,21 +274,21 @@ def is_sentence_query(query: str) -> bool:
     return query.rstrip().endswith("?") or (bool(words) and words[0] in QUESTION_WORDS)
 
 
-def reasoning_prompt(question: str) -> str:
-    """F-LMM's reasoning-segmentation instruction; generate the answer after REASONING_ANSWER_PREFIX."""
-    query = " ".join(_normalise(question).split())
-    if not query:
+def reasoning_prompt(query: str, is_sentence: bool | None = None) -> str:
+    """F-LMM's reasoning-segmentation instruction; generate the answer after REASONING_ANSWER_PREFIX.
+
+    `is_sentence` is the query type (ReasonSeg's `is_sentence`); None guesses it from the text."""
+    if not query.strip():
         raise GroundingError("empty question")
-    if not is_sentence_query(query):
-        query = f"What is {query.rstrip(' .!;,:')} in this image?"
-    return f"{query} {REASONING_SUFFIX}"
+    if is_sentence is None:
+        is_sentence = is_sentence_query(query)
+    if not is_sentence:
+        query = f"What is {query} in this image? "
+    return query + REASONING_SUFFIX
 
 
-def phrases_from_answer(answer: str) -> list[str]:
-    """The answer's content as one phrase: without the "It is" prefix and final punctuation."""
-    text = " ".join(_normalise(answer).split())
-    text = re.sub(r"^(it\s+is|it's)\b", "", text, flags=re.IGNORECASE).strip()
-    text = text.rstrip(" .!?,;:").strip()
-    if not re.search(r"[^\W_]", text):
-        raise GroundingError(f"no object to ground in the answer {answer!r}")
-    return [text]
+def reasoning_phrase(grounded_text: str) -> str:
+    """A display name for the reasoning mask: the grounded tokens' text without final punctuation ("it" if
+    nothing is left, since the mask is what "It is" refers to)."""
+    text = " ".join(_normalise(grounded_text).split()).rstrip(" .!?,;:").strip()
+    return text if re.search(r"[^\W_]", text) else "it"

@@ -137,7 +137,7 @@ class GroundingPipeline:
         refiner = None
         if cfg.refine:
             backend = make_refiner_backend(cfg.backend, head.sam, device=cfg.device,
-                                           precision="fp16" if cfg.dtype != "float32" else "fp32",
+                                           precision="fp16" if cfg.dtype in ("float16", "bfloat16") else "fp32",
                                            cache_dir=cfg.engine_dir or None)
             refiner = SamRefiner(head.sam, backend)
         return cls(lmm, head, refiner, cfg)
@@ -203,17 +203,28 @@ class GroundingPipeline:
         timings = clock.timings if cached else {**frame.timings, **clock.timings}
         return GroundingResult(instruction, answer, phrases, objects, timings, frame_cached=cached)
 
-    def _run_reasoning(self, frame: FrameEncoding, question: str, clock: _StageClock):
-        """F-LMM's reasoning recipe: a short answer prefixed 'It is', then its tokens are grounded."""
-        prompt = phrase_rules.reasoning_prompt(question)
+    def reasoning_logits(self, frame: FrameEncoding, question: str,
+                         is_sentence: bool | None = None) -> tuple[str, str, GroundingLogits]:
+        """F-LMM's reasoning segmentation of one question: (answer, phrase, logits of its one mask).
+        `is_sentence` is the query type (ReasonSeg's label); None guesses it (phrases.is_sentence_query)."""
+        with self._lock, torch.no_grad():
+            answer, phrases, logits = self._run_reasoning(frame, question, _StageClock(None, self.config.device),
+                                                          is_sentence)
+        return answer, phrases[0], logits
+
+    def _run_reasoning(self, frame: FrameEncoding, question: str, clock: _StageClock,
+                       is_sentence: bool | None = None):
+        """F-LMM's reason_seg: answer after "It is" (16 tokens at most), grounding the tokens fed while generating."""
+        prompt = phrase_rules.reasoning_prompt(question, is_sentence)
         with clock.stage("answer"):
-            generated = self.lmm.generate(frame.lmm, prompt, self.config.max_new_tokens,
-                                          answer_prefix=phrase_rules.REASONING_ANSWER_PREFIX)
+            out = self.lmm.reasoning_pass(frame.lmm, prompt, phrase_rules.REASONING_ANSWER_PREFIX,
+                                          phrase_rules.REASONING_MAX_NEW_TOKENS)
+        decode = self.lmm.tokenizer.decode
+        generated = decode(out.generated_ids, skip_special_tokens=True).strip()
         answer = f"{phrase_rules.REASONING_ANSWER_PREFIX} {generated}".strip()
         with clock.stage("phrases"):
-            phrases = phrase_rules.phrases_from_answer(answer)
-        logits = self.ground_logits(frame, phrases, clock, prompt_text=prompt,
-                                    answer_prefix=phrase_rules.REASONING_ANSWER_PREFIX)
+            phrases = [phrase_rules.reasoning_phrase(decode(out.grounded_ids, skip_special_tokens=True))]
+        logits = self.head_logits(out.phrase_pass, frame.lmm.prepared, frame.sam, clock)
         return answer, phrases, logits
 
     def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock | None = None,

@@ -38,9 +38,12 @@ def box_message(box: Sequence[int]) -> RegionOfInterest:
     return RegionOfInterest(x_offset=x0, y_offset=y0, width=max(x1 - x0, 0), height=max(y1 - y0, 0))
 
 
-def object_message(obj: GroundedObject, header: Header, pose: Object3D | None = None) -> GroundedObjectMsg:
+def object_message(obj: GroundedObject, header: Header, pose: Object3D | None = None,
+                   pose_status: str = '') -> GroundedObjectMsg:
+    """One GroundedObject; `pose_status` says why there is no pose (ignored when there is one)."""
     msg = GroundedObjectMsg(phrase=obj.phrase, score=float(obj.score), box=box_message(obj.box),
-                            mask=mono_to_image(np.asarray(obj.mask, dtype=np.uint8), header))
+                            mask=mono_to_image(np.asarray(obj.mask, dtype=np.uint8), header),
+                            pose_status='' if pose is not None else pose_status)
     if pose is not None:
         msg.has_pose = True
         msg.grasp_pose = PoseStamped(header=header, pose=_pose(pose.centroid, pose.quaternion))
@@ -51,16 +54,19 @@ def object_message(obj: GroundedObject, header: Header, pose: Object3D | None = 
 
 def result_message(instruction: str, header: Header, *, answer: str = '',
                    objects: Sequence[GroundedObject] = (), poses: Sequence[Object3D | None] = (),
-                   timings: Mapping[str, float] | None = None, total_seconds: float = 0.0,
-                   frame_cached: bool = False, error_code: str = '', error: str = '') -> GroundingResultMsg:
+                   pose_status: Sequence[str] = (), timings: Mapping[str, float] | None = None,
+                   total_seconds: float = 0.0, frame_cached: bool = False, warnings: Sequence[str] = (),
+                   error_code: str = '', error: str = '') -> GroundingResultMsg:
     """One GroundingResult; success exactly when error_code is empty."""
     poses = list(poses) or [None] * len(objects)
+    pose_status = list(pose_status) or [''] * len(objects)
     timings = dict(timings or {})
     return GroundingResultMsg(
         header=header, instruction=instruction, answer=answer,
-        objects=[object_message(obj, header, pose) for obj, pose in zip(objects, poses, strict=True)],
+        objects=[object_message(obj, header, pose, status)
+                 for obj, pose, status in zip(objects, poses, pose_status, strict=True)],
         stage_names=list(timings), stage_seconds=[float(v) for v in timings.values()],
-        total_seconds=float(total_seconds), frame_cached=bool(frame_cached),
+        total_seconds=float(total_seconds), frame_cached=bool(frame_cached), warnings=list(warnings),
         success=not error_code, error_code=error_code, error=error)
 
 

@@ -1,366 +1,100 @@
-"""The flmm_grounding node: a thin ROS 2 adapter over flmm_ros.grounding.pipeline.GroundingPipeline.
-
-Subscriptions collect the latest frame (plus depth / camera_info for 3D) and instructions; a worker thread
-serves instructions one at a time (busy_policy decides what a new one does meanwhile). Every instruction,
-from the `instruction` topic or the `~/ground` action, gets exactly one GroundingResult on `~/result`
-(and as the action result): success, or an explicit error. Outputs carry the header of the image used.
+"""Entry point of the flmm_grounding node: process start-up and an orderly shutdown on Ctrl-C / SIGTERM.
 
     ros2 run flmm_ros flmm_grounding --ros-args --params-file config/grounding.yaml
     python -m flmm_ros.ros.node --ros-args -p model:=/path/to/bundle -r image:=/camera/color/image_raw
+
+The node itself is flmm_ros.ros.grounding_node.GroundingNode. This module imports only the standard library at
+the top, so that a signal during the slow imports (torch, transformers) or the model load ends the process
+quietly. rclpy's own signal handlers are not installed: they invalidate the ROS context at once, under the
+running worker. Instead SIGINT and SIGTERM set an event; the main thread then, in order,
+1. stops accepting, answers every queued and running instruction and action goal with 'shutdown' (the
+   executor still spins in its thread, so the results are sent), and waits for the publishers' acks;
+2. stops the executor, destroys the node and shuts rclpy down.
+Exit status: 0 after a signal or a clean end, 1 when the model could not be loaded, 2 for bad parameters.
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass
-from typing import Any
 
-import numpy as np
-import rclpy
-from action_msgs.msg import GoalStatus
-from flmm_msgs.action import Ground
-from flmm_msgs.msg import GroundingResult as GroundingResultMsg
-from rcl_interfaces.msg import ParameterDescriptor
-from rclpy.action import ActionServer, CancelResponse, GoalResponse
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
-from rclpy.node import Node
-from sensor_msgs.msg import CameraInfo, Image
-from std_msgs.msg import Header, String
-from visualization_msgs.msg import MarkerArray
-
-from flmm_ros.geometry3d import CameraIntrinsics, object_pose_with_reason
-from flmm_ros.grounding.pipeline import FrameEncoding, GroundingPipeline
-from flmm_ros.grounding.types import GroundingCancelled, GroundingError
-from flmm_ros.overlay import draw_overlay, label_image
-from flmm_ros.ros import parameters
-from flmm_ros.ros.image_conversions import image_to_depth, image_to_rgb, is_empty_image, mono_to_image, rgb_to_image
-from flmm_ros.ros.messages import marker_array, result_message
-from flmm_ros.ros.qos import INSTRUCTION_QOS, STATUS_QOS, qos_profile
-from flmm_ros.ros.requests import CANCELLED, Request, RequestQueue
-from flmm_ros.ros.stamp_sync import StampMatcher, stamp_ns
-from flmm_ros.speech import Speaker
-
-NODE_NAME = 'flmm_grounding'
-E = GroundingResultMsg  # error code constants (E.ERROR_NO_FRAME, ...)
+SHUTDOWN_TIMEOUT_S = 3.0      # ros2 launch escalates to SIGTERM after 5 s and SIGKILL after 10 s
+ACTION_FLUSH_S = 0.3          # action results go out as service responses, which have no ack to wait for
 
 
-class RequestFailed(Exception):
-    """A request ends with an explicit error code (one of GroundingResult's ERROR_* constants)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-@dataclass
-class Frame:
-    seq: int
-    image: Image
-    received: float  # time.monotonic() at arrival
-
-
-@dataclass
-class EncodedFrame:
-    seq: int
-    rgb: np.ndarray
-    encoding: FrameEncoding
-
-
-class GroundingNode(Node):
-    def __init__(self):
-        super().__init__(NODE_NAME)
-        self.params = self._declare_parameters()
-        parameters.validate(self.params)
-        self.pipeline_config = parameters.pipeline_config(self.params)
-        self.pipeline: GroundingPipeline | None = None
-        self.failure: str | None = None  # set when the model could not be loaded; main() then exits
-
-        p = self.params
-        self.queue = RequestQueue(p['busy_policy'], p['max_queued'])
-        self._frame_lock = threading.Lock()
-        self._latest: Frame | None = None
-        self._frame_seq = 0
-        self._encoded: EncodedFrame | None = None  # the worker's per-frame cache (only the worker touches it)
-        self._depths = StampMatcher(p['sync_slop'], p['sync_queue_size'])
-        self._infos = StampMatcher(p['sync_slop'], p['sync_queue_size'])
-        self._goal_requests: dict[bytes, Request] = {}
-        self._speaker = Speaker() if p['speak'] else None
-
-        out_qos = qos_profile(p['output_qos'], 5)
-        self.status_pub = self.create_publisher(String, '~/status', STATUS_QOS)
-        self.answer_pub = self.create_publisher(String, '~/answer', out_qos)
-        self.result_pub = self.create_publisher(GroundingResultMsg, '~/result', out_qos)
-        self.mask_pub = self.create_publisher(Image, '~/mask', out_qos)
-        self.overlay_pub = self.create_publisher(Image, '~/overlay', out_qos)
-        self.markers_pub = self.create_publisher(MarkerArray, '~/markers', out_qos)
-
-        sensors = MutuallyExclusiveCallbackGroup()
-        requests = ReentrantCallbackGroup()
-        self.create_subscription(Image, 'image', self._on_image, qos_profile(p['input_qos'], 1),
-                                 callback_group=sensors)
-        if p['use_3d']:
-            self.create_subscription(Image, 'depth', self._on_depth, qos_profile(p['input_qos'], 5),
-                                     callback_group=sensors)
-            self.create_subscription(CameraInfo, 'camera_info', self._on_camera_info,
-                                     qos_profile(p['input_qos'], 5), callback_group=sensors)
-        self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_QOS,
-                                 callback_group=requests)
-        self.action_server = ActionServer(self, Ground, '~/ground', execute_callback=self._execute_goal,
-                                          goal_callback=lambda goal: GoalResponse.ACCEPT,
-                                          cancel_callback=self._cancel_goal, callback_group=requests)
-        self.image_topic = self.resolve_topic_name('image')
-
-        self._worker = threading.Thread(target=self._work, name='flmm-grounding-worker', daemon=True)
-        self._worker.start()
-
-    # ---- parameters ---------------------------------------------------------------------------
-    def _declare_parameters(self) -> dict[str, Any]:
-        values = {}
-        for spec in parameters.all_parameters():
-            description = spec.description
-            if spec.choices:
-                description += f" Choices: {', '.join(spec.choices)}."
-            values[spec.name] = self.declare_parameter(
-                spec.name, spec.default, ParameterDescriptor(description=description, read_only=True)).value
-        return values
-
-    # ---- inputs (cheap: they only store) --------------------------------------------------------
-    def _on_image(self, msg: Image) -> None:
-        with self._frame_lock:
-            self._frame_seq += 1
-            self._latest = Frame(self._frame_seq, msg, time.monotonic())
-
-    def _on_depth(self, msg: Image) -> None:
-        self._depths.add(stamp_ns(msg.header.stamp), msg)
-
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._infos.add(stamp_ns(msg.header.stamp), msg)
-
-    def _on_instruction(self, msg: String) -> None:
-        self._submit(Request(msg.data, source='topic'))
-
-    def _submit(self, request: Request) -> None:
-        if not request.instruction.strip():
-            self._fail(request, E.ERROR_EMPTY_INSTRUCTION, 'the instruction is empty')
-            return
-        for refused, code in self.queue.submit(request):
-            reason = {E.ERROR_BUSY: f"busy with another instruction (busy_policy {self.queue.policy})",
-                      E.ERROR_PREEMPTED: 'preempted by a newer instruction (busy_policy preempt)'}
-            self._fail(refused, code, reason.get(code, 'the node is shutting down'))
-
-    # ---- the action -------------------------------------------------------------------------------
-    def _execute_goal(self, goal_handle) -> Ground.Result:
-        goal = goal_handle.request
-        image = None if is_empty_image(goal.image) else goal.image
-        request = Request(goal.instruction, image=image, source='action',
-                          on_stage=lambda stage: goal_handle.publish_feedback(Ground.Feedback(stage=stage)))
-        key = bytes(goal_handle.goal_id.uuid)
-        self._goal_requests[key] = request
-        if goal_handle.is_cancel_requested:  # cancelled before it was registered above
-            request.stop(CANCELLED)
-        try:
-            request.on_stage('queued')
-            self._submit(request)
-            request.wait()
-        finally:
-            self._goal_requests.pop(key, None)
-        result: GroundingResultMsg = request.result
-        if result.success:
-            goal_handle.succeed()
-        elif result.error_code == E.ERROR_CANCELLED and goal_handle.status == GoalStatus.STATUS_CANCELING:
-            goal_handle.canceled()
-        else:
-            goal_handle.abort()
-        return Ground.Result(result=result)
-
-    def _cancel_goal(self, goal_handle) -> CancelResponse:
-        request = self._goal_requests.get(bytes(goal_handle.goal_id.uuid))
-        if request is not None:
-            request.stop(CANCELLED)
-            if self.queue.remove(request):  # still waiting: answer now; a running one stops at its next stage
-                self._fail(request, E.ERROR_CANCELLED, 'cancelled before it started')
-        return CancelResponse.ACCEPT
-
-    # ---- the worker ---------------------------------------------------------------------------
-    def _work(self) -> None:
-        model = self.pipeline_config.model
-        self._status(f"loading model {model}")
-        try:
-            self.pipeline = GroundingPipeline.from_config(self.pipeline_config)
-        except Exception as error:  # noqa: BLE001 - any load failure ends the node with its message
-            self.failure = f"could not load model {model}: {error}"
-            self.get_logger().fatal(self.failure)
-            self._status(f"error: {self.failure}")
-            for request in self.queue.close():
-                self._fail(request, E.ERROR_INTERNAL, self.failure)
-            return
-        self.get_logger().info(f"model loaded ({model}); waiting for images on {self.image_topic}")
-        self._status('ready')
-        while (request := self.queue.take()) is not None:
-            try:
-                self._serve(request)
-            finally:
-                self.queue.finish(request)
-                if not self.queue.busy:
-                    self._status('ready')
-
-    def _serve(self, request: Request) -> None:
-        header = Header(stamp=self.get_clock().now().to_msg())  # until an image is chosen
-        self._status(f"busy: {request.instruction!r}")
-
-        def progress(stage: str) -> None:
-            request.check()
-            if request.on_stage is not None:
-                request.on_stage(stage)
-
-        try:
-            request.check()
-            frame = self._frame_for(request)
-            header = frame.image.header
-            self._check_fresh(frame, request)
-            progress('encode')
-            encoded = self._encode(frame)
-            result = self.pipeline.run(encoded.encoding, request.instruction, progress=progress)
-            progress('publish')
-            timings = dict(result.timings)
-            poses = [None] * len(result.objects)
-            if self.params['use_3d']:
-                start = time.perf_counter()
-                poses = self._poses(frame, result.objects)
-                if any(pose is not None for pose in poses):
-                    timings['depth_3d'] = time.perf_counter() - start
-            msg = result_message(request.instruction, header, answer=result.answer, objects=result.objects,
-                                 poses=poses, timings=timings, total_seconds=request.age(),
-                                 frame_cached=result.frame_cached)
-            self._publish_outputs(encoded.rgb, result, poses, header)
-            self._answer(request, msg)
-        except RequestFailed as error:
-            self._fail(request, error.code, str(error), header, show=True)
-        except GroundingCancelled:
-            reason = request.stop_reason or CANCELLED
-            self._fail(request, reason, f"{reason} while running", header)
-        except GroundingError as error:
-            self._fail(request, E.ERROR_BAD_INPUT, str(error), header, show=True)
-        except Exception as error:  # noqa: BLE001 - the node must outlive any one request
-            self.get_logger().error(f"internal error on {request.instruction!r}:\n{traceback.format_exc()}")
-            self._fail(request, E.ERROR_INTERNAL, f"internal error: {type(error).__name__}: {error}", header,
-                       show=True)
-
-    def _frame_for(self, request: Request) -> Frame:
-        if request.image is not None:
-            with self._frame_lock:
-                self._frame_seq += 1
-                return Frame(self._frame_seq, request.image, time.monotonic())
-        with self._frame_lock:
-            frame = self._latest
-        if frame is None:
-            raise RequestFailed(E.ERROR_NO_FRAME, f"no image received yet on {self.image_topic}")
-        return frame
-
-    def _check_fresh(self, frame: Frame, request: Request) -> None:
-        # Age when the instruction arrived: time spent waiting behind other instructions does not count.
-        age, limit = request.received - frame.received, self.params['max_frame_age']
-        if limit > 0 and age > limit:
-            raise RequestFailed(E.ERROR_STALE_FRAME, f"the latest image on {self.image_topic} was {age:.1f} s old "
-                                                     f"when the instruction came (max_frame_age {limit:g} s); "
-                                                     "is the camera running?")
-
-    def _encode(self, frame: Frame) -> EncodedFrame:
-        """The frame's encoding, computed once per frame and reused by later instructions on it."""
-        if self._encoded is not None and self._encoded.seq == frame.seq:
-            return self._encoded
-        try:
-            rgb = image_to_rgb(frame.image)
-            encoding = self.pipeline.encode(rgb)  # also refuses images too small to ground in
-        except GroundingError as error:
-            raise RequestFailed(E.ERROR_BAD_IMAGE, f"bad image: {error}") from error
-        self._encoded = EncodedFrame(frame.seq, rgb, encoding)
-        return self._encoded
-
-    def _poses(self, frame: Frame, objects) -> list:
-        """3D per object from the depth + camera_info matching the frame's stamp (None where impossible)."""
-        stamp = stamp_ns(frame.image.header.stamp)
-        depth_msg, info = self._depths.match(stamp), self._infos.match(stamp)
-        if depth_msg is None or info is None or not objects:
-            return [None] * len(objects)
-        try:
-            depth = image_to_depth(depth_msg)
-            intrinsics = CameraIntrinsics.from_k(info.k, info.width, info.height)
-            poses = []
-            for obj in objects:
-                pose, reason = object_pose_with_reason(obj.mask, depth, intrinsics)
-                if pose is None:
-                    self.get_logger().info(f"no 3D for '{obj.phrase}': {reason}")
-                poses.append(pose)
-            return poses
-        except GroundingError as error:  # 3D is extra: the 2D result still stands
-            self.get_logger().warning(f"3D skipped: {error}", throttle_duration_sec=5.0)
-            return [None] * len(objects)
-
-    # ---- outputs --------------------------------------------------------------------------------
-    def _publish_outputs(self, rgb: np.ndarray, result, poses, header: Header) -> None:
-        if result.answer:
-            self.answer_pub.publish(String(data=result.answer))
-            if self._speaker is not None:
-                self._speaker.speak(result.answer)
-        self.mask_pub.publish(mono_to_image(label_image(result.objects, rgb.shape), header))
-        if self.params['publish_overlay']:
-            self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, result.objects), header))
-        if self.params['use_3d']:
-            self.markers_pub.publish(marker_array(result.objects, poses, header))
-
-    def _answer(self, request: Request, msg: GroundingResultMsg) -> None:
-        """The request's one result: on ~/result and, for an action goal, as the goal's result."""
-        if request.complete(msg):
-            self.result_pub.publish(msg)
-
-    def _fail(self, request: Request, code: str, message: str, header: Header | None = None,
-              show: bool = False) -> None:
-        """Answer the request with an error; `show` also puts it on ~/status (errors of the served request)."""
-        if header is None:
-            header = Header(stamp=self.get_clock().now().to_msg())
-        self.get_logger().warning(f"{request.source} instruction {request.instruction!r}: {code}: {message}")
-        if show:
-            self._status(f"error: {message}")
-        self._answer(request, result_message(request.instruction, header, total_seconds=request.age(),
-                                             error_code=code, error=message))
-
-    def _status(self, text: str) -> None:
-        self.status_pub.publish(String(data=text))
-
-    def close(self) -> None:
-        for request in self.queue.close():
-            self._fail(request, E.ERROR_SHUTDOWN, 'the node is shutting down')
-        self._worker.join(timeout=5.0)
-        if self._speaker is not None:
-            self._speaker.close()
+class _Interrupted(BaseException):
+    """A signal arrived before the node existed."""
 
 
 def main(args: list[str] | None = None) -> int:
-    rclpy.init(args=args if args is not None else sys.argv)
+    argv = list(args if args is not None else sys.argv)
+    stop = threading.Event()
+    node_started = threading.Event()
+
+    def on_signal(signum, _frame):
+        if not node_started.is_set():
+            raise _Interrupted()
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
     try:
-        node = GroundingNode()
+        return _run(argv, stop, node_started)
+    except _Interrupted:
+        return 0
+
+
+def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) -> int:
+    from flmm_ros.ros.transport import configure_large_image_transport, socket_buffer_note
+    transport_note = configure_large_image_transport(argv, ('image', 'depth'), 'flmm_grounding')
+
+    # Heavy imports after the signal handlers (see the module docstring).
+    import rclpy
+    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.signals import SignalHandlerOptions
+
+    from flmm_ros.grounding.types import GroundingError
+    from flmm_ros.ros.grounding_node import NODE_NAME, GroundingNode
+
+    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    node_started.set()   # from here a signal only sets `stop`: the shutdown below runs in order
+    try:
+        node = GroundingNode(stop)
     except GroundingError as error:
         rclpy.logging.get_logger(NODE_NAME).fatal(str(error))
         rclpy.try_shutdown()
         return 2
-    # Action goals wait in an executor thread while queued / running: room for all of them plus the inputs.
-    executor = MultiThreadedExecutor(num_threads=node.params['max_queued'] + 4)
+    logger = node.get_logger()
+    logger.debug(transport_note)
+    if node.image_topic not in transport_note and 'large-image transport (' in transport_note:
+        logger.warning(f"{transport_note}, but the image topic resolved to {node.image_topic}: large best-effort "
+                       "images may be lost")
+    if note := socket_buffer_note():
+        logger.warning(note)
+
+    executor = MultiThreadedExecutor(num_threads=4)
     executor.add_node(node)
-    try:
-        while rclpy.ok() and node.failure is None:
-            executor.spin_once(timeout_sec=0.1)
-    except (KeyboardInterrupt, ExternalShutdownException):
+    spinner = threading.Thread(target=executor.spin, name='flmm-executor', daemon=True)
+    spinner.start()
+    while not stop.wait(timeout=1.0):   # a timed wait keeps the main thread responsive to signals
         pass
-    finally:
-        node.close()
-        executor.shutdown()
-        node.destroy_node()
-        rclpy.try_shutdown()
-    return 1 if node.failure else 0
+
+    worker_done = node.shutdown(SHUTDOWN_TIMEOUT_S)
+    time.sleep(ACTION_FLUSH_S)
+    executor.shutdown(timeout_sec=1.0)
+    spinner.join(timeout=1.0)
+    failed = node.failure is not None
+    node.destroy_node()
+    rclpy.try_shutdown()
+    if not worker_done:
+        # The worker is inside a model load or a stage that cannot be interrupted. Everything is answered and
+        # ROS is down; skip interpreter finalisation, which would abort on the native threads still running.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1 if failed else 0)
+    return 1 if failed else 0
 
 
 if __name__ == '__main__':

@@ -36,7 +36,8 @@ PIPELINE_DESCRIPTIONS: dict[str, str] = {
     'backend': "SAM refiner backend: " + " | ".join(BACKENDS) + ".",
     'engine_dir': "Cache directory for SAM ONNX files and TensorRT plans (empty = engines/cache).",
     'device': "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...",
-    'dtype': "LMM dtype: " + " | ".join(DTYPES) + ".",
+    'dtype': "LMM dtype: " + " | ".join(DTYPES) + ". auto = bfloat16 on CUDA with SAM in float32 (as F-LMM ran), "
+             "float32 on CPU; float16/bfloat16 also run SAM in fp16.",
     'answer': "Generate a short spoken answer to each instruction.",
     'max_new_tokens': "Most tokens generated for the answer.",
     'phrase_mode': "instruction: ground the objects named in the instruction; reasoning: ground the answer.",
@@ -60,14 +61,17 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
               "Back-project each mask into 3D (centroid, size, grasp pose, markers) when depth and camera_info "
               "arrive."),
     ParamSpec('sync_slop', 0.05, "Largest stamp difference (s) for depth / camera_info to match an image."),
-    ParamSpec('sync_queue_size', 10, "Depth and camera_info messages kept for stamp matching."),
+    ParamSpec('sync_queue_size', 30,
+              "Depth and camera_info messages kept for stamp matching (30 = 1 s at 30 Hz: enough for the depth "
+              "of the grounded frame to still be there when the model has run)."),
     ParamSpec('publish_overlay', True, "Publish ~/overlay (rgb8 camera image with masks, boxes and phrases)."),
     ParamSpec('speak', False, "Speak each answer with espeak-ng (non-blocking; newest answer wins)."),
     ParamSpec('input_qos', 'SENSOR_DATA',
               "QoS of image, depth and camera_info subscriptions (keep-last): " + " | ".join(QOS_PRESETS) + ". "
-              "SENSOR_DATA (best effort) receives from any camera, but Fast DDS drops most best-effort images "
-              "larger than ~500 kB (640x480 rgb8) under default settings; use RELIABLE with a reliable camera.",
+              "SENSOR_DATA (best effort) receives from any camera; with Fast DDS the node's image and depth "
+              "readers take large best-effort frames over UDP (see the README's QoS notes).",
               QOS_PRESETS),
+    ParamSpec('diagnostics_period', 1.0, "Seconds between /diagnostics messages (diagnostic_updater's 1 Hz)."),
     ParamSpec('output_qos', 'DEFAULT',
               "QoS of the published outputs (keep-last 5): " + " | ".join(QOS_PRESETS) + ".", QOS_PRESETS),
 )
@@ -93,6 +97,8 @@ def validate(values: dict[str, Any]) -> None:
     for name in ('max_frame_age', 'sync_slop'):
         if values[name] < 0:
             raise GroundingError(f"parameter {name} must be >= 0, got {values[name]}")
+    if values['diagnostics_period'] <= 0:
+        raise GroundingError(f"parameter diagnostics_period must be > 0, got {values['diagnostics_period']}")
     for name in ('max_queued', 'sync_queue_size'):
         if values[name] < 1:
             raise GroundingError(f"parameter {name} must be >= 1, got {values[name]}")

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 
+try:
+    from rclpy.event_handler import SubscriptionEventCallbacks
+except ImportError:   # Humble
+    from rclpy.qos_event import SubscriptionEventCallbacks
+
 from flmm_ros.grounding.types import GroundingError
 
 _RELIABILITY = {
@@ -23,9 +28,24 @@ def qos_profile(preset: str, depth: int) -> QoSProfile:
                       durability=durability)
 
 
-# The instruction topic: nothing may be lost, a short burst may wait (SPEC: reliable, depth 10).
-INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
+# The instruction topic: nothing may be lost. Reliable, and deep enough that a burst of INSTRUCTION_DEPTH
+# instructions waits in the reader until the (cheap) callback takes each one; every one then gets its result.
+INSTRUCTION_DEPTH = 1000
+INSTRUCTION_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=INSTRUCTION_DEPTH,
+                             reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+# The action's goal / cancel / result services: rclpy's default (keep last 10) drops requests of a burst of
+# goals before they are taken, and those goals are never answered.
+ACTION_SERVICE_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=INSTRUCTION_DEPTH,
+                                reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.VOLATILE)
+# ~/result and ~/answer keep this many samples for retransmission to a slow reader during a burst.
+RESULT_DEPTH = 100
+DIAGNOSTICS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=10, reliability=ReliabilityPolicy.RELIABLE,
                              durability=DurabilityPolicy.VOLATILE)
 # ~/status: late joiners (a client starting after the node) still see the current state.
 STATUS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=ReliabilityPolicy.RELIABLE,
                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
+
+
+def lost_message_callbacks(on_lost) -> SubscriptionEventCallbacks:
+    """Event callbacks that report samples the middleware lost (e.g. incomplete best-effort images)."""
+    return SubscriptionEventCallbacks(message_lost=lambda status: on_lost(status.total_count_change))

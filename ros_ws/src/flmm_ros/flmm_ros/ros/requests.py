@@ -23,14 +23,16 @@ SHUTDOWN = 'shutdown'
 class Request:
     """One instruction to ground. `image` is an explicit image (action goal) or None for the latest frame.
     `on_stage(stage)` is told each stage as it starts (action feedback); `complete(result)` delivers the
-    one result and wakes `wait`."""
+    one result, wakes `wait` and calls `on_done(result)` (e.g. to resume an action goal's coroutine).
+    Thread-safe: callbacks, the worker and shutdown may complete or stop it concurrently."""
 
     def __init__(self, instruction: str, image: Any = None, source: str = 'topic',
-                 on_stage: Callable[[str], None] | None = None):
+                 on_stage: Callable[[str], None] | None = None, on_done: Callable[[Any], None] | None = None):
         self.instruction = instruction
         self.image = image
         self.source = source
         self.on_stage = on_stage
+        self.on_done = on_done
         self.received = time.monotonic()
         self.result: Any = None
         self._done = threading.Event()
@@ -44,7 +46,9 @@ class Request:
                 return False
             self.result = result
             self._done.set()
-            return True
+        if self.on_done is not None:
+            self.on_done(result)
+        return True
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -75,6 +79,9 @@ class Request:
 
 
 class RequestQueue:
+    """The busy policy between callbacks that submit requests and the one worker that takes them.
+
+    Thread-safe. `policy` and `max_queued` may be changed at run time (they apply to the next submit)."""
     POLICIES = ('queue', 'preempt', 'reject')
 
     def __init__(self, policy: str, max_queued: int = 1):
@@ -131,6 +138,16 @@ class RequestQueue:
             except ValueError:
                 return False
             return True
+
+    @property
+    def running(self) -> Request | None:
+        with self._condition:
+            return self._running
+
+    @property
+    def waiting(self) -> int:
+        with self._condition:
+            return len(self._waiting)
 
     @property
     def busy(self) -> bool:

@@ -18,9 +18,11 @@ Layout of an exported directory (JSON only, nothing pickled)::
 - categories: the object kinds, ids 1..6 in `shapes.KINDS` order.
 - split: "train" | "val" | "test", from the seed range (`scenes.split_of_seed`).
 
-This differs from the original RefCOCO only in that refs are JSON (the original is a pickle,
-which is never loaded here) and that masks are RLE instead of polygons. `load_refcoco_format` also
-reads polygon segmentations, so real RefCOCO converted to JSON loads the same way.
+This differs from the original RefCOCO only in that refs are JSON (the original is a pickle) and that
+masks are RLE instead of polygons. The evaluation and training tools read both layouts with
+`flmm_ros.grounding.training.refcoco` (F-LMM's protocol; the original pickle through a restricted
+unpickler). `load_refcoco_format` here returns every sentence of every object (for checking an export);
+polygons are rasterised as pycocotools does (`coco_mask`).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from ..grounding.training.refcoco import coco_mask
 from .scenes import generate_scene, split_of_seed, split_seeds
 from .shapes import KINDS
 
@@ -72,14 +75,10 @@ def rle_to_mask(rle: dict) -> np.ndarray:
 
 
 def segmentation_to_mask(segmentation, height: int, width: int) -> np.ndarray:
-    """An annotation's mask from uncompressed RLE or from COCO polygons."""
+    """An annotation's mask from uncompressed RLE or from COCO polygons (pycocotools' rasterisation)."""
     if isinstance(segmentation, dict):
         return rle_to_mask(segmentation)
-    mask = np.zeros((height, width), np.uint8)
-    for poly in segmentation:
-        pts = np.round(np.asarray(poly, np.float64).reshape(-1, 2)).astype(np.int32)
-        cv2.fillPoly(mask, [pts], 1)
-    return mask.astype(bool)
+    return coco_mask(segmentation, height, width)
 
 
 def export_refcoco_format(out_dir: str | Path, seeds: Iterable[int], size: tuple[int, int] = (480, 640),

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, DynamicCache
 
-from ..attention import capture_phrase_attention, enable_phrase_attention
+from ..attention import capture_phrase_attention, enable_phrase_attention, merge_mean
 from ..types import GroundingError
 
 # F-LMM's grounding prompt (every config under F-LMM's configs/).
@@ -31,6 +31,17 @@ PROMPT_TEMPLATES = {
     "vicuna": "USER: {input} ASSISTANT:",
     "mistral": "[INST] {input} [/INST]",
 }
+
+
+def template_for(model, tokenizer) -> str:
+    """F-LMM's template for this LMM, from the model itself (not from its path): `mistral` when the language
+    model is a Mistral or the tokenizer's chat template uses [INST] (llava-v1.6-mistral), else `vicuna`
+    (llava-1.5, llava-v1.6-vicuna), as F-LMM's configs pair them."""
+    text_type = getattr(getattr(model.config, "text_config", None), "model_type", "")
+    chat = getattr(tokenizer, "chat_template", None)
+    if text_type == "mistral" or (isinstance(chat, str) and "[INST]" in chat):
+        return "mistral"
+    return "vicuna"
 
 
 @dataclass
@@ -52,8 +63,17 @@ class LMMFrame:
 
 @dataclass
 class PhrasePass:
+    """What the grounding head needs from the LMM, per phrase."""
     maps: torch.Tensor               # (P, C, h, w) attention maps in [0, 1], C = mask-head input channels
     hidden_states: list[torch.Tensor]  # per phrase: (L, T_p, d) hidden states of its tokens (embeddings excluded)
+
+
+@dataclass
+class ReasoningPass:
+    """F-LMM's reasoning segmentation: the generated answer and the grounding of the tokens fed while generating."""
+    generated_ids: list[int]         # every generated token (the last one is never fed back), EOS excluded
+    grounded_ids: list[int]          # the tokens fed during generation: their rows make the one mask
+    phrase_pass: PhrasePass          # one "phrase": all grounded rows merged
 
 
 class LMMAdapter(ABC):
@@ -83,12 +103,11 @@ class LMMAdapter(ABC):
         model = cls.model_class.from_pretrained(path, dtype=dtype, **model_kwargs).to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:
-            image_processor = AutoImageProcessor.from_pretrained(path)
+            # PIL backend: F-LMM ran transformers 4.39, whose processors resample with PIL.
+            image_processor = AutoImageProcessor.from_pretrained(path, backend="pil")
         except (OSError, ValueError):
             image_processor = None   # fall back to CLIP statistics
-        if template is None:
-            template = "mistral" if "mistral" in str(path).lower() else "vicuna"
-        return cls(model, tokenizer, image_processor, template)
+        return cls(model, tokenizer, image_processor, template or template_for(model, tokenizer))
 
     @property
     def device(self) -> torch.device:
@@ -103,9 +122,12 @@ class LMMAdapter(ABC):
         return self.num_layers * self.num_heads
 
     # ---- prompts ---------------------------------------------------------------------------
-    def prompt_ids(self, text: str, num_image_tokens: int) -> list[int]:
-        """`<bos>` + template(`<image>\\n{text}`), with the image token expanded to every image feature."""
-        ids = self.tokenizer(self.template.format(input="<image>\n" + text), add_special_tokens=True).input_ids
+    def prompt_ids(self, text: str, num_image_tokens: int, answer_prefix: str = "") -> list[int]:
+        """`<bos>` + template(`<image>\\n{text}`) + answer_prefix, with the image token expanded to every image
+        feature. The prefix is appended to the prompt string before tokenising, as F-LMM's reason_seg does
+        (so "ASSISTANT:It is" gives the token `It`, not `▁It`)."""
+        prompt = self.template.format(input="<image>\n" + text) + answer_prefix
+        ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
         if ids.count(self.image_token_id) != 1:
             raise GroundingError("the tokenizer does not map '<image>' to the model's image token")
         i = ids.index(self.image_token_id)
@@ -135,8 +157,12 @@ class LMMAdapter(ABC):
             self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         return LMMFrame(prepared, prefix_ids, image_mask.nonzero()[:, 0], cache)
 
-    def _continuation(self, frame: LMMFrame, prompt_text: str) -> list[int]:
-        ids = self.prompt_ids(prompt_text, len(frame.image_keys))
+    def separator_id(self) -> int:
+        """The '.' closing each phrase: the last token of encode('.'), as F-LMM's RefCOCO2PNG takes it."""
+        return self.text_ids(".")[-1]
+
+    def _continuation(self, frame: LMMFrame, prompt_text: str, answer_prefix: str = "") -> list[int]:
+        ids = self.prompt_ids(prompt_text, len(frame.image_keys), answer_prefix)
         n = len(frame.prefix_ids)
         if ids[:n] != frame.prefix_ids:
             raise RuntimeError("prompt prefix changed between frame encoding and use")
@@ -146,8 +172,7 @@ class LMMAdapter(ABC):
         """Forward `ids` after the cached prefix; the cache is restored to the prefix afterwards."""
         before = frame.cache.get_seq_length()
         try:
-            embeds = self.embed_tokens(torch.tensor([ids], device=self.device))
-            return self.language_model(inputs_embeds=embeds, past_key_values=frame.cache, use_cache=True, **kwargs)
+            return self._feed(frame, ids, **kwargs)
         finally:
             frame.cache.crop(before - frame.cache.get_seq_length())
 
@@ -159,14 +184,14 @@ class LMMAdapter(ABC):
         The phrases are appended as the assistant's answer (F-LMM's teacher forcing), each followed by a
         '.' token that belongs to no phrase, like F-LMM's RefCOCO concat mode.
         """
-        ids = self._continuation(frame, prompt_text) + (self.text_ids(answer_prefix) if answer_prefix else [])
+        ids = self._continuation(frame, prompt_text, answer_prefix)
         rows = []
         for phrase in phrases:
             phrase_ids = self.text_ids(phrase)
             if not phrase_ids:
                 raise GroundingError(f"phrase {phrase!r} has no tokens")
             rows.append(torch.arange(len(ids), len(ids) + len(phrase_ids), device=self.device))
-            ids = ids + phrase_ids + self.text_ids(".")
+            ids = ids + phrase_ids + [self.separator_id()]
         return ids, rows
 
     @torch.no_grad()
@@ -185,19 +210,25 @@ class LMMAdapter(ABC):
         return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows])
 
     # ---- answering -------------------------------------------------------------------------------
+    def _feed(self, frame: LMMFrame, ids: list[int], **kwargs):
+        """Forward `ids` after everything in the cache, extending it (callers crop it back)."""
+        embeds = self.embed_tokens(torch.tensor([ids], device=self.device))
+        return self.language_model(inputs_embeds=embeds, past_key_values=frame.cache, use_cache=True, **kwargs)
+
+    def _greedy(self, out) -> int:
+        return int(self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+
     @torch.no_grad()
     def generate(self, frame: LMMFrame, prompt_text: str, max_new_tokens: int, answer_prefix: str = "") -> str:
         """Greedy answer to `prompt_text` about the frame (bounded tokens, stops at EOS)."""
-        ids = self._continuation(frame, prompt_text) + (self.text_ids(answer_prefix) if answer_prefix else [])
+        ids = self._continuation(frame, prompt_text, answer_prefix)
         before = frame.cache.get_seq_length()
         eos = self.tokenizer.eos_token_id
         generated: list[int] = []
         try:
             step = ids
             for _ in range(max_new_tokens):
-                embeds = self.embed_tokens(torch.tensor([step], device=self.device))
-                out = self.language_model(inputs_embeds=embeds, past_key_values=frame.cache, use_cache=True)
-                token = int(self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
+                token = self._greedy(self._feed(frame, step))
                 if token == eos:
                     break
                 generated.append(token)
@@ -205,6 +236,38 @@ class LMMAdapter(ABC):
         finally:
             frame.cache.crop(before - frame.cache.get_seq_length())
         return self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def reasoning_pass(self, frame: LMMFrame, prompt_text: str, answer_prefix: str,
+                       max_new_tokens: int) -> ReasoningPass:
+        """F-LMM's reason_seg (`rebuttal` branch, frozen_llava.py), its grounding collected while generating.
+
+        The prompt, answer prefix included, gives the first token; then greedy decoding runs for at most
+        `max_new_tokens` steps (HF `generate` after that first token), each feeding the last token and keeping
+        its attention to the image and its hidden states. The fed tokens are grounded, as one phrase: every
+        generated token but the last (a generated '.' included, the answer prefix not); EOS stops early.
+        """
+        ids = self._continuation(frame, prompt_text, answer_prefix)
+        before = frame.cache.get_seq_length()
+        eos = self.tokenizer.eos_token_id
+        row = [torch.zeros(1, dtype=torch.long, device=self.device)]   # the one query of each step
+        attention, hidden = [], []
+        try:
+            generated = [self._greedy(self._feed(frame, ids))]
+            for _ in range(max_new_tokens):
+                with capture_phrase_attention(row, frame.image_keys) as capture:
+                    out = self._feed(frame, generated[-1:], output_hidden_states=True)
+                attention.append(capture.maps())                        # (1, L*H, n_image)
+                hidden.append(torch.stack(out.hidden_states[1:])[:, 0])  # (L, 1, d)
+                token = self._greedy(out)
+                if token == eos:
+                    break
+                generated.append(token)
+        finally:
+            frame.cache.crop(before - frame.cache.get_seq_length())
+        merged = merge_mean(torch.cat(attention), dim=0, dtype=self.dtype)[None]    # (1, L*H, n_image)
+        maps = self.attention_to_maps(merged, frame.prepared)
+        return ReasoningPass(generated, generated[:len(attention)], PhrasePass(maps, [torch.cat(hidden, dim=1)]))
 
     # ---- family-specific -----------------------------------------------------------------------
     model_class = None   # the transformers class to load

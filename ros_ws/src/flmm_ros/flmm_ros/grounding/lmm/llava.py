@@ -13,7 +13,17 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
+    """The long side becomes `size`, the short side int(short * size / long): floored, exactly as F-LMM's
+    CustomLlavaImageProcessor.resize computes it (640x426 -> 336x223, not 224). At least 1 px."""
+    if h > w:
+        return size, max(1, int(w * size / h))
+    return max(1, int(h * size / w)), size
+
+
 class LlavaAdapter(LMMAdapter):
+    """LLaVA-1.5: F-LMM's resize-and-pad preprocessing, a square grid of image tokens, padding cropped off."""
+
     model_class = LlavaForConditionalGeneration
 
     def __init__(self, model, tokenizer, image_processor=None, template: str = "vicuna"):
@@ -29,9 +39,8 @@ class LlavaAdapter(LMMAdapter):
     def prepare_image(self, image: np.ndarray) -> PreparedImage:
         """F-LMM's CustomLlavaImageProcessor: longest side to S (bicubic), centred pad with the mean colour."""
         h, w = image.shape[:2]
+        new_h, new_w = resized_size(h, w, self.image_size)
         s = self.image_size
-        scale = s / max(h, w)
-        new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
         resized = Image.fromarray(image).resize((new_w, new_h), Image.BICUBIC)
         top, left = (s - new_h) // 2, (s - new_w) // 2
         canvas = Image.new("RGB", (s, s), tuple(int(m * 255) for m in self.mean))

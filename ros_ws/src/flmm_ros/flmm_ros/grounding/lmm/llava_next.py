@@ -4,6 +4,11 @@ Image tokens come as the base g x g grid, then the unpadded tile grid row by row
 token closing each row. F-LMM drops the newline column, resizes both maps to the tile grid and puts
 all coarse (base) channels before all fine (tile) channels, so the mask head sees 2 * L * H channels.
 The maps cover only the image (no padding), so nothing is cropped afterwards.
+
+Preprocessing is F-LMM's CustomLlavaNextImageProcessor (transformers 4.39, PIL bicubic): the image squashed to
+the tile size for the base, and resized to the best any-res resolution, centred and zero-padded, for the tiles.
+transformers 5 has the same steps in the processor's PIL backend (`LlavaNextImageProcessorPil`), which is used
+here; its default torchvision backend resamples differently (1-2 grey levels in tiles, ~10 in the base).
 """
 from __future__ import annotations
 
@@ -12,19 +17,31 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import LlavaNextForConditionalGeneration
+from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+from transformers.image_utils import ChannelDimension
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 from ..types import GroundingError
 from .base import LMMAdapter, PreparedImage
 
 
+def pil_processor(processor):
+    """The same LLaVA-NeXT image processor on its PIL backend (F-LMM's resampling)."""
+    if getattr(processor, "backend", "pil") == "pil":
+        return processor
+    return LlavaNextImageProcessorPil(**{k: v for k, v in processor.to_dict().items() if k != "image_processor_type"})
+
+
 class LlavaNextAdapter(LMMAdapter):
+    """LLaVA-NeXT: base image + any-res tiles, 2 x L x H mask-head channels (coarse then fine)."""
+
     model_class = LlavaNextForConditionalGeneration
 
     def __init__(self, model, tokenizer, image_processor=None, template: str = "vicuna"):
         if image_processor is None:
             raise GroundingError("LLaVA-NeXT needs its image processor (preprocessor_config.json) beside the model")
-        super().__init__(model, tokenizer, image_processor, template)
+        super().__init__(model, tokenizer, pil_processor(image_processor), template)
         vision = model.config.vision_config
         self.tile_size = vision.image_size
         self.grid = vision.image_size // vision.patch_size
@@ -36,6 +53,9 @@ class LlavaNextAdapter(LMMAdapter):
     def prepare_image(self, image: np.ndarray) -> PreparedImage:
         inputs = self.image_processor(images=Image.fromarray(image), return_tensors="pt")
         image_size = inputs["image_sizes"][0]
+        # The image's size inside the tiles before padding (F-LMM's meta_data image_shape; training targets).
+        best = select_best_resolution(tuple(image.shape[:2]), self.image_processor.image_grid_pinpoints)
+        content_hw = get_patch_output_size(np.empty((1, *image.shape[:2])), best, ChannelDimension.FIRST)
         tiles_h, tiles_w = get_anyres_image_grid_shape(image_size.tolist(), self.model.config.image_grid_pinpoints,
                                                        self.tile_size)
         # The unpadded tile grid, computed exactly as the model packs its features.
@@ -43,7 +63,8 @@ class LlavaNextAdapter(LMMAdapter):
         if tiles_h * tiles_w < 2 and (fine_h, fine_w) == (self.grid, self.grid):
             raise GroundingError("LLaVA-NeXT grounding needs the any-res tiles, but the image gave none")
         return PreparedImage(inputs["pixel_values"].to(self.device, self.dtype), tuple(image.shape[:2]),
-                             {"image_sizes": inputs["image_sizes"].to(self.device), "fine_hw": (fine_h, fine_w)})
+                             {"image_sizes": inputs["image_sizes"].to(self.device), "fine_hw": (fine_h, fine_w),
+                              "content_hw": tuple(content_hw)})
 
     def image_features(self, prepared: PreparedImage) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=prepared.pixel_values,

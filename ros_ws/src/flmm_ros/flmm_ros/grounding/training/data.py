@@ -52,13 +52,16 @@ def distractor_case(obj, objects) -> str:
     return "unique colour and kind"
 
 
-def refcoco_samples(directory: str | Path, split: str) -> Iterator[RefSample]:
-    """RefCOCO-format data (COCO-style instances.json + refs.json + images/, see tabletop/refcoco_format.py):
-    every sentence of every referred object of an image, in one sample."""
-    from ...tabletop.refcoco_format import load_refcoco_format
+def refcoco_samples(directory: str | Path, split: str, *, text_mode: str = "select_first", images_dir: str = "",
+                    refs_file: str = "", seed: int = 0, count: int | None = None) -> Iterator[RefSample]:
+    """A RefCOCO-layout split as F-LMM reads it (`refcoco.read_split`): one sample per image with one text per
+    referred object ('select_first' for evaluation, 'random' for training, 'original' for every sentence)."""
+    from .refcoco import default_images_dir, read_split
 
-    for ref_image in load_refcoco_format(directory, split=split):
-        yield RefSample(ref_image.image, [e for e, _ in ref_image.refs], [m for _, m in ref_image.refs])
+    items = read_split(directory, split, text_mode, refs_file, seed)[:count]
+    for item in items:
+        image, masks = item.load(images_dir or default_images_dir(directory))
+        yield RefSample(image, item.texts, masks)
 
 
 @dataclass

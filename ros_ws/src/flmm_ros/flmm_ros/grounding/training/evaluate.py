@@ -1,8 +1,19 @@
-"""Evaluate grounding: cIoU (sum I / sum U) and gIoU (mean IoU) of coarse and refined masks.
+"""Evaluate grounding as F-LMM does: RefCOCO-layout data, ReasonSeg, or the generated tabletop scenes.
 
-Predictions as in F-LMM's RefCOCO script: logits resized bilinearly to the ground-truth size,
-sigmoid > 0.5. One expression per object ('select_first'), all of an image's expressions in one pass.
+RefCOCO protocol (F-LMM's scripts/multiprocess_eval_refcoco.py --concat with mmdet's RefCocoDataset,
+`select_first`): per image, the first sentence (`raw`, lower-cased) of every referred object, all grounded in
+one pass; logits resized bilinearly to the ground truth, sigmoid > 0.5; cIoU = sum I / sum U and gIoU = mean
+IoU over objects (mmdet RefSegMetric; printed as fractions, the paper's table is x100). The original
+`instances.json` + `refs(unc).p` / `refs(umd).p` are read directly (training/refcoco.py). Coarse (mask head)
+scores are printed beside the refined (SAM) ones.
 
+ReasonSeg protocol (F-LMM's scripts/reason_seg.py): reasoning mode on the first query of each image, the query
+type from its `is_sentence`, the mask = refined logits > 0; gIoU / cIoU of per-image I and U divided by the
+image's pixel count, overall and for long (sentence) and short queries.
+
+    python -m flmm_ros.grounding.training.evaluate --model llava-hf/llava-1.5-7b-hf --device cuda \
+        --mask-head frozen_llava_1_5_vicuna_7b_unet_sam_l_refcoco_png.pth --sam-checkpoint sam_vit_l_0b3195.pth \
+        --data data/coco/refcoco --split val
     python -m flmm_ros.grounding.training.evaluate --model ros_ws/src/flmm_ros/models/tabletop_tiny \
         --data tabletop --split test --count 500
 """
@@ -10,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .metrics import IoUMeter
+from .metrics import IoUMeter, ReasonSegMeter
 
 
 def _predictions(logits: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
@@ -68,6 +80,17 @@ def evaluate(pipe, samples, count: int | None = None, by_case: bool = False) -> 
     return scores_of(meters)
 
 
+@torch.no_grad()
+def evaluate_reasoning(pipe, samples, count: int | None = None) -> dict:
+    """F-LMM's ReasonSeg evaluation through the pipeline's reasoning mode (one mask per image)."""
+    meter = ReasonSegMeter()
+    for sample in tqdm(samples, total=count, desc="reason_seg", unit="img"):
+        frame = pipe.encode(sample.image)
+        _, _, logits = pipe.reasoning_logits(frame, sample.query, sample.is_sentence)
+        meter.add((logits.refined[0] > 0).cpu().numpy(), sample.target, sample.is_sentence)
+    return meter.scores()
+
+
 def whole_image_baseline(samples) -> dict:
     """Every mask = the whole image: the score of knowing nothing about where the object is."""
     meter = IoUMeter()
@@ -77,19 +100,40 @@ def whole_image_baseline(samples) -> dict:
     return scores_of({"whole_image": meter})
 
 
+def data_format(data: str) -> str:
+    """tabletop | refcoco | reasonseg, from what the --data directory holds."""
+    from .reasonseg import is_reasonseg_dir
+
+    if data == "tabletop":
+        return "tabletop"
+    if not Path(data).is_dir():
+        raise SystemExit(f"--data {data!r}: not 'tabletop' and not a directory")
+    return "reasonseg" if is_reasonseg_dir(data) else "refcoco"
+
+
 def main(argv=None) -> None:
     from ..config import PipelineConfig
     from ..pipeline import GroundingPipeline
     from .data import refcoco_samples, tabletop_samples
+    from .reasonseg import reasonseg_samples
+    from .refcoco import TEXT_MODES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model bundle (or LMM with --mask-head/--sam-checkpoint)")
     parser.add_argument("--mask-head", default="")
     parser.add_argument("--sam-checkpoint", default="")
     parser.add_argument("--sam-type", default="vit_l")
-    parser.add_argument("--data", default="tabletop", help="'tabletop' or a RefCOCO-format directory")
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--count", type=int, default=500, help="tabletop: number of scenes")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="auto", help="LMM dtype (auto: bfloat16 on CUDA as F-LMM, else float32)")
+    parser.add_argument("--data", default="tabletop",
+                        help="'tabletop', a RefCOCO directory (instances.json + refs(unc).p) or a ReasonSeg split")
+    parser.add_argument("--split", default=None, help="tabletop: test; RefCOCO: val | testA | testB | test")
+    parser.add_argument("--count", type=int, default=None, help="tabletop: number of scenes (500); else a limit")
+    parser.add_argument("--text-mode", default="select_first", choices=TEXT_MODES,
+                        help="RefCOCO: F-LMM's select_first, or original (every sentence, the LISA-style count)")
+    parser.add_argument("--refs", default="", help="RefCOCO refs file in --data (default: refs(unc).p, refs(umd).p)")
+    parser.add_argument("--images", default="", help="RefCOCO images (default: <data>/images or <data>/../train2014)")
+    parser.add_argument("--random", action="store_true", help="ReasonSeg: a random query per image (F-LMM --random)")
     parser.add_argument("--baseline", choices=["whole-image"], help="score a trivial baseline instead of a model")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print scores as JSON")
@@ -98,19 +142,29 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    kind = data_format(args.data)
+    count = args.count if args.count is not None or kind != "tabletop" else 500
 
     def samples():
-        if args.data == "tabletop":
-            return tabletop_samples(args.split, args.count, expression="first")
-        return refcoco_samples(args.data, args.split)
+        if kind == "tabletop":
+            return tabletop_samples(args.split or "test", count, expression="first")
+        if kind == "reasonseg":
+            return reasonseg_samples(args.data, random_query=args.random, count=count)
+        return refcoco_samples(args.data, args.split or "val", text_mode=args.text_mode, images_dir=args.images,
+                               refs_file=args.refs, count=count)
 
     if args.baseline:
+        if kind == "reasonseg":
+            raise SystemExit("--baseline scores referring data (tabletop or RefCOCO), not ReasonSeg")
         scores = whole_image_baseline(samples())
     else:
         pipe = GroundingPipeline.from_config(PipelineConfig(model=args.model, mask_head=args.mask_head,
-                                                            sam_checkpoint=args.sam_checkpoint,
-                                                            sam_type=args.sam_type, answer=False))
-        scores = evaluate(pipe, samples(), args.count if args.data == "tabletop" else None, by_case=args.by_case)
+                                                            sam_checkpoint=args.sam_checkpoint, sam_type=args.sam_type,
+                                                            device=args.device, dtype=args.dtype, answer=False))
+        if kind == "reasonseg":
+            scores = evaluate_reasoning(pipe, samples(), count)
+        else:
+            scores = evaluate(pipe, samples(), count, by_case=args.by_case)
     print(json.dumps(scores, indent=1) if args.json else format_scores(scores))
 
 

@@ -21,11 +21,20 @@ def resize_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(masks[:, None].float(), size=size, mode="nearest")[:, 0]
 
 
-def mask_losses(coarse: torch.Tensor, refined: torch.Tensor | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Coarse logits vs the ground truth resized to their grid; refined logits vs the ground truth at image size."""
+def mask_losses(coarse: torch.Tensor, refined: torch.Tensor | None, target: torch.Tensor,
+                lmm_hw: tuple[int, int] | None = None) -> dict[str, torch.Tensor]:
+    """Coarse logits vs the ground truth resized to their grid; refined logits vs the ground truth at their size.
+
+    With `lmm_hw` (F-LMM's recipe) the ground truth is first nearest-resized to the LMM's resized image (F-LMM's
+    `data_sample['masks']`, e.g. 336x223 for a 640x426 image on LLaVA-1.5) and both targets are resized from
+    that, so even the refined target has the LMM's resolution. Without it, both come from `target` itself.
+    """
+    if lmm_hw is not None:
+        target = resize_masks(target, tuple(lmm_hw))
     small = resize_masks(target, tuple(coarse.shape[-2:]))
     losses = {"loss_mask": bce_loss(coarse, small), "loss_dice": dice_loss(coarse, small)}
     if refined is not None:
-        losses["sam_loss_mask"] = bce_loss(refined, target)
-        losses["sam_loss_dice"] = dice_loss(refined, target)
+        full = resize_masks(target, tuple(refined.shape[-2:])) if lmm_hw is not None else target
+        losses["sam_loss_mask"] = bce_loss(refined, full)
+        losses["sam_loss_dice"] = dice_loss(refined, full)
     return losses
