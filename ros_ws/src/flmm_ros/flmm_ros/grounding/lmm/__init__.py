@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..types import GroundingError
-from .base import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
+from .base import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage, ReasoningPass, template_for
 from .llava import LlavaAdapter
 from .llava_next import LlavaNextAdapter
 
@@ -38,4 +38,4 @@ def load_lmm(path: str, **kwargs) -> LMMAdapter:
 
 
 __all__ = ["ADAPTERS", "GROUNDING_PROMPT", "LMMAdapter", "LMMFrame", "LlavaAdapter", "LlavaNextAdapter",
-           "PhrasePass", "PreparedImage", "load_lmm", "model_type_of"]
+           "PhrasePass", "PreparedImage", "ReasoningPass", "load_lmm", "model_type_of", "template_for"]

@@ -49,7 +49,9 @@ class PreparedImage:
     """Model inputs for one image plus what is needed to map attention back to pixels."""
     pixel_values: torch.Tensor
     image_hw: tuple[int, int]                 # original image size
-    extra: dict = field(default_factory=dict)  # family-specific (padding, any-res grid, image_sizes)
+    # family-specific (padding, any-res grid, image_sizes) and "content_hw": the image's size after the LMM's
+    # resize, before padding (F-LMM's meta_data image_shape; the F-LMM recipe's training targets use it)
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass
