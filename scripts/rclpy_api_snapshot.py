@@ -49,7 +49,7 @@ def snapshot(repo: str, ref: str) -> dict:
             name = name[:-len('.__init__')]
             PACKAGES.add(name)
         modules[name] = ast.parse(git(repo, 'show', f'{ref}:{path}'))
-    names, aliases, classes, functions, bases = {}, {}, {}, {}, {}
+    names, aliases, classes, functions, bases, stars = {}, {}, {}, {}, {}, {}
     for module, tree in modules.items():
         found = set()
         for stmt in tree.body:
@@ -78,6 +78,9 @@ def snapshot(repo: str, ref: str) -> dict:
                         found.add(target.id)
             elif isinstance(stmt, ast.ImportFrom):
                 source = resolve(module, stmt.level, stmt.module)
+                if stmt.names[0].name == '*':  # a re-exporting shim (e.g. Jazzy's deprecated rclpy.qos_event)
+                    stars.setdefault(module, []).append(source)
+                    continue
                 for alias in stmt.names:
                     found.add(alias.asname or alias.name)
                     aliases[f'{module}.{alias.asname or alias.name}'] = f'{source}.{alias.name}'
@@ -85,6 +88,12 @@ def snapshot(repo: str, ref: str) -> dict:
                 for alias in stmt.names:
                     found.add(alias.asname or alias.name.split('.')[0])
         names[module] = sorted(found | {m.rsplit('.', 1)[1] for m in modules if m.rpartition('.')[0] == module})
+
+    for module, sources in stars.items():
+        for source in sources:
+            names[module] = sorted(set(names[module]) | {n for n in names.get(source, []) if not n.startswith('_')})
+            for name in names.get(source, []):
+                aliases.setdefault(f'{module}.{name}', f'{source}.{name}')
 
     def canonical(qualname: str) -> str:
         seen = set()

@@ -64,13 +64,19 @@ class RclpyUses(ast.NodeVisitor):
         return name
 
     def exists(self, qualname: str) -> bool:
-        module, _, name = qualname.rpartition('.')
         if qualname in self.api['names']:
-            return True
-        if module in self.api['names']:
-            return name in self.api['names'][module]
-        owner = self.canonical(module)
-        return owner in self.api['classes'] and name in self.api['classes'][owner]
+            return True  # a module
+        owner, _, name = qualname.rpartition('.')
+        if not owner:
+            return False
+        if owner in self.api['names']:
+            return name in self.api['names'][owner]
+        cls = self.canonical(owner)
+        if cls in self.api['classes']:
+            return name in self.api['classes'][cls]
+        # A member of something the sources do not describe (an enum of the C extension, e.g.
+        # SignalHandlerOptions.NO): the owner itself must exist.
+        return self.exists(owner)
 
     def problem(self, node: ast.AST, text: str) -> None:
         if not self.guarded:

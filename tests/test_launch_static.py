@@ -7,7 +7,6 @@ import pytest
 import yaml
 from catkin_pkg.package import parse_package
 from flmm_ros import launch_args as la
-from flmm_ros.ros import node as node_module
 from flmm_ros.ros import parameters
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +27,21 @@ def string_args_of(tree: ast.AST, function: str) -> list[str]:
             and c.args and isinstance(c.args[0], ast.Constant) and isinstance(c.args[0].value, str)]
 
 
+def node_module_file() -> Path:
+    """The module of flmm_ros/ros that names the node (NODE_NAME = '...'), wherever the node class lives."""
+    for path in sorted((PKG / 'flmm_ros' / 'ros').glob('*.py')):
+        for stmt in ast.parse(path.read_text()).body:
+            if isinstance(stmt, ast.Assign) and any(getattr(t, 'id', None) == 'NODE_NAME' for t in stmt.targets):
+                return path
+    raise AssertionError('no module of flmm_ros/ros defines NODE_NAME')
+
+
+def node_name() -> str:
+    tree = ast.parse(node_module_file().read_text())
+    return next(ast.literal_eval(s.value) for s in tree.body if isinstance(s, ast.Assign)
+                and any(getattr(t, 'id', None) == 'NODE_NAME' for t in s.targets))
+
+
 @pytest.fixture(scope='module')
 def launch_tree() -> ast.Module:
     return ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
@@ -36,7 +50,7 @@ def launch_tree() -> ast.Module:
 @pytest.fixture(scope='module')
 def node_topics() -> set[str]:
     """Relative topics the node subscribes to (second argument of create_subscription in node.py)."""
-    tree = ast.parse(Path(node_module.__file__).read_text())
+    tree = ast.parse(node_module_file().read_text())
     return {c.args[1].value for c in ast.walk(tree) if isinstance(c, ast.Call)
             and call_name(c) == 'create_subscription' and isinstance(c.args[1], ast.Constant)}
 
@@ -100,15 +114,15 @@ def test_processes_are_created_only_after_every_argument_is_checked(launch_tree)
 def test_launch_file_starts_our_node_by_its_console_script(launch_tree):
     source = LAUNCH.read_text()
     assert "executable='flmm_grounding'" in source and 'name=NODE_NAME' in source
-    assert la.NODE_NAME == node_module.NODE_NAME
+    assert la.NODE_NAME == node_name()
     setup = (PKG / 'setup.py').read_text()
     assert "'flmm_grounding = flmm_ros.ros.node:main'" in setup
 
 
 def test_yaml_holds_exactly_the_declared_parameters_with_their_defaults():
     document = yaml.safe_load(CONFIG.read_text())
-    assert list(document) == [f'/**/{node_module.NODE_NAME}']
-    values = document[f'/**/{node_module.NODE_NAME}']['ros__parameters']
+    assert list(document) == [f'/**/{node_name()}']
+    values = document[f'/**/{node_name()}']['ros__parameters']
     params = declared_parameters()
     assert set(values) == set(params), (f"only in YAML: {set(values) - set(params)}, "
                                         f"only declared: {set(params) - set(values)}")
@@ -130,7 +144,7 @@ def test_rviz_config_parses_and_shows_our_topics():
     manager = config['Visualization Manager']
     displays = {d['Name']: d for d in manager['Displays']}
     topics = {d['Topic']['Value']: d['Class'] for d in displays.values() if 'Topic' in d}
-    node = f'/{node_module.NODE_NAME}'
+    node = f'/{node_name()}'
     assert topics[f'{node}/overlay'] == 'rviz_default_plugins/Image'
     assert topics[f'{node}/mask'] == 'rviz_default_plugins/Image'
     assert topics[f'{node}/markers'] == 'rviz_default_plugins/MarkerArray'
