@@ -8,7 +8,7 @@ import torch
 
 from flmm_ros.grounding.testing import write_random_bundle
 from flmm_ros.grounding.training.data import encode_sample, tabletop_samples
-from flmm_ros.grounding.training.evaluate import evaluate, evaluate_cached, whole_image_baseline
+from flmm_ros.grounding.training.evaluate import evaluate, whole_image_baseline
 from flmm_ros.grounding.training.losses import bce_loss, dice_loss, mask_losses
 from flmm_ros.grounding.training.metrics import IoUMeter
 from flmm_ros.grounding.training.train import (RECIPES, batch_loss, build_training_pipeline, load_training_state,
