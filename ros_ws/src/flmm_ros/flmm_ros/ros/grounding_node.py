@@ -1,65 +1,57 @@
-"""GroundingNode: the ROS 2 adapter over flmm_ros.grounding.pipeline.GroundingPipeline.
+"""GroundingNode: the flmm_grounding lifecycle node, a thin ROS 2 adapter over GroundingPipeline.
+
+Lifecycle (rclpy.lifecycle, as yolo_ros does it):
+- configure: validate the parameters, create the topics / action and load the model;
+- activate: serve instructions; deactivate: stop serving (queued and running instructions get 'inactive');
+- cleanup: drop the topics and free the model (and its GPU memory).
+With `autostart` (default) the worker thread configures and activates at start, so one command runs it.
 
 Subscriptions only store (the latest frame, depth / camera_info for 3D) or submit; one worker thread serves
-instructions one at a time (busy_policy decides what a new one does meanwhile). Every instruction, from the
-`instruction` topic or the `~/ground` action, gets exactly one GroundingResult on `~/result` (and as the
-action result): success, or an explicit error. Outputs carry the header of the image used.
+instructions one at a time (InstructionServer, busy_policy decides what a new one does meanwhile). Every
+instruction, from the `instruction` topic or the `~/ground` action, gets exactly one GroundingResult.
 Action goals are coroutines that wait without holding an executor thread, so any number of them can wait.
+Run-time parameters (`ros2 param set`) are validated and apply from the next instruction.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
-import traceback
 from typing import Any
 
-import numpy as np
-from action_msgs.msg import GoalStatus
+import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from flmm_msgs.action import Ground
 from flmm_msgs.msg import GroundingResult as GroundingResultMsg
-from rcl_interfaces.msg import ParameterDescriptor
+from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
-from rclpy.node import Node
+from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
-from flmm_ros.geometry3d import CameraIntrinsics, object_pose_with_reason
-from flmm_ros.grounding.pipeline import FrameEncoding, GroundingPipeline
-from flmm_ros.grounding.types import GroundingCancelled, GroundingError
-from flmm_ros.overlay import draw_overlay, label_image
+from flmm_ros.grounding.pipeline import GroundingPipeline
+from flmm_ros.grounding.types import GroundingError
 from flmm_ros.ros import diagnostics, parameters
-from flmm_ros.ros.frames import Frame, FrameStore
-from flmm_ros.ros.image_conversions import image_to_depth, image_to_rgb, is_empty_image, mono_to_image, rgb_to_image
-from flmm_ros.ros.messages import marker_array, result_message
+from flmm_ros.ros.frames import FrameStore
+from flmm_ros.ros.image_conversions import is_empty_image
 from flmm_ros.ros.qos import (ACTION_SERVICE_QOS, DIAGNOSTICS_QOS, INSTRUCTION_QOS, RESULT_DEPTH, STATUS_QOS,
                               lost_message_callbacks, qos_profile)
-from flmm_ros.ros.requests import CANCELLED, SHUTDOWN, Request, RequestQueue
+from flmm_ros.ros.requests import CANCELLED, INACTIVE, SHUTDOWN, Request, RequestQueue
+from flmm_ros.ros.serving import E, InstructionServer
 from flmm_ros.ros.stamp_sync import StampMatcher, stamp_ns
 from flmm_ros.speech import Speaker
 
 NODE_NAME = 'flmm_grounding'
-E = GroundingResultMsg  # error code constants (E.ERROR_NO_FRAME, ...)
-REFUSALS = {E.ERROR_BUSY: "busy with another instruction (busy_policy {policy}, max_queued {max_queued})",
-            E.ERROR_PREEMPTED: 'preempted by a newer instruction (busy_policy preempt)',
-            E.ERROR_SHUTDOWN: 'the node is shutting down'}
+SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
-class RequestFailed(Exception):
-    """A request ends with an explicit error code (one of GroundingResult's ERROR_* constants)."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class GroundingNode(Node):
+class GroundingNode(InstructionServer, LifecycleNode):
     """The flmm_grounding node. Callbacks run on a multi-threaded executor; inference runs on one worker thread.
 
-    `shutdown()` (from the main thread, while the executor still spins) answers every unfinished
+    `stop_serving()` (from the main thread, while the executor still spins) answers every unfinished
     instruction with 'shutdown' before ROS is torn down."""
 
     def __init__(self, stop_event: threading.Event | None = None):
@@ -68,49 +60,30 @@ class GroundingNode(Node):
         parameters.validate(self.params)
         self.pipeline_config = parameters.pipeline_config(self.params)
         self.pipeline: GroundingPipeline | None = None
-        self.failure: str | None = None  # set when the model could not be loaded; main() then exits
+        self.failure: str | None = None  # set when autostart could not load the model; main() then exits
         self._stop_event = stop_event or threading.Event()
+        self._accepting = self.params['autostart']   # autostart: queue instructions that come during the load
+        self._state = 'unconfigured'
+        self._io: list = []              # the topics / action created by configure, destroyed by cleanup
+        self._sync_subs: list = []
+        self._goals: dict[bytes, Request] = {}
+        self._goals_done = threading.Condition()
 
         p = self.params
         self.queue = RequestQueue(p['busy_policy'], p['max_queued'])
         self.frames = FrameStore()
         self.stats = diagnostics.NodeStats()
-        self._state = 'loading'
-        self._encoded: tuple[int, np.ndarray, FrameEncoding] | None = None  # worker only: (seq, rgb, encoding)
+        self._encoded = None             # worker only: (frame seq, rgb, FrameEncoding) of the last frame encoded
         self._depths = StampMatcher(p['sync_slop'], p['sync_queue_size'])
         self._infos = StampMatcher(p['sync_slop'], p['sync_queue_size'])
-        self._goals: dict[bytes, Request] = {}
-        self._goals_done = threading.Condition()
         self._speaker = Speaker() if p['speak'] else None
-
-        out_qos = qos_profile(p['output_qos'], 5)
-        self.status_pub = self.create_publisher(String, '~/status', STATUS_QOS)
-        self.answer_pub = self.create_publisher(String, '~/answer', qos_profile(p['output_qos'], RESULT_DEPTH))
-        self.result_pub = self.create_publisher(GroundingResultMsg, '~/result',
-                                                qos_profile(p['output_qos'], RESULT_DEPTH))
-        self.mask_pub = self.create_publisher(Image, '~/mask', out_qos)
-        self.overlay_pub = self.create_publisher(Image, '~/overlay', out_qos)
-        self.markers_pub = self.create_publisher(MarkerArray, '~/markers', out_qos)
-        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
-
-        sensors, requests = MutuallyExclusiveCallbackGroup(), ReentrantCallbackGroup()
-        self.create_subscription(Image, 'image', self._on_image, qos_profile(p['input_qos'], 1),
-                                 callback_group=sensors, event_callbacks=lost_message_callbacks(self.frames.note_lost))
-        if p['use_3d']:
-            self.create_subscription(Image, 'depth', self._on_depth, qos_profile(p['input_qos'], 5),
-                                     callback_group=sensors)
-            self.create_subscription(CameraInfo, 'camera_info', self._on_camera_info,
-                                     qos_profile(p['input_qos'], 5), callback_group=sensors)
-        self.create_subscription(String, 'instruction', self._on_instruction, INSTRUCTION_QOS,
-                                 callback_group=requests)
-        self.action_server = ActionServer(
-            self, Ground, '~/ground', execute_callback=self._execute_goal, goal_callback=self._accept_goal,
-            cancel_callback=self._cancel_goal, callback_group=requests, goal_service_qos_profile=ACTION_SERVICE_QOS,
-            result_service_qos_profile=ACTION_SERVICE_QOS, cancel_service_qos_profile=ACTION_SERVICE_QOS)
         self.image_topic = self.resolve_topic_name('image')
+        self.status_pub = self.create_publisher(String, '~/status', STATUS_QOS)
+        self.diagnostics_pub = self.create_publisher(DiagnosticArray, '/diagnostics', DIAGNOSTICS_QOS)
         self.create_timer(p['diagnostics_period'], self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
-
+        self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._status('unconfigured' if not p['autostart'] else f"loading model {self.pipeline_config.model}")
         self._worker = threading.Thread(target=self._work, name='flmm-grounding-worker', daemon=True)
         self._worker.start()
 
@@ -118,38 +91,176 @@ class GroundingNode(Node):
     def _declare_parameters(self) -> dict[str, Any]:
         values = {}
         for spec in parameters.all_parameters():
-            description = spec.description
-            if spec.choices:
-                description += f" Choices: {', '.join(spec.choices)}."
-            values[spec.name] = self.declare_parameter(
-                spec.name, spec.default, ParameterDescriptor(description=description, read_only=True)).value
+            description = spec.description + (f" Choices: {', '.join(spec.choices)}." if spec.choices else '')
+            if not spec.runtime:
+                description += ' Read-only: set it in the params file (a change needs a restart).'
+            # Dynamic typing: a value of the wrong type reaches `coerce`, which accepts 2 for 2.0 and gives a
+            # one-line error for the rest (rclpy would raise a traceback at declaration).
+            descriptor = ParameterDescriptor(description=description, read_only=not spec.runtime,
+                                             dynamic_typing=True)
+            value = self.declare_parameter(spec.name, spec.default, descriptor).value
+            values[spec.name] = parameters.coerce(spec.name, value)
         return values
 
-    # ---- inputs (cheap: they only store or submit) ------------------------------------------------
-    def _on_image(self, msg: Image) -> None:
-        self.frames.add(msg)
+    def _on_set_parameters(self, changed) -> SetParametersResult:
+        """Validate a `ros2 param set` as a whole and apply it; a refusal says why in one line."""
+        new = dict(self.params)
+        try:
+            for param in changed:
+                if param.name in parameters.SPECS:
+                    new[param.name] = parameters.coerce(param.name, param.value)
+            parameters.validate(new)
+            config = parameters.pipeline_config(new)
+        except GroundingError as error:
+            return SetParametersResult(successful=False, reason=str(error))
+        self._apply_parameters(new, config)
+        return SetParametersResult(successful=True)
 
-    def _on_depth(self, msg: Image) -> None:
-        self._depths.add(stamp_ns(msg.header.stamp), msg)
+    def _apply_parameters(self, new: dict[str, Any], config) -> None:
+        old, self.params = self.params, new
+        self.pipeline_config = config
+        if self.pipeline is not None:
+            for name in parameters.PIPELINE_RUNTIME:
+                setattr(self.pipeline.config, name, getattr(config, name))
+        self.queue.policy, self.queue.max_queued = new['busy_policy'], new['max_queued']
+        if (new['sync_slop'], new['sync_queue_size']) != (old['sync_slop'], old['sync_queue_size']):
+            self._depths = StampMatcher(new['sync_slop'], new['sync_queue_size'])
+            self._infos = StampMatcher(new['sync_slop'], new['sync_queue_size'])
+        if new['speak'] != old['speak']:
+            if self._speaker is not None:
+                self._speaker.close()
+            self._speaker = Speaker() if new['speak'] else None
+        if self._io:
+            self._sync_3d_subscriptions(new['use_3d'])
+        changes = {k: v for k, v in new.items() if old[k] != v}
+        self.get_logger().info(f"parameters changed: {changes}")
 
-    def _on_camera_info(self, msg: CameraInfo) -> None:
-        self._infos.add(stamp_ns(msg.header.stamp), msg)
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def _autostart(self) -> None:
+        """configure + activate from the worker thread (the model loads there, as before lifecycle)."""
+        if self.trigger_configure() != SUCCESS:
+            self.failure = self.failure or 'configure failed'
+            self._stop_event.set()
+            return
+        self.trigger_activate()
 
-    def _on_instruction(self, msg: String) -> None:
-        self._submit(Request(msg.data, source='topic'))
+    def on_configure(self, state: LifecycleState) -> TransitionCallbackReturn:
+        model = self.pipeline_config.model
+        self._status(f"loading model {model}")
+        self._create_io()
+        try:
+            self.pipeline = GroundingPipeline.from_config(self.pipeline_config)
+        except Exception as error:  # noqa: BLE001 - any load failure is reported and the transition fails
+            self.failure = f"could not load model {model}: {error}"
+            self.get_logger().fatal(self.failure)
+            self._status(f"error: {self.failure}")
+            for request in self.queue.drain(E.ERROR_INTERNAL):   # those that came during the load
+                self._fail(request, E.ERROR_INTERNAL, self.failure)
+            self._destroy_io()
+            return FAILURE
+        self.failure = None
+        self._set_state('inactive')
+        self.get_logger().info(f"model loaded ({model}); images from {self.image_topic}")
+        return SUCCESS
 
+    def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._accepting = True
+        self._set_state('ready')
+        return super().on_activate(state)
+
+    def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._accepting = False
+        self._stop_requests(INACTIVE, timeout=5.0)
+        self._set_state('inactive')
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._destroy_io()
+        self.pipeline, self._encoded = None, None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        self._set_state('unconfigured')
+        return SUCCESS
+
+    def on_shutdown(self, state: LifecycleState) -> TransitionCallbackReturn:
+        self._stop_event.set()   # main() then runs stop_serving() and tears ROS down
+        return SUCCESS
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        self._status(state)
+
+    def _lifecycle_label(self) -> str:
+        return self._state
+
+    def _create_io(self) -> None:
+        p = self.params
+        out_qos = qos_profile(p['output_qos'], 5)
+        self.answer_pub = self.create_publisher(String, '~/answer', qos_profile(p['output_qos'], RESULT_DEPTH))
+        self.result_pub = self.create_publisher(GroundingResultMsg, '~/result',
+                                                qos_profile(p['output_qos'], RESULT_DEPTH))
+        self.mask_pub = self.create_publisher(Image, '~/mask', out_qos)
+        self.overlay_pub = self.create_publisher(Image, '~/overlay', out_qos)
+        self.markers_pub = self.create_publisher(MarkerArray, '~/markers', out_qos)
+        sensors, requests = MutuallyExclusiveCallbackGroup(), ReentrantCallbackGroup()
+        self._sensors = sensors
+        image_sub = self.create_subscription(Image, 'image', self.frames.add, qos_profile(p['input_qos'], 1),
+                                             callback_group=sensors,
+                                             event_callbacks=lost_message_callbacks(self.frames.note_lost))
+        instruction_sub = self.create_subscription(
+            String, 'instruction', lambda msg: self._submit(Request(msg.data, source='topic')), INSTRUCTION_QOS,
+            callback_group=requests)
+        action = ActionServer(
+            self, Ground, '~/ground', execute_callback=self._execute_goal, goal_callback=self._accept_goal,
+            cancel_callback=self._cancel_goal, callback_group=requests, goal_service_qos_profile=ACTION_SERVICE_QOS,
+            result_service_qos_profile=ACTION_SERVICE_QOS, cancel_service_qos_profile=ACTION_SERVICE_QOS)
+        self._io = [self.answer_pub, self.result_pub, self.mask_pub, self.overlay_pub, self.markers_pub,
+                    image_sub, instruction_sub, action]
+        self._sync_3d_subscriptions(p['use_3d'])
+
+    def _sync_3d_subscriptions(self, wanted: bool) -> None:
+        """Depth and camera_info subscriptions exist exactly while use_3d is on."""
+        if wanted and not self._sync_subs:
+            qos = qos_profile(self.params['input_qos'], 5)
+            self._sync_subs = [
+                self.create_subscription(Image, 'depth', lambda m: self._depths.add(stamp_ns(m.header.stamp), m),
+                                         qos, callback_group=self._sensors),
+                self.create_subscription(CameraInfo, 'camera_info',
+                                         lambda m: self._infos.add(stamp_ns(m.header.stamp), m), qos,
+                                         callback_group=self._sensors)]
+        elif not wanted:
+            for sub in self._sync_subs:
+                self.destroy_subscription(sub)
+            self._sync_subs = []
+
+    def _destroy_io(self) -> None:
+        for entity in self._io:
+            if isinstance(entity, ActionServer):
+                entity.destroy()
+            elif hasattr(entity, 'publish'):
+                self.destroy_publisher(entity)
+            else:
+                self.destroy_subscription(entity)
+        self._io = []
+        self._sync_3d_subscriptions(False)
+
+    # ---- requests ----------------------------------------------------------------------------------
     def _submit(self, request: Request) -> None:
         self.stats.instruction_received()
+        self.get_logger().debug(f"{request.source} instruction {request.instruction!r} received")
+        if not self._accepting:
+            code = E.ERROR_SHUTDOWN if self._stop_event.is_set() else E.ERROR_INACTIVE
+            self._fail(request, code, self._refusal(code))
+            return
         if not request.instruction.strip():
             self._fail(request, E.ERROR_EMPTY_INSTRUCTION, 'the instruction is empty')
             return
         for refused, code in self.queue.submit(request):
-            reason = REFUSALS.get(code, code).format(policy=self.queue.policy, max_queued=self.queue.max_queued)
-            self._fail(refused, code, reason)
+            self._fail(refused, code, self._refusal(code))
 
-    # ---- the action (coroutines: a waiting goal holds no executor thread) ----------------------------
     def _accept_goal(self, goal) -> GoalResponse:
-        # Every goal is accepted and then answered with one GroundingResult (busy / shutdown included), so a
+        # Every goal is accepted and then answered with one GroundingResult (busy / inactive included), so a
         # client always learns why; only a closing node rejects, because it can no longer send results.
         return GoalResponse.REJECT if self._stop_event.is_set() else GoalResponse.ACCEPT
 
@@ -175,7 +286,7 @@ class GroundingNode(Node):
                 self._goals_done.notify_all()
         if result.success:
             goal_handle.succeed()
-        elif result.error_code == E.ERROR_CANCELLED and goal_handle.status == GoalStatus.STATUS_CANCELING:
+        elif result.error_code == E.ERROR_CANCELLED and goal_handle.is_cancel_requested:
             goal_handle.canceled()
         else:
             goal_handle.abort()
@@ -190,190 +301,34 @@ class GroundingNode(Node):
                 self._fail(request, E.ERROR_CANCELLED, 'cancelled before it started')
         return CancelResponse.ACCEPT
 
-    # ---- the worker ---------------------------------------------------------------------------
-    def _work(self) -> None:
-        model = self.pipeline_config.model
-        self._status(f"loading model {model}")
-        try:
-            self.pipeline = GroundingPipeline.from_config(self.pipeline_config)
-        except Exception as error:  # noqa: BLE001 - any load failure ends the node with its message
-            self.failure = f"could not load model {model}: {error}"
-            self._state = 'error'
-            self.get_logger().fatal(self.failure)
-            self._status(f"error: {self.failure}")
-            for request in self.queue.close():
-                self._fail(request, E.ERROR_INTERNAL, self.failure)
-            self._stop_event.set()
-            return
-        self.get_logger().info(f"model loaded ({model}); waiting for images on {self.image_topic}")
-        self._state = 'ready'
-        self._status('ready')
-        while (request := self.queue.take()) is not None:
-            try:
-                self._serve(request)
-            finally:
-                self.queue.finish(request)
-                if not self.queue.busy and not self._stop_event.is_set():
-                    self._status('ready')
+    def _stop_requests(self, code: str, timeout: float, close: bool = False) -> None:
+        """Answer waiting requests with `code` now, the running one at its next stage (or at `timeout`), and
+        wait for the action goals to end. `close`: the queue takes no more requests."""
+        deadline = time.monotonic() + timeout
+        for request in self.queue.close() if close else self.queue.drain(code):
+            self._fail(request, code, self._refusal(code))
+        running = self.queue.running
+        if running is not None and not running.wait(timeout):
+            self._fail(running, code, self._refusal(code))   # a stage that outlived the timeout (first wins)
+        with self._goals_done:
+            self._goals_done.wait_for(lambda: not self._goals, max(deadline - time.monotonic(), 0.0))
 
-    def _serve(self, request: Request) -> None:
-        header = Header(stamp=self.get_clock().now().to_msg())  # until an image is chosen
-        self._status(f"busy: {request.instruction!r}")
-
-        def progress(stage: str) -> None:
-            request.check()
-            if request.on_stage is not None:
-                request.on_stage(stage)
-
-        try:
-            request.check()
-            frame = self._frame_for(request)
-            header = frame.image.header
-            warnings = self._check_fresh(frame, request)
-            depth, info = self._match_3d(frame)        # now: the buffers may have moved on after inference
-            progress('encode')
-            rgb, encoding = self._encode(frame)
-            result = self.pipeline.run(encoding, request.instruction, progress=progress)
-            progress('publish')
-            timings = dict(result.timings)
-            poses, pose_status = [None] * len(result.objects), [''] * len(result.objects)
-            if self.params['use_3d'] and result.objects:
-                start = time.perf_counter()
-                poses, pose_status = self._poses(frame, result.objects, depth, info)
-                timings['depth_3d'] = time.perf_counter() - start
-            msg = result_message(request.instruction, header, answer=result.answer, objects=result.objects,
-                                 poses=poses, pose_status=pose_status, timings=timings,
-                                 total_seconds=request.age(), frame_cached=result.frame_cached, warnings=warnings)
-            self._publish_outputs(rgb, result, poses, header)
-            self._answer(request, msg)
-        except RequestFailed as error:
-            self._fail(request, error.code, str(error), header, show=True)
-        except GroundingCancelled:
-            reason = request.stop_reason or CANCELLED
-            self._fail(request, reason, REFUSALS.get(reason, f"{reason} while running").format(
-                policy=self.queue.policy, max_queued=self.queue.max_queued), header)
-        except GroundingError as error:
-            self._fail(request, E.ERROR_BAD_INPUT, str(error), header, show=True)
-        except Exception as error:  # noqa: BLE001 - the node must outlive any one request
-            self.get_logger().error(f"internal error on {request.instruction!r}:\n{traceback.format_exc()}")
-            self._fail(request, E.ERROR_INTERNAL, f"internal error: {type(error).__name__}: {error}", header,
-                       show=True)
-
-    def _frame_for(self, request: Request) -> Frame:
-        if request.image is not None:
-            return self.frames.add(request.image, from_camera=False)
-        frame = self.frames.latest
-        if frame is None:
-            raise RequestFailed(E.ERROR_NO_FRAME, f"no image received yet on {self.image_topic} "
-                                                  f"({self.frames.describe()}); is the camera running?")
-        return frame
-
-    def _check_fresh(self, frame: Frame, request: Request) -> list[str]:
-        """Refuse a frame that was stale when the instruction came; warnings about its stamp."""
-        limit = self.params['max_frame_age']
-        if not frame.from_camera or limit <= 0:
-            return []
-        # Age when the instruction arrived: time spent waiting behind other instructions does not count.
-        age = request.received - frame.received
-        if age > limit:
-            raise RequestFailed(E.ERROR_STALE_FRAME, f"the latest image on {self.image_topic} arrived {age:.1f} s "
-                                                     f"before the instruction (max_frame_age {limit:g} s): "
-                                                     f"{self.frames.describe()}; is the camera running?")
-        lag = (self.get_clock().now().nanoseconds - stamp_ns(frame.image.header.stamp)) / 1e9
-        if abs(lag) <= limit:
-            return []
-        where = 'behind' if lag > 0 else 'ahead of'
-        warning = (f"the image's header stamp is {abs(lag):.1f} s {where} this node's clock (max_frame_age "
-                   f"{limit:g} s): check the camera's clock and use_sim_time")
-        self.get_logger().warning(warning, throttle_duration_sec=10.0)
-        return [warning]
-
-    def _encode(self, frame: Frame) -> tuple[np.ndarray, FrameEncoding]:
-        """The frame's RGB and encoding, computed once per frame and reused by later instructions on it."""
-        if self._encoded is not None and self._encoded[0] == frame.seq:
-            return self._encoded[1], self._encoded[2]
-        try:
-            rgb = image_to_rgb(frame.image)
-            encoding = self.pipeline.encode(rgb)  # also refuses images too small to ground in
-        except GroundingError as error:
-            raise RequestFailed(E.ERROR_BAD_IMAGE, f"bad image: {error}") from error
-        self._encoded = (frame.seq, rgb, encoding)
-        return rgb, encoding
-
-    # ---- 3D --------------------------------------------------------------------------------------
-    def _match_3d(self, frame: Frame) -> tuple[Any, Any]:
-        if not self.params['use_3d'] or not frame.from_camera:
-            return None, None
-        stamp = stamp_ns(frame.image.header.stamp)
-        return self._depths.match(stamp), self._infos.match(stamp)
-
-    def _poses(self, frame: Frame, objects, depth_msg, info) -> tuple[list, list[str]]:
-        """3D per object from the depth + camera_info of the frame's stamp, and why where there is none."""
-        if frame.from_camera:   # depth may have arrived after the image, while the model ran
-            later_depth, later_info = self._match_3d(frame)
-            depth_msg, info = depth_msg or later_depth, info or later_info
-        missing = [name for name, msg in (('depth image', depth_msg), ('camera_info', info)) if msg is None]
-        if missing:
-            reason = (f"no {' and no '.join(missing)} within sync_slop {self.params['sync_slop']:g} s of the image "
-                      "stamp" if frame.from_camera else "the goal's own image has no depth")
-            return [None] * len(objects), [reason] * len(objects)
-        try:
-            depth = image_to_depth(depth_msg)
-            intrinsics = CameraIntrinsics.from_k(info.k, info.width, info.height)
-            poses, reasons = zip(*(object_pose_with_reason(obj.mask, depth, intrinsics) for obj in objects))
-        except GroundingError as error:  # 3D is extra: the 2D result still stands
-            self.get_logger().warning(f"3D skipped: {error}", throttle_duration_sec=5.0)
-            return [None] * len(objects), [f"no 3D: {error}"] * len(objects)
-        return list(poses), list(reasons)
-
-    # ---- outputs --------------------------------------------------------------------------------
-    def _publish_outputs(self, rgb: np.ndarray, result, poses, header: Header) -> None:
-        if result.answer:
-            self.answer_pub.publish(String(data=result.answer))
-            if self._speaker is not None:
-                self._speaker.speak(result.answer)
-        self.mask_pub.publish(mono_to_image(label_image(result.objects, rgb.shape), header))
-        if self.params['publish_overlay']:
-            self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, result.objects), header))
-        if self.params['use_3d']:
-            self.markers_pub.publish(marker_array(result.objects, poses, header))
-
-    def _answer(self, request: Request, msg: GroundingResultMsg) -> None:
-        """The request's one result: on ~/result and, for an action goal, as the goal's result."""
-        if request.complete(msg):
-            self.stats.result(msg.error_code, msg.total_seconds)
-            self.result_pub.publish(msg)
-
-    def _fail(self, request: Request, code: str, message: str, header: Header | None = None,
-              show: bool = False) -> None:
-        """Answer the request with an error; `show` also puts it on ~/status (errors of the served request)."""
-        if header is None:
-            header = Header(stamp=self.get_clock().now().to_msg())
-        line = f"{request.source} instruction {request.instruction!r}: {code}: {message}"
-        if show:
-            self.get_logger().warning(line)
-            self._status(f"error: {message}")
-        else:   # refusals come in bursts: one line a second is enough (~/result has every one)
-            self.get_logger().warning(line, throttle_duration_sec=1.0)
-        self._answer(request, result_message(request.instruction, header, total_seconds=request.age(),
-                                             error_code=code, error=message))
-
+    # ---- status and health ----------------------------------------------------------------------
     def _status(self, text: str) -> None:
         self.status_pub.publish(String(data=text))
 
     def _publish_diagnostics(self) -> None:
         latest = self.frames.latest
+        age = time.monotonic() - latest.received if latest else None
         values = {'state': self._state, 'model': self.pipeline_config.model, 'device': self.params['device'],
                   'image_topic': self.image_topic, 'frames_received': self.frames.received,
-                  'frames_lost': self.frames.lost,
-                  'latest_frame_age_s': f"{time.monotonic() - latest.received:.3f}" if latest else 'n/a',
+                  'frames_lost': self.frames.lost, 'latest_frame_age_s': f"{age:.3f}" if latest else 'n/a',
                   'latest_frame_stamp': (f"{latest.image.header.stamp.sec}.{latest.image.header.stamp.nanosec:09d}"
                                          if latest else 'n/a'),
                   'queue_waiting': self.queue.waiting, **self.stats.snapshot()}
-        if self._state == 'error':
-            level, message = diagnostics.ERROR, self.failure or 'error'
-        elif latest is None or (self.params['max_frame_age'] > 0 and
-                                time.monotonic() - latest.received > self.params['max_frame_age']):
+        if self.failure:
+            level, message = diagnostics.ERROR, self.failure
+        elif self._state == 'ready' and (age is None or 0 < self.params['max_frame_age'] < age):
             level, message = diagnostics.WARN, f"no recent image on {self.image_topic}"
         else:
             level, message = diagnostics.OK, self._state
@@ -382,23 +337,18 @@ class GroundingNode(Node):
             self.params['device'], level, message, values))
 
     # ---- shutdown ---------------------------------------------------------------------------------
-    def shutdown(self, timeout: float = 3.0) -> bool:
+    def stop_serving(self, timeout: float = 3.0) -> bool:
         """Stop accepting; answer waiting instructions 'shutdown' now and the running one at its next stage;
         wait (at most `timeout`) until every request and action goal has its result. The executor must still
         spin meanwhile (goal coroutines resume on it). Returns False if the worker is still busy (e.g. loading)."""
         deadline = time.monotonic() + timeout
         self._stop_event.set()
-        self._state = 'shutting down'
-        self._status('shutting down')
-        for request in self.queue.close():
-            self._fail(request, SHUTDOWN, REFUSALS[SHUTDOWN])
+        self._accepting = False
+        self._set_state('shutting down')
+        self._stop_requests(SHUTDOWN, timeout, close=True)
         self._worker.join(max(deadline - time.monotonic(), 0.0))
-        running = self.queue.running
-        if running is not None:   # a stage that outlived the deadline: answer it now (first result wins)
-            self._fail(running, SHUTDOWN, REFUSALS[SHUTDOWN])
-        with self._goals_done:
-            self._goals_done.wait_for(lambda: not self._goals, max(deadline - time.monotonic(), 0.0))
-        for publisher in (self.result_pub, self.answer_pub, self.status_pub):
+        publishers = [self.status_pub] + ([self.result_pub] if self._io else [])
+        for publisher in publishers:   # results published just now must reach the subscribers before teardown
             publisher.wait_for_all_acked(Duration(seconds=max(deadline - time.monotonic(), 0.2)))
         if self._speaker is not None:
             self._speaker.close()

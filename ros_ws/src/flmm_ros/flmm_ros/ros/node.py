@@ -50,15 +50,24 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
     from flmm_ros.ros.transport import configure_large_image_transport, socket_buffer_note
     transport_note = configure_large_image_transport(argv, ('image', 'depth'), 'flmm_grounding')
 
-    # Heavy imports after the signal handlers (see the module docstring).
+    # Heavy imports after the signal handlers (see the module docstring); no progress bars in a node's log.
+    os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     from flmm_ros.grounding.types import GroundingError
     from flmm_ros.ros.grounding_node import NODE_NAME, GroundingNode
+    from transformers.utils import logging as transformers_logging
+    transformers_logging.disable_progress_bar()
 
-    rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    try:
+        rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
+    except Exception as error:  # noqa: BLE001 - e.g. a malformed params file: one line, no traceback
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"[{NODE_NAME}] cannot start: {first_line} (check the --ros-args and the params file)",
+              file=sys.stderr)
+        return 2
     node_started.set()   # from here a signal only sets `stop`: the shutdown below runs in order
     try:
         node = GroundingNode(stop)
@@ -81,7 +90,7 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
     while not stop.wait(timeout=1.0):   # a timed wait keeps the main thread responsive to signals
         pass
 
-    worker_done = node.shutdown(SHUTDOWN_TIMEOUT_S)
+    worker_done = node.stop_serving(SHUTDOWN_TIMEOUT_S)
     time.sleep(ACTION_FLUSH_S)
     executor.shutdown(timeout_sec=1.0)
     spinner.join(timeout=1.0)

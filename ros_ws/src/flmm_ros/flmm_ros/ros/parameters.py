@@ -1,8 +1,9 @@
-"""The node's parameter table: every parameter with its default and description (no rclpy here).
+"""The node's parameter table: every parameter with its default, description, choices and whether it may be
+changed while the node runs (no rclpy here).
 
 The pipeline's parameters are exactly PipelineConfig's fields (same names and defaults, except `model`,
 whose empty default means the embedded model). config/grounding.yaml holds the same keys and values;
-tests check both.
+tests check both. `coerce` and `validate` give the one-line errors for values from YAML or `ros2 param set`.
 """
 from __future__ import annotations
 
@@ -20,10 +21,13 @@ EMBEDDED_MODEL = 'tabletop_tiny'
 
 @dataclass(frozen=True)
 class ParamSpec:
+    """One parameter. `runtime`: `ros2 param set` may change it while the node runs (it applies from the next
+    instruction); the others need a model reload or new subscriptions and are read-only."""
     name: str
     default: Any
     description: str
     choices: tuple[str, ...] = ()
+    runtime: bool = False
 
 
 PIPELINE_DESCRIPTIONS: dict[str, str] = {
@@ -47,25 +51,30 @@ PIPELINE_DESCRIPTIONS: dict[str, str] = {
 PIPELINE_CHOICES: dict[str, tuple[str, ...]] = {
     'backend': BACKENDS, 'dtype': tuple(DTYPES), 'phrase_mode': PHRASE_MODES,
 }
+# Pipeline settings read per instruction (the rest shape the loaded model).
+PIPELINE_RUNTIME = frozenset({'answer', 'max_new_tokens', 'phrase_mode', 'mask_threshold'})
 
 NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec('busy_policy', 'queue',
               "What a new instruction does while another is running: queue (wait, at most max_queued waiting; "
               "more are answered 'busy'), preempt (stop the running one, answered 'preempted'), reject "
-              "(answered 'busy').", BUSY_POLICIES),
-    ParamSpec('max_queued', 1, "busy_policy queue: how many instructions may wait behind the running one."),
+              "(answered 'busy').", BUSY_POLICIES, runtime=True),
+    ParamSpec('max_queued', 1, "busy_policy queue: how many instructions may wait behind the running one.",
+              runtime=True),
     ParamSpec('max_frame_age', 2.0,
               "An instruction is refused (error 'stale_frame') when the latest camera frame was older than this "
-              "many seconds when it arrived; 0 = frames never go stale."),
+              "many seconds when it arrived; 0 = frames never go stale.", runtime=True),
     ParamSpec('use_3d', True,
               "Back-project each mask into 3D (centroid, size, grasp pose, markers) when depth and camera_info "
-              "arrive."),
-    ParamSpec('sync_slop', 0.05, "Largest stamp difference (s) for depth / camera_info to match an image."),
+              "arrive.", runtime=True),
+    ParamSpec('sync_slop', 0.05, "Largest stamp difference (s) for depth / camera_info to match an image.",
+              runtime=True),
     ParamSpec('sync_queue_size', 30,
               "Depth and camera_info messages kept for stamp matching (30 = 1 s at 30 Hz: enough for the depth "
-              "of the grounded frame to still be there when the model has run)."),
-    ParamSpec('publish_overlay', True, "Publish ~/overlay (rgb8 camera image with masks, boxes and phrases)."),
-    ParamSpec('speak', False, "Speak each answer with espeak-ng (non-blocking; newest answer wins)."),
+              "of the grounded frame to still be there when the model has run).", runtime=True),
+    ParamSpec('publish_overlay', True, "Publish ~/overlay (rgb8 camera image with masks, boxes and phrases).",
+              runtime=True),
+    ParamSpec('speak', False, "Speak each answer with espeak-ng (non-blocking; newest answer wins).", runtime=True),
     ParamSpec('input_qos', 'SENSOR_DATA',
               "QoS of image, depth and camera_info subscriptions (keep-last): " + " | ".join(QOS_PRESETS) + ". "
               "SENSOR_DATA (best effort) receives from any camera; with Fast DDS the node's image and depth "
@@ -74,18 +83,40 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec('diagnostics_period', 1.0, "Seconds between /diagnostics messages (diagnostic_updater's 1 Hz)."),
     ParamSpec('output_qos', 'DEFAULT',
               "QoS of the published outputs (keep-last 5): " + " | ".join(QOS_PRESETS) + ".", QOS_PRESETS),
+    ParamSpec('autostart', True,
+              "Configure (load the model) and activate at start. false: wait for lifecycle transitions "
+              "(`ros2 lifecycle set /flmm_grounding configure`, then `activate`)."),
 )
 
 
 def pipeline_parameters() -> tuple[ParamSpec, ...]:
     defaults = PipelineConfig()
     return tuple(ParamSpec(f.name, getattr(defaults, f.name), PIPELINE_DESCRIPTIONS[f.name],
-                           PIPELINE_CHOICES.get(f.name, ()))
+                           PIPELINE_CHOICES.get(f.name, ()), runtime=f.name in PIPELINE_RUNTIME)
                  for f in fields(PipelineConfig))
 
 
 def all_parameters() -> tuple[ParamSpec, ...]:
     return pipeline_parameters() + NODE_PARAMETERS
+
+
+SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in all_parameters()}
+_TYPE_NAMES = {bool: 'a boolean (true / false)', int: 'an integer', float: 'a number', str: 'a string'}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """`value` as the parameter's declared type, or GroundingError in one line. An integer is accepted where a
+    number is declared (YAML and `ros2 param set` write 2 for 2.0), a whole float where an integer is."""
+    kind = type(SPECS[name].default)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if type(value) is not kind:
+        shown = value if not isinstance(value, (list, tuple)) else list(value)
+        raise GroundingError(f"parameter {name} must be {_TYPE_NAMES[kind]}, got {shown!r} "
+                             f"({type(value).__name__})")
+    return value
 
 
 def validate(values: dict[str, Any]) -> None:

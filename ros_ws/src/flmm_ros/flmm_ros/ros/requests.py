@@ -18,6 +18,7 @@ BUSY = 'busy'
 PREEMPTED = 'preempted'
 CANCELLED = 'cancelled'
 SHUTDOWN = 'shutdown'
+INACTIVE = 'inactive'
 
 
 class Request:
@@ -154,13 +155,19 @@ class RequestQueue:
         with self._condition:
             return self._running is not None or bool(self._waiting)
 
-    def close(self) -> list[Request]:
-        """Stop taking requests; returns those still waiting (to be answered 'shutdown')."""
+    def drain(self, reason: str) -> list[Request]:
+        """Empty the queue and ask the running request to stop with `reason`; returns the waiting ones (to be
+        answered with `reason`). The queue stays open (e.g. a lifecycle deactivation)."""
         with self._condition:
-            self._closed = True
             left = list(self._waiting)
             self._waiting.clear()
             if self._running is not None:
-                self._running.stop(SHUTDOWN)
+                self._running.stop(reason)
             self._condition.notify_all()
             return left
+
+    def close(self) -> list[Request]:
+        """Stop taking requests for good; returns those still waiting (to be answered 'shutdown')."""
+        with self._condition:
+            self._closed = True
+        return self.drain(SHUTDOWN)

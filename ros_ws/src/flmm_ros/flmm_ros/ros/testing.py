@@ -93,7 +93,7 @@ class Probe(Node):
 
     def __init__(self, context: Context, namespace: str = '', camera_qos: QoSProfile = RELIABLE):
         super().__init__(f'flmm_test_probe_{os.getpid()}_{id(context)}', namespace=namespace or '/', context=context)
-        node_path = f'{namespace}/flmm_grounding'
+        node_path = self.node_path = f'{namespace}/flmm_grounding'
         self.outputs: dict[str, list] = {name: [] for name in (*OUTPUTS, 'diagnostics')}
         self._condition = threading.Condition()
         for name, kind, qos in (('result', GroundingResult, DEEP), ('answer', String, DEEP),
@@ -116,8 +116,16 @@ class Probe(Node):
         return record
 
     def wait_for(self, predicate, timeout: float = ANSWER_TIMEOUT, what: str = ''):
+        """Wait until `predicate()` holds: re-checked on every message and every 50 ms (for outside state)."""
+        deadline = time.monotonic() + timeout
         with self._condition:
-            if not self._condition.wait_for(predicate, timeout):
+            while not predicate():
+                if time.monotonic() > deadline:
+                    break
+                self._condition.wait(timeout=0.05)
+            else:
+                return
+            if not predicate():
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}; "
                                      f"status: {[s.data for s in self.outputs['status'][-5:]]}")
 
@@ -232,14 +240,19 @@ class GroundingProcess:
                                 STARTUP_TIMEOUT, "status 'ready'")
         except AssertionError:
             raise AssertionError(f"node not ready; its log:\n{self.log()}") from None
-        # The probe's publishers must be matched before anything is sent (DDS discovery).
+        self.wait_ready_io()
+        self.probe.wait_diagnostic('state', lambda v: v == 'ready', 'diagnostics')
+
+    def wait_ready_io(self):
+        """Wait until DDS discovery has matched the probe with the node's topics and action (after configure)."""
         for pub in (self.probe.image_pub, self.probe.instruction_pub):
             deadline = time.monotonic() + 30
             while pub.get_subscription_count() == 0:
                 assert time.monotonic() < deadline, f"{pub.topic_name} never matched"
                 time.sleep(0.02)
         assert self.probe.action.wait_for_server(timeout_sec=30)
-        self.probe.wait_diagnostic('state', lambda v: v == 'ready', 'diagnostics')
+        self.probe.wait_for(lambda: self.probe.count_publishers(f'{self.probe.node_path}/result') > 0, 30,
+                            'the result subscription to match')
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -1,0 +1,212 @@
+"""Serving instructions: the worker thread's side of the flmm_grounding node (a mixin of GroundingNode).
+
+One request at a time: choose the frame (the latest camera frame or the goal's own image), refuse a stale
+one, encode it once per frame, run the pipeline, add 3D from the depth + camera_info of the frame's stamp,
+publish the outputs and the one GroundingResult. Every path ends in exactly one result.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+import numpy as np
+from flmm_msgs.msg import GroundingResult as GroundingResultMsg
+from std_msgs.msg import Header, String
+
+from flmm_ros.geometry3d import CameraIntrinsics, object_pose_with_reason
+from flmm_ros.grounding.pipeline import FrameEncoding
+from flmm_ros.grounding.types import GroundingCancelled, GroundingError
+from flmm_ros.overlay import draw_overlay, label_image
+from flmm_ros.ros.frames import Frame
+from flmm_ros.ros.image_conversions import image_to_depth, image_to_rgb, mono_to_image, rgb_to_image
+from flmm_ros.ros.messages import marker_array, result_message
+from flmm_ros.ros.requests import CANCELLED, Request
+from flmm_ros.ros.stamp_sync import stamp_ns
+
+E = GroundingResultMsg  # error code constants (E.ERROR_NO_FRAME, ...)
+REFUSALS = {E.ERROR_BUSY: "busy with another instruction (busy_policy {policy}, max_queued {max_queued})",
+            E.ERROR_PREEMPTED: 'preempted by a newer instruction (busy_policy preempt)',
+            E.ERROR_SHUTDOWN: 'the node is shutting down',
+            E.ERROR_INACTIVE: "the node is not active (lifecycle state {state}); activate it first"}
+
+
+class RequestFailed(Exception):
+    """A request ends with an explicit error code (one of GroundingResult's ERROR_* constants)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class InstructionServer:
+    """The worker's methods of GroundingNode: serve one request, publish its outputs, answer it.
+
+    Runs on the node's single worker thread, except `_answer` / `_fail`, which any thread may call (a Request
+    takes only its first result)."""
+
+    # ---- the worker ---------------------------------------------------------------------------
+    def _work(self) -> None:
+        """The worker thread: (with autostart) configure and activate, then serve requests one at a time."""
+        if self.params['autostart']:
+            self._autostart()
+        while (request := self.queue.take()) is not None:
+            try:
+                self._serve(request)
+            finally:
+                self.queue.finish(request)
+                if not self.queue.busy and self._accepting:
+                    self._status('ready')
+
+    def _serve(self, request: Request) -> None:
+        header = Header(stamp=self.get_clock().now().to_msg())  # until an image is chosen
+        self._status(f"busy: {request.instruction!r}")
+
+        def progress(stage: str) -> None:
+            request.check()
+            if request.on_stage is not None:
+                request.on_stage(stage)
+
+        try:
+            request.check()
+            frame = self._frame_for(request)
+            header = frame.image.header
+            self.get_logger().debug(f"serving {request.source} instruction {request.instruction!r} on frame "
+                                    f"{frame.seq} stamped {frame.image.header.stamp.sec}."
+                                    f"{frame.image.header.stamp.nanosec:09d} (waited {request.age():.3f} s)")
+            warnings = self._check_fresh(frame, request)
+            depth, info = self._match_3d(frame)        # now: the buffers may have moved on after inference
+            progress('encode')
+            rgb, encoding = self._encode(frame)
+            result = self.pipeline.run(encoding, request.instruction, progress=progress)
+            progress('publish')
+            timings = dict(result.timings)
+            poses, pose_status = [None] * len(result.objects), [''] * len(result.objects)
+            if self.params['use_3d'] and result.objects:
+                start = time.perf_counter()
+                poses, pose_status = self._poses(frame, result.objects, depth, info)
+                timings['depth_3d'] = time.perf_counter() - start
+            msg = result_message(request.instruction, header, answer=result.answer, objects=result.objects,
+                                 poses=poses, pose_status=pose_status, timings=timings,
+                                 total_seconds=request.age(), frame_cached=result.frame_cached, warnings=warnings)
+            self._publish_outputs(rgb, result, poses, header)
+            self._answer(request, msg)
+            self.get_logger().debug(f"answered {request.instruction!r}: {len(result.objects)} objects, " + ", ".join(
+                f"{name} {seconds * 1000:.1f} ms" for name, seconds in timings.items()))
+        except RequestFailed as error:
+            self._fail(request, error.code, str(error), header, show=True)
+        except GroundingCancelled:
+            reason = request.stop_reason or CANCELLED
+            self._fail(request, reason, self._refusal(reason) if reason in REFUSALS else f"{reason} while running",
+                       header)
+        except GroundingError as error:
+            self._fail(request, E.ERROR_BAD_INPUT, str(error), header, show=True)
+        except Exception as error:  # noqa: BLE001 - the node must outlive any one request
+            self.get_logger().error(f"internal error on {request.instruction!r}:\n{traceback.format_exc()}")
+            self._fail(request, E.ERROR_INTERNAL, f"internal error: {type(error).__name__}: {error}", header,
+                       show=True)
+
+    def _frame_for(self, request: Request) -> Frame:
+        if request.image is not None:
+            return self.frames.add(request.image, from_camera=False)
+        frame = self.frames.latest
+        if frame is None:
+            raise RequestFailed(E.ERROR_NO_FRAME, f"no image received yet on {self.image_topic} "
+                                                  f"({self.frames.describe()}); is the camera running?")
+        return frame
+
+    def _check_fresh(self, frame: Frame, request: Request) -> list[str]:
+        """Refuse a frame that was stale when the instruction came; warnings about its stamp."""
+        limit = self.params['max_frame_age']
+        if not frame.from_camera or limit <= 0:
+            return []
+        # Age when the instruction arrived: time spent waiting behind other instructions does not count.
+        age = request.received - frame.received
+        if age > limit:
+            raise RequestFailed(E.ERROR_STALE_FRAME, f"the latest image on {self.image_topic} arrived {age:.1f} s "
+                                                     f"before the instruction (max_frame_age {limit:g} s): "
+                                                     f"{self.frames.describe()}; is the camera running?")
+        lag = (self.get_clock().now().nanoseconds - stamp_ns(frame.image.header.stamp)) / 1e9
+        if abs(lag) <= limit:
+            return []
+        where = 'behind' if lag > 0 else 'ahead of'
+        warning = (f"the image's header stamp is {abs(lag):.1f} s {where} this node's clock (max_frame_age "
+                   f"{limit:g} s): check the camera's clock and use_sim_time")
+        self.get_logger().warning(warning, throttle_duration_sec=10.0)
+        return [warning]
+
+    def _encode(self, frame: Frame) -> tuple[np.ndarray, FrameEncoding]:
+        """The frame's RGB and encoding, computed once per frame and reused by later instructions on it."""
+        if self._encoded is not None and self._encoded[0] == frame.seq:
+            return self._encoded[1], self._encoded[2]
+        try:
+            rgb = image_to_rgb(frame.image)
+            encoding = self.pipeline.encode(rgb)  # also refuses images too small to ground in
+        except GroundingError as error:
+            raise RequestFailed(E.ERROR_BAD_IMAGE, f"bad image: {error}") from error
+        self._encoded = (frame.seq, rgb, encoding)
+        return rgb, encoding
+
+    # ---- 3D --------------------------------------------------------------------------------------
+    def _match_3d(self, frame: Frame) -> tuple[Any, Any]:
+        if not self.params['use_3d'] or not frame.from_camera:
+            return None, None
+        stamp = stamp_ns(frame.image.header.stamp)
+        return self._depths.match(stamp), self._infos.match(stamp)
+
+    def _poses(self, frame: Frame, objects, depth_msg, info) -> tuple[list, list[str]]:
+        """3D per object from the depth + camera_info of the frame's stamp, and why where there is none."""
+        if frame.from_camera:   # depth may have arrived after the image, while the model ran
+            later_depth, later_info = self._match_3d(frame)
+            depth_msg, info = depth_msg or later_depth, info or later_info
+        missing = [name for name, msg in (('depth image', depth_msg), ('camera_info', info)) if msg is None]
+        if missing:
+            reason = (f"no {' and no '.join(missing)} within sync_slop {self.params['sync_slop']:g} s of the image "
+                      "stamp" if frame.from_camera else "the goal's own image has no depth")
+            return [None] * len(objects), [reason] * len(objects)
+        try:
+            depth = image_to_depth(depth_msg)
+            intrinsics = CameraIntrinsics.from_k(info.k, info.width, info.height)
+            poses, reasons = zip(*(object_pose_with_reason(obj.mask, depth, intrinsics) for obj in objects))
+        except GroundingError as error:  # 3D is extra: the 2D result still stands
+            self.get_logger().warning(f"3D skipped: {error}", throttle_duration_sec=5.0)
+            return [None] * len(objects), [f"no 3D: {error}"] * len(objects)
+        return list(poses), list(reasons)
+
+    # ---- outputs --------------------------------------------------------------------------------
+    def _publish_outputs(self, rgb: np.ndarray, result, poses, header: Header) -> None:
+        if result.answer:
+            self.answer_pub.publish(String(data=result.answer))
+            if self._speaker is not None:
+                self._speaker.speak(result.answer)
+        self.mask_pub.publish(mono_to_image(label_image(result.objects, rgb.shape), header))
+        if self.params['publish_overlay']:
+            self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, result.objects), header))
+        if self.params['use_3d']:
+            self.markers_pub.publish(marker_array(result.objects, poses, header))
+
+    def _refusal(self, code: str) -> str:
+        return REFUSALS[code].format(policy=self.queue.policy, max_queued=self.queue.max_queued,
+                                     state=self._lifecycle_label())
+
+    def _answer(self, request: Request, msg: GroundingResultMsg) -> None:
+        """The request's one result: on ~/result and, for an action goal, as the goal's result."""
+        if request.complete(msg):
+            self.stats.result(msg.error_code, msg.total_seconds)
+            if self._io:   # configured: ~/result exists
+                self.result_pub.publish(msg)
+
+    def _fail(self, request: Request, code: str, message: str, header: Header | None = None,
+              show: bool = False) -> None:
+        """Answer the request with an error; `show` also puts it on ~/status (errors of the served request)."""
+        if header is None:
+            header = Header(stamp=self.get_clock().now().to_msg())
+        line = f"{request.source} instruction {request.instruction!r}: {code}: {message}"
+        if show:
+            self.get_logger().warning(line)
+            self._status(f"error: {message}")
+        else:   # refusals come in bursts: one line a second is enough (~/result has every one)
+            self.get_logger().warning(line, throttle_duration_sec=1.0)
+        self._answer(request, result_message(request.instruction, header, total_seconds=request.age(),
+                                             error_code=code, error=message))
+
