@@ -49,12 +49,39 @@ def test_vermin_catches_a_python_3_11_module(tmp_path):
     assert result.returncode != 0 and 'tomllib' in result.stdout
 
 
+def class_members(node: ast.ClassDef) -> set[str]:
+    """Methods of a class and the attributes its methods assign (self.x = ...)."""
+    own = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    own |= {t.id for n in node.body if isinstance(n, (ast.Assign, ast.AnnAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target]) if isinstance(t, ast.Name)}
+    own |= {t.attr for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
+            for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == 'self'}
+    return own
+
+
+def first_party_members(module: str, name: str) -> set[str]:
+    """Members of class `name` in this package's `module` (flmm_ros.x.y), with its same-file bases."""
+    path = PACKAGE / Path(*module.split('.')).with_suffix('.py')
+    if not path.is_file():
+        return set()
+    classes = {c.name: c for c in ast.parse(path.read_text()).body if isinstance(c, ast.ClassDef)}
+    members, todo = set(), [name]
+    while todo:
+        cls = classes.get(todo.pop())
+        if cls is not None:
+            members |= class_members(cls)
+            todo += [b.id for b in cls.bases if isinstance(b, ast.Name)]
+    return members
+
+
 class RclpyUses(ast.NodeVisitor):
     """rclpy names, methods and keywords used outside guarded fallbacks, checked against one API snapshot."""
 
     def __init__(self, api: dict, path: Path):
         self.api, self.path, self.problems = api, path, []
         self.imported: dict[str, str] = {}  # local name -> rclpy qualified name
+        self.first_party: dict[str, tuple[str, str]] = {}  # local name -> (flmm_ros module, class name)
         self.node_classes: list[tuple[str, set[str]]] = []  # (rclpy base class, names our class defines)
         self.guarded = 0
 
@@ -99,6 +126,8 @@ class RclpyUses(ast.NodeVisitor):
                 self.imported[alias.asname or 'rclpy'] = alias.name if alias.asname else 'rclpy'
 
     def visit_ImportFrom(self, node):
+        if (node.module or '').split('.')[0] == 'flmm_ros':
+            self.first_party.update({a.asname or a.name: (node.module, a.name) for a in node.names})
         if (node.module or '').split('.')[0] != 'rclpy':
             return
         for alias in node.names:
@@ -129,10 +158,10 @@ class RclpyUses(ast.NodeVisitor):
         rclpy_base = next((b for b in bases if b in self.api['classes']), None)
         if rclpy_base is None:
             return self.generic_visit(node)
-        own = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
-        own |= {t.attr for n in ast.walk(node) if isinstance(n, (ast.Assign, ast.AnnAssign, ast.AugAssign))
-                for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
-                if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == 'self'}
+        own = class_members(node)
+        for base in node.bases:  # mixins of this package (e.g. class GroundingNode(InstructionServer, LifecycleNode))
+            if isinstance(base, ast.Name) and base.id in self.first_party:
+                own |= first_party_members(*self.first_party[base.id])
         self.node_classes.append((rclpy_base, own))
         self.generic_visit(node)
         self.node_classes.pop()

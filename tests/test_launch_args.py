@@ -35,11 +35,11 @@ def test_non_boolean_text_is_an_error_not_false(text):
 
 def test_every_bad_argument_is_reported_at_once():
     bad = {**DEFAULTS, 'use_3d': 'maybe', 'use_rviz': 'perhaps', 'log_level': 'loud', 'input_qos': 'fast',
-           'namespace': '9lives'}
+           'namespace': '9lives', 'autostart': 'later'}
     with pytest.raises(la.LaunchArgumentError) as caught:
         la.plan(bad)
     message = str(caught.value)
-    for fragment in ("use_3d:='maybe'", "use_rviz:='perhaps'", "log_level:='loud' is not one of debug, info",
+    for fragment in ("use_3d:='maybe'", "use_rviz:='perhaps'", "autostart:='later'", "log_level:='loud' is not one of debug, info",
                      "input_qos:='fast' is not one of SENSOR_DATA", "namespace:='9lives'"):
         assert fragment in message
 

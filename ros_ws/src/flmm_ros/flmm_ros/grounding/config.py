@@ -1,7 +1,7 @@
-"""Pipeline configuration: one flat dataclass, field names equal the ROS node's parameter names."""
+"""Pipeline configuration: one flat dataclass; each field carries its default, description and choices."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -13,23 +13,37 @@ BACKENDS = ("torch", "onnxruntime", "tensorrt")
 PHRASE_MODES = ("instruction", "reasoning")
 
 
+def setting(default, description: str, choices: tuple[str, ...] = ()):
+    """A PipelineConfig field whose description and choices are the one source for the ROS parameter table,
+    config/grounding.yaml and the README (tests tie them together)."""
+    return field(default=default, metadata={"description": description, "choices": tuple(choices)})
+
+
 @dataclass
 class PipelineConfig:
-    model: str = ""                 # model bundle directory, or a Hugging Face LMM id/path (then mask_head is needed)
-    mask_head: str = ""             # F-LMM .pth or our .safetensors; overrides the bundle's head when set
-    sam_checkpoint: str = ""        # official sam_vit_*.pth (needed with a plain LMM)
-    sam_type: str = "vit_l"         # SAM size for sam_checkpoint: vit_b | vit_l | vit_h
-    prompt_template: str = ""       # vicuna | mistral | a format string with {input}; empty = the model's own
-    backend: str = "torch"          # SAM refiner backend: torch | onnxruntime | tensorrt
-    engine_dir: str = ""            # where ONNX files / TensorRT plans are cached (empty = engines/cache)
-    device: str = "cpu"
-    dtype: str = "auto"             # LMM dtype: auto | float32 | float16 | bfloat16. auto: bfloat16 on CUDA with SAM
-    #                                 in float32 (F-LMM), float32 on CPU; float16/bfloat16 also run SAM in fp16
-    answer: bool = True             # generate a spoken answer
-    max_new_tokens: int = 24        # the spoken answer (reasoning mode generates F-LMM's 16 after "It is")
-    phrase_mode: str = "instruction"  # instruction: ground the instruction's objects; reasoning: ground the answer
-    mask_threshold: float = 0.5     # foreground probability threshold for the published masks
-    refine: bool = True             # run the SAM refiner (False: publish the mask head's coarse masks)
+    """Everything that decides what the pipeline computes. Field names equal the ROS node's parameter names."""
+    model: str = setting("", "Model bundle directory, or a Hugging Face LLaVA id/path (then mask_head and "
+                             "sam_checkpoint are needed). Empty = the embedded tabletop-tiny model shipped with "
+                             "the package.")
+    mask_head: str = setting("", "F-LMM mask-head checkpoint (.pth) or ours (.safetensors); overrides a bundle's "
+                                 "head when set.")
+    sam_checkpoint: str = setting("", "Official SAM checkpoint (sam_vit_*.pth), needed with a plain LMM.")
+    sam_type: str = setting("vit_l", "SAM size of sam_checkpoint.", ("vit_b", "vit_l", "vit_h"))
+    prompt_template: str = setting("", "LMM chat template: vicuna | mistral | a format string with {input}; "
+                                       "empty = the model's own.")
+    backend: str = setting("torch", "SAM refiner backend.", BACKENDS)
+    engine_dir: str = setting("", "Cache directory for SAM ONNX files and TensorRT plans (empty = engines/cache).")
+    device: str = setting("cpu", "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...")
+    dtype: str = setting("auto", "LMM dtype. auto = bfloat16 on CUDA with SAM in float32 (as F-LMM ran), "
+                                 "float32 on CPU; float16/bfloat16 also run SAM in fp16.", tuple(DTYPES))
+    answer: bool = setting(True, "Generate a short spoken answer to each instruction.")
+    max_new_tokens: int = setting(24, "Most tokens generated for the spoken answer (reasoning mode generates "
+                                      "F-LMM's 16 after 'It is').")
+    phrase_mode: str = setting("instruction", "instruction: ground the objects named in the instruction; "
+                                              "reasoning: ground the answer (F-LMM's recipe).", PHRASE_MODES)
+    mask_threshold: float = setting(0.5, "Foreground probability above which a pixel belongs to a published "
+                                         "mask, in (0, 1).")
+    refine: bool = setting(True, "Refine the mask head's coarse masks with SAM (false: publish the coarse masks).")
 
     @classmethod
     def from_dict(cls, values: dict) -> "PipelineConfig":

@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from flmm_ros.grounding.config import BACKENDS, DTYPES, PHRASE_MODES, PipelineConfig
+from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.types import GroundingError
 
 BUSY_POLICIES = ('queue', 'preempt', 'reject')
@@ -30,27 +30,6 @@ class ParamSpec:
     runtime: bool = False
 
 
-PIPELINE_DESCRIPTIONS: dict[str, str] = {
-    'model': "Model bundle directory, or a Hugging Face LLaVA id/path (then mask_head and sam_checkpoint are "
-             "needed). Empty = the embedded tabletop-tiny model shipped with the package.",
-    'mask_head': "F-LMM mask-head checkpoint (.pth) or ours (.safetensors); overrides a bundle's head when set.",
-    'sam_checkpoint': "Official SAM checkpoint (sam_vit_*.pth), needed with a plain LMM.",
-    'sam_type': "SAM size of sam_checkpoint: vit_b | vit_l | vit_h.",
-    'prompt_template': "LMM chat template: vicuna | mistral | a format string with {input}; empty = the model's own.",
-    'backend': "SAM refiner backend: " + " | ".join(BACKENDS) + ".",
-    'engine_dir': "Cache directory for SAM ONNX files and TensorRT plans (empty = engines/cache).",
-    'device': "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...",
-    'dtype': "LMM dtype: " + " | ".join(DTYPES) + ". auto = bfloat16 on CUDA with SAM in float32 (as F-LMM ran), "
-             "float32 on CPU; float16/bfloat16 also run SAM in fp16.",
-    'answer': "Generate a short spoken answer to each instruction.",
-    'max_new_tokens': "Most tokens generated for the answer.",
-    'phrase_mode': "instruction: ground the objects named in the instruction; reasoning: ground the answer.",
-    'mask_threshold': "Foreground probability above which a pixel belongs to a published mask, in (0, 1).",
-    'refine': "Refine the mask head's coarse masks with SAM (false: publish the coarse masks).",
-}
-PIPELINE_CHOICES: dict[str, tuple[str, ...]] = {
-    'backend': BACKENDS, 'dtype': tuple(DTYPES), 'phrase_mode': PHRASE_MODES,
-}
 # Pipeline settings read per instruction (the rest shape the loaded model).
 PIPELINE_RUNTIME = frozenset({'answer', 'max_new_tokens', 'phrase_mode', 'mask_threshold'})
 
@@ -90,9 +69,10 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
 
 
 def pipeline_parameters() -> tuple[ParamSpec, ...]:
+    """The pipeline's parameters: PipelineConfig's fields, with the description and choices they carry."""
     defaults = PipelineConfig()
-    return tuple(ParamSpec(f.name, getattr(defaults, f.name), PIPELINE_DESCRIPTIONS[f.name],
-                           PIPELINE_CHOICES.get(f.name, ()), runtime=f.name in PIPELINE_RUNTIME)
+    return tuple(ParamSpec(f.name, getattr(defaults, f.name), f.metadata['description'], f.metadata['choices'],
+                           runtime=f.name in PIPELINE_RUNTIME)
                  for f in fields(PipelineConfig))
 
 

@@ -1,0 +1,7 @@
+"""The names of the pipeline's timed stages: the keys of GroundingResult.timings and of the node's per-stage
+latency, and the stages its action reports as feedback. One source: tests check the code and the message
+comments against these tuples."""
+
+ENCODE_STAGES = ("vision", "lmm_prefix", "sam_encoder")          # once per camera frame
+INSTRUCTION_STAGES = ("phrases", "answer", "phrase_pass", "mask_head", "sam_decoder", "post")
+PIPELINE_STAGES = ENCODE_STAGES + INSTRUCTION_STAGES
