@@ -17,9 +17,8 @@ import argparse
 import array
 import json
 import os
-import random
+import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,21 +28,18 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-import yaml
 from flmm_msgs.msg import GroundingResult
 from rclpy.context import Context
-from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "ros_ws/src/flmm_ros"))
-from flmm_ros.ros.image_conversions import rgb_to_image  # noqa: E402
-from flmm_ros.tabletop.scenes import generate_scene, split_seeds  # noqa: E402
+from flmm_ros.ros.image_conversions import rgb_to_image
+from flmm_ros.ros.testing import SENSOR_DATA, GroundingProcess
+from flmm_ros.tabletop.scenes import generate_scene, split_seeds
 
-CONFIG = ROOT / "ros_ws/src/flmm_ros/config/grounding.yaml"
+ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ("pick the red mug", "grab the blue ball", "where is the bowl?", "pick up the green box",
                 "take the yellow can", "what is on the left?")
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
@@ -54,12 +50,12 @@ H, W = 480, 640
 class Camera(Node):
     """Publishes the camera stream and the instructions; records results and status."""
 
-    def __init__(self, context: Context, frames: list[Image], fps: float, rate: float):
+    def __init__(self, context: Context, frames: list[Image], fps: float, rate: float, camera_qos: QoSProfile):
         super().__init__(f"flmm_soak_{os.getpid()}", context=context)
         self.frames = frames
-        self.image_pub = self.create_publisher(Image, "image", RELIABLE)
-        self.depth_pub = self.create_publisher(Image, "depth", RELIABLE)
-        self.info_pub = self.create_publisher(CameraInfo, "camera_info", RELIABLE)
+        self.image_pub = self.create_publisher(Image, "image", camera_qos)
+        self.depth_pub = self.create_publisher(Image, "depth", camera_qos)
+        self.info_pub = self.create_publisher(CameraInfo, "camera_info", camera_qos)
         self.instruction_pub = self.create_publisher(String, "instruction", RELIABLE)
         self.create_subscription(GroundingResult, "/flmm_grounding/result", self._on_result, RELIABLE)
         self.create_subscription(String, "/flmm_grounding/status", self._on_status, LATCHED)
@@ -139,13 +135,6 @@ def camera_frames(count: int) -> list[Image]:
     return frames
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def rss_slope(memory: list[tuple[float, float]], after: float) -> float:
     """Least-squares RSS trend after the warm-up window, MiB per minute (0 with too few samples)."""
     points = [(t / 60, m) for t, m in memory if t >= after]
@@ -156,67 +145,42 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def start_node(work: Path, model: str, overrides: dict, domain: int) -> subprocess.Popen:
-    params = yaml.safe_load(CONFIG.read_text())
-    node_params = params[next(iter(params))]["ros__parameters"]
-    node_params.update(overrides)
-    if model:
-        node_params["model"] = model
-    params_file = work / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params))
-    env = {**os.environ, "ROS_DOMAIN_ID": str(domain), "ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST",
-           "PYTHONUNBUFFERED": "1"}
-    log = (work / "node.log").open("w")
-    return subprocess.Popen([sys.executable, "-m", "flmm_ros.ros.node", "--ros-args", "--params-file",
-                             str(params_file)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
 def run(args: argparse.Namespace) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="flmm_soak_"))
     work.mkdir(parents=True, exist_ok=True)
-    domain = random.Random(os.getpid()).randint(101, 200)
     overrides = {"input_qos": args.input_qos, "busy_policy": "queue", "max_queued": args.max_queued,
                  "speak": False}
-    node = start_node(work, args.model, overrides, domain)
-    os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
-    context = Context()
-    rclpy.init(context=context, domain_id=domain)
-    camera = Camera(context, camera_frames(8), args.fps, args.rate)
-    executor = SingleThreadedExecutor(context=context)
-    executor.add_node(camera)
-    spinner = threading.Thread(target=executor.spin, daemon=True)
-    spinner.start()
+    camera_qos = RELIABLE if args.input_qos in ("RELIABLE", "DEFAULT") else SENSOR_DATA
+    node = GroundingProcess(work, args.model or None, overrides, camera_qos=camera_qos)
+    camera = Camera(node.context, camera_frames(8), args.fps, args.rate, camera_qos)
+    node.executor.add_node(camera)
     memory: list[tuple[float, float]] = []
+    exit_code = None
     try:
-        deadline = time.monotonic() + args.startup_timeout
-        while "ready" not in camera.statuses:
-            if node.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the node did not start; log {work / 'node.log'}:\n"
-                                   f"{(work / 'node.log').read_text()[-3000:]}")
-            time.sleep(0.1)
+        node.wait_ready()
         while camera.image_pub.get_subscription_count() == 0 or camera.instruction_pub.get_subscription_count() == 0:
             time.sleep(0.05)
         t0 = time.monotonic()
         camera.streaming = True
         while (elapsed := time.monotonic() - t0) < args.duration:
-            memory.append((elapsed, rss_mib(node.pid)))
+            memory.append((elapsed, node.rss_mb()))
             time.sleep(min(args.memory_every, max(0.0, args.duration - elapsed)))
         camera.streaming = False
         drain_deadline = time.monotonic() + args.drain_timeout
         while camera.outstanding() and time.monotonic() < drain_deadline:
             time.sleep(0.1)
-        memory.append((time.monotonic() - t0, rss_mib(node.pid)))
-        alive = node.poll() is None
+        memory.append((time.monotonic() - t0, node.rss_mb()))
+        alive = node.alive()
+        exit_code = node.stop(signal.SIGINT)
     finally:
-        executor.shutdown()
+        node.executor.remove_node(camera)
         camera.destroy_node()
-        rclpy.shutdown(context=context)
-        node.terminate()
-        node.wait(timeout=15)
-    return summarise(camera, memory, args, alive, work)
+        node.close()
+    return summarise(camera, memory, args, alive, work, exit_code)
 
 
-def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bool, work: Path) -> dict:
+def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bool, work: Path,
+              exit_code: int | None) -> dict:
     results = camera.results
     ok = [r for r in results if r["success"]]
     latencies = [r["latency"] * 1e3 for r in ok]
@@ -241,7 +205,7 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
                     "window_s": window},
         "rss_growth_mib": statistics.fmean(last) - statistics.fmean(first),
         "rss_slope_mib_per_min": rss_slope(memory, after=window),
-        "node_alive_at_end": alive, "node_log": str(work / "node.log"),
+        "node_alive_at_end": alive, "node_exit_code_after_sigint": exit_code, "node_log": str(work / "node.log"),
         "rss_trace": [(round(t, 1), round(m, 1)) for t, m in memory],
     }
 
@@ -265,6 +229,7 @@ def print_report(s: dict) -> None:
          f" (growth {s['rss_growth_mib']:+.1f}, max {rss['max']:.1f})"),
         ("node RSS trend after the first window", f"{s['rss_slope_mib_per_min']:+.2f} MiB/min"),
         ("node alive at end", s["node_alive_at_end"]),
+        ("node exit code after SIGINT", s["node_exit_code_after_sigint"]),
     ]
     for name, value in rows:
         print(f"{name:<38} {value}")
@@ -278,9 +243,9 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=30.0)
     parser.add_argument("--rate", type=float, default=2.0, help="instructions per second")
     parser.add_argument("--model", default="", help="model bundle (default: the embedded tabletop-tiny)")
-    parser.add_argument("--input-qos", default="RELIABLE",
-                        help="the node's input QoS; RELIABLE because Fast DDS drops most best-effort "
-                             "640x480 frames between local processes (see BENCHMARKS.md)")
+    parser.add_argument("--input-qos", default="SENSOR_DATA",
+                        help="the node's input QoS (the camera publishes best effort for SENSOR_DATA / "
+                             "BEST_EFFORT, reliably otherwise)")
     parser.add_argument("--max-queued", type=int, default=2)
     parser.add_argument("--memory-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
@@ -292,7 +257,8 @@ def main() -> int:
     print_report(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=1))
-    return 0 if summary["lost"] == 0 and summary["unmatched_results"] == 0 and summary["node_alive_at_end"] else 1
+    healthy = summary["node_alive_at_end"] and summary["node_exit_code_after_sigint"] == 0
+    return 0 if summary["lost"] == 0 and summary["unmatched_results"] == 0 and healthy else 1
 
 
 if __name__ == "__main__":

@@ -206,14 +206,17 @@ def wait_result(handle, timeout: float = ANSWER_TIMEOUT):
 
 class GroundingProcess:
     """The node as a subprocess (`--params-file` with `overrides`) plus a probe talking to it in an isolated
-    DDS domain. `env` adds environment variables for the node."""
+    DDS domain. `env` adds environment variables for the node. Other nodes (e.g. a benchmark's camera) can join
+    the probe's `context` and `executor`."""
 
-    def __init__(self, tmp: Path, bundle: Path, overrides: dict, namespace: str = '',
+    def __init__(self, tmp: Path, bundle: Path | str | None, overrides: dict, namespace: str = '',
                  camera_qos: QoSProfile = RELIABLE, env: dict | None = None):
         self.domain_id = random.randint(1, 100)
         params = yaml.safe_load(CONFIG.read_text())
         node_key = next(iter(params))
-        params[node_key]['ros__parameters'].update(model=str(bundle), **overrides)
+        if bundle:   # else the params file's model (empty: the embedded one)
+            overrides = {'model': str(bundle), **overrides}
+        params[node_key]['ros__parameters'].update(overrides)
         params_file = tmp / 'params.yaml'
         params_file.write_text(yaml.safe_dump(params))
         env = dict(os.environ, ROS_DOMAIN_ID=str(self.domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST',
