@@ -52,6 +52,10 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
 
     # Heavy imports after the signal handlers (see the module docstring); no progress bars in a node's log.
     os.environ.setdefault('HF_HUB_DISABLE_PROGRESS_BARS', '1')
+    # OpenMP threads that spin while waiting turn a busy robot computer (camera drivers, planners, another
+    # model) into a 50-100x slowdown: measured on 2 cores beside one busy process, a cached-frame instruction
+    # took 2.2 s with spinning threads and 30 ms with sleeping ones. Must be set before torch loads libgomp.
+    os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     import rclpy
     from rclpy.executors import MultiThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
