@@ -108,9 +108,10 @@ def entrypoint(*args, env=None, timeout=60):
 
 
 def test_entrypoint_rejects_bad_launch_arguments_without_starting_anything():
-    result = entrypoint('use_3d:=maybe')
-    assert result.returncode == 2
-    assert "use_3d:='maybe' is not a boolean" in result.stderr
+    result = entrypoint('use_3d:=maybe')  # ros2 launch where installed, else the node module fallback
+    assert result.returncode != 0
+    assert "use_3d:='maybe' is not a boolean" in result.stdout + result.stderr
+    assert 'process started' not in result.stdout + result.stderr
 
 
 def test_entrypoint_runs_other_commands_in_the_sourced_environment():
@@ -139,4 +140,4 @@ def test_entrypoint_fallback_starts_a_healthy_namespaced_node():
         node.send_signal(signal.SIGINT)
         output = node.communicate(timeout=30)[0]
     assert node.returncode == 0, output
-    assert 'starting the node' in output and '__ns:=/hc_test' in output
+    assert '__ns:=/hc_test' in output or '[hc_test.flmm_grounding]' in output, output

@@ -34,6 +34,7 @@ PARAMETER_ARGUMENTS = {
     'device': str,
     'use_3d': bool,
     'input_qos': str,
+    'autostart': bool,
 }
 # Arguments the launch itself consumes.
 LAUNCH_ARGUMENTS = ('namespace', 'params_file', 'use_rviz', 'rviz_config', 'log_level')

@@ -79,6 +79,9 @@ def generate_launch_description():
         DeclareLaunchArgument('input_qos', default_value='', choices=['', *QOS_PRESETS],
                               description='QoS of image/depth/camera_info: RELIABLE for a reliable camera driver '
                                           '(empty: from params_file).'),
+        DeclareLaunchArgument('autostart', default_value='',
+                              description='true | false: configure and activate the lifecycle node at start; false '
+                                          'waits for `ros2 lifecycle set` (empty: from params_file).'),
         DeclareLaunchArgument('use_rviz', default_value='false',
                               description='true | false: start RViz with rviz_config (refused when rviz2 is missing).'),
         DeclareLaunchArgument('rviz_config', default_value=PathJoinSubstitution([share, 'rviz', 'grounding.rviz']),
