@@ -26,12 +26,12 @@ echo "[build] LMM and SAM pre-trained after $(( $(date +%s) - start )) s"
 
 python -m flmm_ros.tabletop.model_card random-lmm --trained "$WORK/lmm/model" --out "$WORK/random_lmm"
 HEAD_ARGS="--sam-arch $WORK/sam/sam_arch.yaml --sam-checkpoint $WORK/sam/sam.safetensors --mask-head-base 32
-    --data tabletop --train-count 6000 --val-count 40 --epochs 2 --batch-size 4 --lr 5e-4 --eval-every 500
+    --train-count 6000 --val-count 40 --epochs 2 --batch-size 4 --lr 5e-4 --eval-every 500
     --save-every 250 --threads 1"
-python -m flmm_ros.grounding.training.train --lmm "$WORK/lmm/model" $HEAD_ARGS --out "$WORK/head" \
+python -m flmm_ros.tabletop.head_cli train --lmm "$WORK/lmm/model" $HEAD_ARGS --out "$WORK/head" \
     --bundle-out "$BUNDLE" > "$WORK/head.log" 2>&1 &
 head_pid=$!
-python -m flmm_ros.grounding.training.train --lmm "$WORK/random_lmm" $HEAD_ARGS --out "$WORK/head_random_lmm" \
+python -m flmm_ros.tabletop.head_cli train --lmm "$WORK/random_lmm" $HEAD_ARGS --out "$WORK/head_random_lmm" \
     --bundle-out "$WORK/random_lmm_bundle" > "$WORK/head_random_lmm.log" 2>&1 &
 random_pid=$!
 wait $head_pid

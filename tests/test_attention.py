@@ -18,7 +18,8 @@ def eager_reference(adapter, frame, phrases):
     model = adapter.model
     model.set_attn_implementation({"text_config": "eager"})
     try:
-        extra = {"image_sizes": frame.prepared.extra["image_sizes"]} if "image_sizes" in frame.prepared.extra else {}
+        sizes = getattr(frame.prepared, "image_sizes", None)      # LLaVA-NeXT's any-res input
+        extra = {} if sizes is None else {"image_sizes": sizes}
         out = model(input_ids=full, pixel_values=frame.prepared.pixel_values, output_attentions=True,
                     output_hidden_states=True, use_cache=False, **extra)
     finally:
@@ -57,7 +58,7 @@ def test_llava_next_phrase_attention_matches_eager():
     frame = adapter.encode_frame(random_image(3, (40, 72)))
     result = adapter.phrase_pass(frame, ["the red mug", "the bowl"])
     ref_maps, _ = eager_reference(adapter, frame, ["the red mug", "the bowl"])
-    fine_h, fine_w = frame.prepared.extra["fine_hw"]
+    fine_h, fine_w = frame.prepared.fine_hw
     assert result.maps.shape == (2, 2 * 2 * 4, fine_h, fine_w)
     assert (fine_h, fine_w) != (adapter.grid, adapter.grid)
     assert (result.maps - ref_maps).abs().max() <= 1e-5

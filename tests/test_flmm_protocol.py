@@ -17,9 +17,10 @@ from flmm_ros.grounding.attention import eager_phrase_attention, enable_phrase_a
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.lmm import LlavaAdapter, LlavaNextAdapter
 from flmm_ros.grounding.lmm.base import PROMPT_TEMPLATES
-from flmm_ros.grounding.lmm.llava import resized_size
+from flmm_ros.grounding.lmm.llava import crop_to_content, resized_size
 from flmm_ros.grounding.phrases import REASONING_ANSWER_PREFIX, reasoning_prompt
 from flmm_ros.grounding.testing import save_model_dir, tiny_llava, tiny_llava_next
+from flmm_ros.grounding.types import GroundingError
 
 V16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]   # llava-v1.6 preprocessor
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -52,7 +53,7 @@ def test_llava_pixels_and_crop_follow_flmm_for_640x426():
     adapter = LlavaAdapter(model, tok)
     image = photo(426, 640)
     prepared = adapter.prepare_image(image)
-    assert prepared.extra["content_hw"] == (223, 336) and prepared.extra["pad_top_left"] == (56, 0)
+    assert prepared.content_hw == (223, 336) and prepared.pad_top_left == (56, 0)
     # F-LMM: resize to (int(426 * 336 / 640), 336) bicubic, centred pad with int(mean * 255), rescale, normalize.
     resized = np.asarray(Image.fromarray(image).resize((336, 223), Image.BICUBIC))
     canvas = np.empty((336, 336, 3), np.uint8)
@@ -61,6 +62,28 @@ def test_llava_pixels_and_crop_follow_flmm_for_640x426():
     assert np.abs(prepared.pixel_values[0].numpy() - normalise(canvas)).max() < 1e-5
     # The coarse mask keeps int(223 * 64 / 336 + 0.5) = 42 rows (a rounded resize gave 224 px and 43 rows).
     assert adapter.crop_to_image(torch.zeros(1, 64, 64), prepared).shape == (1, 42, 64)
+
+
+def test_crop_to_content_uses_flmm_rounding():
+    # A 448x336 (w x h) image resized to 336x252 and centre-padded to 336x336: 42 px top and bottom.
+    logits = torch.arange(64 * 64, dtype=torch.float32).view(1, 64, 64)
+    out = crop_to_content(logits, image_hw=(252, 336), padded_hw=(336, 336), pad_top_left=(42, 0))
+    top, height = int(42 * 64 / 336), int(252 * 64 / 336 + 0.5)
+    assert (top, height) == (8, 48)
+    assert torch.equal(out, logits[:, 8:56, :])
+    # Portrait: 200x336 content with 68 px on the left; width = int(200*64/336 + .5) = int(38.59) = 38.
+    out = crop_to_content(logits, image_hw=(336, 200), padded_hw=(336, 336), pad_top_left=(0, 68))
+    assert torch.equal(out, logits[:, :, 12:50])
+    # Leading dims are kept; an unpadded image is left whole.
+    assert torch.equal(crop_to_content(logits[None], (336, 336), (336, 336), (0, 0)), logits[None])
+
+
+def test_crop_to_content_rejects_bad_geometry():
+    logits = torch.zeros(1, 64, 64)
+    with pytest.raises(GroundingError, match="does not fit"):
+        crop_to_content(logits, image_hw=(300, 336), padded_hw=(336, 336), pad_top_left=(42, 0))
+    with pytest.raises(GroundingError, match="bad crop geometry"):
+        crop_to_content(logits, image_hw=(0, 336), padded_hw=(336, 336), pad_top_left=(0, 0))
 
 
 # ---- 2. LLaVA-NeXT preprocessing: PIL bicubic, as transformers 4.39 ----------------------------------------
@@ -104,7 +127,7 @@ def test_llava_next_pixels_equal_flmms_pil_preprocessing(hw, content_hw):
     assert ours.shape == reference.shape
     grey_level = 1 / 255 / CLIP_STD.max()
     assert np.abs(ours - reference).max() < 0.01 * grey_level        # the same 8-bit pixels
-    assert prepared.extra["content_hw"] == content_hw                 # F-LMM meta_data image_shape
+    assert prepared.content_hw == content_hw                 # F-LMM meta_data image_shape
     # What transformers 5 picks by default (torchvision) is a different image: the old behaviour.
     old = torchvision_processor(images=Image.fromarray(image), return_tensors="pt")["pixel_values"][0].numpy()
     assert np.abs(old - reference).max() >= grey_level

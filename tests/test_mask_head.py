@@ -1,4 +1,4 @@
-"""F-LMM's U-Net mask head (mmseg UNet layout), its input pipeline, un-padding, and GroundingHead."""
+"""F-LMM's U-Net mask head (mmseg UNet layout), its input pipeline, and GroundingHead."""
 import math
 import re
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from flmm_ros.grounding.head import GroundingHead
-from flmm_ros.grounding.mask_head import UNetHead, crop_to_content
+from flmm_ros.grounding.mask_head import UNetHead
 from flmm_ros.grounding.sam_models import TINY_TEST_SAM
 from flmm_ros.grounding.types import GroundingError
 
@@ -154,28 +154,6 @@ def test_head_trains_and_runs_in_bfloat16():
     head_bf16 = UNetHead(4, base_channels=8).to(torch.bfloat16).eval()
     with torch.no_grad():
         assert head_bf16(attention_maps(1, 4, 24, 24)).dtype == torch.bfloat16
-
-
-def test_crop_to_content_uses_flmm_rounding():
-    # A 448x336 (w x h) image resized to 336x252 and centre-padded to 336x336: 42 px top and bottom.
-    logits = torch.arange(64 * 64, dtype=torch.float32).view(1, 64, 64)
-    out = crop_to_content(logits, image_hw=(252, 336), padded_hw=(336, 336), pad_top_left=(42, 0))
-    top, height = int(42 * 64 / 336), int(252 * 64 / 336 + 0.5)
-    assert (top, height) == (8, 48)
-    assert torch.equal(out, logits[:, 8:56, :])
-    # Portrait: 200x336 content with 68 px on the left; width = int(200*64/336 + .5) = int(38.59) = 38.
-    out = crop_to_content(logits, image_hw=(336, 200), padded_hw=(336, 336), pad_top_left=(0, 68))
-    assert torch.equal(out, logits[:, :, 12:50])
-    # Leading dims are kept; an unpadded image is left whole.
-    assert torch.equal(crop_to_content(logits[None], (336, 336), (336, 336), (0, 0)), logits[None])
-
-
-def test_crop_to_content_rejects_bad_geometry():
-    logits = torch.zeros(1, 64, 64)
-    with pytest.raises(GroundingError, match="does not fit"):
-        crop_to_content(logits, image_hw=(300, 336), padded_hw=(336, 336), pad_top_left=(42, 0))
-    with pytest.raises(GroundingError, match="bad crop geometry"):
-        crop_to_content(logits, image_hw=(0, 336), padded_hw=(336, 336), pad_top_left=(0, 0))
 
 
 # GroundingHead: the trainable F-LMM parts together.

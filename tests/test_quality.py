@@ -5,8 +5,8 @@ import pytest
 
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.pipeline import GroundingPipeline
-from flmm_ros.grounding.training.data import tabletop_samples
 from flmm_ros.grounding.training.evaluate import evaluate, whole_image_baseline
+from flmm_ros.tabletop.samples import tabletop_samples
 
 BUNDLE = Path(__file__).resolve().parents[1] / "ros_ws/src/flmm_ros/models/tabletop_tiny"
 SCENES = 40          # fixed held-out test scenes (deterministic seeds)

@@ -14,8 +14,8 @@ from flmm_ros.tabletop.packing import collate, pack
 from flmm_ros.tabletop.patch_probe import TiedPatchProbe, patch_targets
 from flmm_ros.tabletop.scenes import generate_scene
 from flmm_ros.tabletop.tokenizer import IMAGE, build_tokenizer, format_prompt
-from flmm_ros.tabletop.train_lmm import (QUESTION_WEIGHTS, _tied_probe, main as train_main, parse_question_weights,
-                                        pick_balanced, train_batch, training_turns)
+from flmm_ros.tabletop.train_lmm import (CHECKPOINT_FILES, QUESTION_WEIGHTS, _tied_probe, main as train_main,
+                                        parse_question_weights, pick_balanced, train_batch, training_turns)
 
 ARCH = TinyLlavaArch(image_size=64, patch_size=16, vision_hidden=32, vision_intermediate=64, vision_layers=1,
                      vision_heads=2, text_hidden=32, text_intermediate=64, text_layers=2, text_heads=2,
@@ -202,13 +202,17 @@ def test_tied_probe_needs_every_kind_and_colour_as_a_word(processor):
         _tied_probe(model, SimpleNamespace(tokenizer=NoSceneWords()))
 
 
+SMALL = ["--image-size", "64", "--patch-size", "16", "--vision-hidden", "32", "--vision-layers", "1",
+         "--text-hidden", "32", "--text-intermediate", "64", "--text-layers", "1", "--heads", "2",
+         "--kv-heads", "1", "--batch-size", "2", "--questions", "2", "--eval-scenes", "2", "--eval-every", "2",
+         "--save-every", "1", "--warmup", "1", "--threads", "1"]
+
+
 def test_cli_trains_resumes_saves_and_evaluates(tmp_path, capsys):
-    small = ["--image-size", "64", "--patch-size", "16", "--vision-hidden", "32", "--vision-layers", "1",
-             "--text-hidden", "32", "--text-intermediate", "64", "--text-layers", "1", "--heads", "2",
-             "--kv-heads", "1", "--batch-size", "2", "--questions", "2", "--eval-scenes", "2", "--eval-every", "2",
-             "--save-every", "1", "--warmup", "1", "--threads", "1"]
-    train_main(["--out", str(tmp_path), "--steps", "2", *small])
-    train_main(["--out", str(tmp_path), "--steps", "3", *small])
+    train_main(["--out", str(tmp_path), "--steps", "2", *SMALL])
+    # The checkpoint is safetensors and JSON only (nothing pickled), no half-written file left.
+    assert sorted(p.name for p in (tmp_path / "checkpoint").iterdir()) == sorted(CHECKPOINT_FILES)
+    train_main(["--out", str(tmp_path), "--steps", "3", *SMALL])
     assert "resuming from step 2" in capsys.readouterr().out
     log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3] and "val" in log[1]
@@ -230,6 +234,16 @@ def test_cli_trains_resumes_saves_and_evaluates(tmp_path, capsys):
     # lr 0: AdamW's weight decay is scaled by lr too, so the weights are the first stage's exactly.
     for (name, a), b in zip(first.state_dict().items(), second.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_pickled_optimizer_state_is_refused_with_a_restart_hint(tmp_path):
+    """Checkpoints from before the shared toolkit kept the optimizer as a torch pickle: never unpickled now."""
+    checkpoint = tmp_path / "checkpoint"
+    checkpoint.mkdir()
+    (checkpoint / "state.json").write_text(json.dumps({"step": 1}))
+    (checkpoint / "optimizer.pt").write_bytes(b"not read")
+    with pytest.raises(SystemExit, match=r"^error: .* pickled optimizer state \(optimizer\.pt\).* --restart"):
+        train_main(["--out", str(tmp_path), "--steps", "2", *SMALL])
 
 
 def test_phrase_attention_maps_and_report(processor, tmp_path):

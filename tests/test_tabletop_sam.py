@@ -6,17 +6,20 @@ import json
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from flmm_ros.grounding.checkpoint import load_sam_weights
-from flmm_ros.grounding.refiner import SamRefiner
 from flmm_ros.grounding.sam_models import TINY_TEST_SAM, SamArch, build_sam
+from flmm_ros.grounding.sam_prompts import SamPromptGeometry
+from flmm_ros.grounding.training.loop import ResumeError, adamw, config_from_args
 from flmm_ros.tabletop import train_sam
+from flmm_ros.tabletop.sam_eval import binary_iou, scenes_fingerprint
+from flmm_ros.tabletop.sam_model import (KIND_FILE, LOG_FILE, SAM_FILE, TABLETOP_SAM, KindPrompts, decode,
+                                         load_tabletop_sam, save_tabletop_sam)
+from flmm_ros.tabletop.sam_prompt_sampling import confusable_masks, jitter_box, sample_prompts, simulate_coarse_logits
 from flmm_ros.tabletop.scenes import generate_scene, split_seeds
 from flmm_ros.tabletop.shapes import KINDS
-from flmm_ros.tabletop.train_sam import (TABLETOP_SAM, binary_iou, confusable_masks, jitter_box, load_tabletop_sam,
-                                         low_res_targets, sample_prompts, save_tabletop_sam, simulate_coarse_logits,
-                                         training_loss)
+from flmm_ros.tabletop.train_sam import SamTrainConfig, cell_kinds, low_res_targets, training_loss
 
 
 @pytest.fixture(autouse=True)
@@ -103,19 +106,18 @@ def test_confusable_masks_join_objects_of_other_kinds_only():
 def test_kind_tokens_are_one_per_kind_and_steer_the_decoder():
     torch.manual_seed(0)
     sam = _randomised(TINY_TEST_SAM, 1).eval()
-    kind_prompts = train_sam.KindPrompts(sam.prompt_encoder.embed_dim)
+    kind_prompts = KindPrompts(sam.prompt_encoder.embed_dim)
     tokens = kind_prompts(["mug", "ball", "mug"])
     assert tokens.shape == (3, 1, sam.prompt_encoder.embed_dim)
     assert torch.equal(tokens[0], tokens[2]) and not torch.equal(tokens[0], tokens[1])
     with pytest.raises(ValueError, match="unknown kind 'spoon'"):
         kind_prompts(["spoon"])
-    refiner = SamRefiner(sam, backend=None)
-    x, _ = refiner.preprocess(_scenes(1)[0].image)
+    x, _ = SamPromptGeometry(sam).preprocess(_scenes(1)[0].image)
     with torch.no_grad():
         embedding = sam.image_encoder(x)
         boxes = torch.tensor([[10.0, 10.0, 60.0, 60.0]] * 2)
-        plain, _ = train_sam.decode(sam, embedding, boxes=boxes)
-        with_kind, _ = train_sam.decode(sam, embedding, boxes=boxes, tokens=kind_prompts(["mug", "ball"]))
+        plain, _ = decode(sam, embedding, boxes=boxes)
+        with_kind, _ = decode(sam, embedding, boxes=boxes, tokens=kind_prompts(["mug", "ball"]))
     assert not torch.allclose(plain, with_kind)
     assert not torch.allclose(with_kind[0], with_kind[1])   # same box, other kind: another mask
 
@@ -125,7 +127,7 @@ def test_cell_kinds_label_each_embedding_cell_with_the_kind_covering_it():
     target[0, 0, :4, :4] = 1.0      # a ball filling the top-left 2x2 cells of a 4x4 grid
     target[1, 0, 4:, 6:] = 1.0      # a mug over the right half of the bottom-right cells
     target[1, 0, 0, 7] = 1.0        # one stray pixel: under 30 % of its cell
-    labels = train_sam.cell_kinds(target, ["ball", "mug"], (4, 4))
+    labels = cell_kinds(target, ["ball", "mug"], (4, 4))
     expected = torch.zeros(4, 4, dtype=torch.long)
     expected[:2, :2] = KINDS.index("ball") + 1
     expected[2:, 3] = KINDS.index("mug") + 1
@@ -135,11 +137,11 @@ def test_cell_kinds_label_each_embedding_cell_with_the_kind_covering_it():
 def test_low_res_targets_map_back_onto_the_image_like_sam_outputs():
     """Targets live in the decoder's frame: SAM's own postprocessing brings them back onto the object."""
     sam = build_sam(TINY_TEST_SAM)
-    refiner = SamRefiner(sam, backend=None)
+    prompts = SamPromptGeometry(sam)
     for scene in _scenes(2):
-        _, input_hw = refiner.preprocess(scene.image)
+        _, input_hw = prompts.preprocess(scene.image)
         masks = np.stack([o.mask for o in scene.objects])
-        targets = low_res_targets(masks, refiner, input_hw)
+        targets = low_res_targets(masks, prompts, input_hw)
         assert targets.shape[-2:] == sam.prompt_encoder.mask_input_size
         logits = 20 * (targets - 0.5)
         back = sam.postprocess_masks(logits, input_hw, scene.image.shape[:2])[:, 0] > 0
@@ -149,20 +151,20 @@ def test_low_res_targets_map_back_onto_the_image_like_sam_outputs():
 def test_a_few_steps_on_two_scenes_reduce_the_loss():
     torch.manual_seed(0)
     sam = build_sam(TINY_TEST_SAM).train()
-    refiner = SamRefiner(sam, backend=None)
+    prompts = SamPromptGeometry(sam)
     rng = np.random.default_rng(3)
     samples = [sample_prompts(scene, rng) for scene in _scenes(2, sizes=((128, 128), (96, 128)))]
-    kind_prompts = train_sam.KindPrompts(sam.prompt_encoder.embed_dim)
-    optimizer = train_sam.make_optimizer(torch.nn.ModuleList([sam, kind_prompts]), lr=3e-3, weight_decay=0.0)
+    kind_prompts = KindPrompts(sam.prompt_encoder.embed_dim)
+    optimizer = adamw(torch.nn.ModuleList([sam, kind_prompts]).parameters(), 3e-3, 0.0, decay_1d=False)
     with torch.no_grad():
-        before, _ = training_loss(sam, kind_prompts, refiner, samples)
+        before, _ = training_loss(sam, kind_prompts, prompts, samples)
     for _ in range(8):
-        loss, parts = training_loss(sam, kind_prompts, refiner, samples)
+        loss, parts = training_loss(sam, kind_prompts, prompts, samples)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     with torch.no_grad():
-        after, _ = training_loss(sam, kind_prompts, refiner, samples)
+        after, _ = training_loss(sam, kind_prompts, prompts, samples)
     assert parts["prompts"] == 4 * sum(len(s.masks) for s in samples)   # coarse + box, box, clicks, + kind
     assert parts["kind_probe"] > 0
     assert after.item() < 0.85 * before.item()
@@ -188,47 +190,66 @@ def test_saved_tabletop_sam_reloads_exactly(tmp_path):
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     # The product loader reads the same file into a model built from the constant.
     other = build_sam(TABLETOP_SAM)
-    report = load_sam_weights(other, tmp_path / train_sam.SAM_FILE)
+    report = load_sam_weights(other, tmp_path / SAM_FILE)
     assert not report.missing and not report.unexpected and not report.shape_mismatches
     assert torch.equal(other.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix,
                        sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix)
 
 
+def _config(*argv) -> SamTrainConfig:
+    """The run the command line describes (train_sam's own parser)."""
+    return config_from_args(SamTrainConfig, train_sam.parse_args(list(argv)))
+
+
 def test_training_writes_the_model_and_resumes_reproducibly(tmp_path):
     common = ["--eval-scenes", "2", "--log-every", "1", "--eval-every", "1", "--save-every", "1", "--warmup", "1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    train_sam.train(train_sam.parse_args(["--out", str(straight), "--steps", "3", *common]), arch=TINY_TEST_SAM)
-    train_sam.train(train_sam.parse_args(["--out", str(resumed), "--steps", "2", *common]), arch=TINY_TEST_SAM)
-    train_sam.train(train_sam.parse_args(["--out", str(resumed), "--steps", "3", *common]), arch=TINY_TEST_SAM)
+    train_sam.train(_config("--out", str(straight), "--steps", "3", *common), arch=TINY_TEST_SAM)
+    train_sam.train(_config("--out", str(resumed), "--steps", "2", *common), arch=TINY_TEST_SAM)
+    train_sam.train(_config("--out", str(resumed), "--steps", "3", *common), arch=TINY_TEST_SAM)
 
     a, b = load_tabletop_sam(straight).state_dict(), load_tabletop_sam(resumed).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), "a resumed run must end with the same weights"
-    kinds_a, kinds_b = (load_file(d / train_sam.KIND_FILE)["table.weight"] for d in (straight, resumed))
+    kinds_a, kinds_b = (load_file(d / KIND_FILE)["table.weight"] for d in (straight, resumed))
     assert kinds_a.shape[0] == len(KINDS) and torch.equal(kinds_a, kinds_b)
     assert not all(torch.equal(a[k], v) for k, v in build_sam(TINY_TEST_SAM).state_dict().items())
-    log = json.loads((straight / train_sam.LOG_FILE).read_text())
+    log = json.loads((straight / LOG_FILE).read_text())
     assert log["arch"] == TINY_TEST_SAM.to_dict() and log["steps"] == 3
     assert [r["step"] for r in log["history"]] == [1, 2, 3]
     names = ("box_miou", "coarse_box_miou", "coarse_input_miou", "confused_box_miou", "confused_kind_miou")
     assert set(log["val"]) >= set(names)
     assert all(0.0 <= log["val"][k] <= 1.0 for k in names)
-    assert log["scenes"] == train_sam.scenes_fingerprint()
+    assert log["scenes"] == scenes_fingerprint()
 
 
 def test_a_checkpoint_from_other_scenes_is_not_resumed(tmp_path):
     args = ["--out", str(tmp_path), "--eval-scenes", "1", "--save-every", "1", "--warmup", "1"]
-    train_sam.train(train_sam.parse_args([*args, "--steps", "1"]), arch=TINY_TEST_SAM)
+    train_sam.train(_config(*args, "--steps", "1"), arch=TINY_TEST_SAM)
     state_path = tmp_path / "checkpoint" / "state.json"
     state = json.loads(state_path.read_text())
     state["scenes"] = "0" * 16   # as if the scene generator had changed since
     state_path.write_text(json.dumps(state))
-    with pytest.raises(SystemExit, match="other scenes"):
-        train_sam.train(train_sam.parse_args([*args, "--steps", "2"]), arch=TINY_TEST_SAM)
+    with pytest.raises(ResumeError, match="other scenes"):
+        train_sam.train(_config(*args, "--steps", "2"), arch=TINY_TEST_SAM)
+    with pytest.raises(SystemExit, match="^error: .* other scenes .* --restart"):    # the command line: one line
+        train_sam.main([*args, "--steps", "2"])
 
 
 def test_a_checkpoint_without_kind_prompts_is_not_resumed(tmp_path):
     args = ["--out", str(tmp_path), "--eval-scenes", "1", "--save-every", "1", "--warmup", "1"]
-    train_sam.train(train_sam.parse_args([*args, "--steps", "1"]), arch=TINY_TEST_SAM)
-    (tmp_path / "checkpoint" / train_sam.KIND_FILE).unlink()   # as if trained before kind prompts existed
-    with pytest.raises(SystemExit, match="before kind prompts"):
-        train_sam.train(train_sam.parse_args([*args, "--steps", "2"]), arch=TINY_TEST_SAM)
+    train_sam.train(_config(*args, "--steps", "1"), arch=TINY_TEST_SAM)
+    (tmp_path / "checkpoint" / KIND_FILE).unlink()   # as if trained before kind prompts existed
+    with pytest.raises(ResumeError, match="before kind prompts"):
+        train_sam.train(_config(*args, "--steps", "2"), arch=TINY_TEST_SAM)
+
+
+def test_a_checkpoint_from_before_the_shared_toolkit_still_resumes(tmp_path):
+    """Its optimizer file held the tensors only (no header); the run goes on from it."""
+    args = ["--out", str(tmp_path), "--eval-scenes", "1", "--save-every", "1", "--warmup", "1", "--log-every", "1"]
+    train_sam.train(_config(*args, "--steps", "1"), arch=TINY_TEST_SAM)
+    optimizer_file = tmp_path / "checkpoint" / "optimizer.safetensors"
+    save_file(load_file(optimizer_file), str(optimizer_file))          # as the trainer wrote it before
+    train_sam.train(_config(*args, "--steps", "2"), arch=TINY_TEST_SAM)
+    log = json.loads((tmp_path / LOG_FILE).read_text())
+    assert [r["step"] for r in log["history"]] == [1, 2]
+    assert not list(tmp_path.rglob("*.partial"))

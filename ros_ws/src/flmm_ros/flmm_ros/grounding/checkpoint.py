@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -229,10 +230,32 @@ def save_head(head: GroundingHead, path: str | os.PathLike, metadata: dict[str, 
     header.update(metadata or {})
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in head.state_dict().items()
                if include_image_encoder or not k.startswith("sam.image_encoder.")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")  # never leave a half-written checkpoint behind
-    save_file(tensors, str(partial), metadata=header)
-    os.replace(partial, path)
+    write_atomically({path: lambda tmp: save_file(tensors, str(tmp), metadata=header)})
+
+
+def write_atomically(files: Mapping[str | os.PathLike, Callable[[Path], None]]) -> None:
+    """`files[path](tmp)` writes each file to a temporary name beside it; once all are written and flushed to
+    disk they are renamed over the real names, in order. A reader, or a run resumed after a crash, finds every
+    file whole: the previous version or the new one, never half of one. For several files of one checkpoint,
+    name last the one that records the step."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, write in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((path.with_name(path.name + ".partial"), path))
+            write(staged[-1][0])
+            fd = os.open(staged[-1][0], os.O_RDONLY)
+            try:
+                os.fsync(fd)       # the data reaches the disk before the rename does
+            finally:
+                os.close(fd)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

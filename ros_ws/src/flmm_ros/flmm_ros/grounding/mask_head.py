@@ -180,26 +180,3 @@ class UNetHead(nn.Module):
         padded[..., :h, :w] = x
         return self.conv_seg(self.unet(padded)[..., :h, :w])
 
-
-def crop_to_content(logits: torch.Tensor, image_hw: tuple[int, int], padded_hw: tuple[int, int],
-                    pad_top_left: tuple[int, int]) -> torch.Tensor:
-    """Crop mask logits (..., H, W) predicted over a padded square image to the image's own region.
-
-    `image_hw` is the resized image before padding, `padded_hw` the padded size and `pad_top_left`
-    the padding added above and to the left, all in LMM-input pixels. F-LMM's rule (§1.8): top is
-    floored, height rounded: top = int(pad_top * H / padded_h), height = int(img_h * H / padded_h + 0.5);
-    the same for the width. The height/width is kept at least 1 for extremely thin images.
-    """
-    (img_h, img_w), (padded_h, padded_w), (pad_top, pad_left) = image_hw, padded_hw, pad_top_left
-    if logits.ndim < 2:
-        raise GroundingError(f"expected mask logits (..., H, W), got shape {tuple(logits.shape)}")
-    if min(img_h, img_w, padded_h, padded_w) <= 0 or min(pad_top, pad_left) < 0:
-        raise GroundingError(f"bad crop geometry: image {image_hw}, padded {padded_hw}, padding {pad_top_left}")
-    if pad_top + img_h > padded_h or pad_left + img_w > padded_w:
-        raise GroundingError(f"image {image_hw} with padding {pad_top_left} does not fit in padded size {padded_hw}")
-    H, W = logits.shape[-2:]
-    top = int(pad_top * H / padded_h)
-    left = int(pad_left * W / padded_w)
-    height = max(1, int(img_h * H / padded_h + 0.5))
-    width = max(1, int(img_w * W / padded_w + 0.5))
-    return logits[..., top:top + height, left:left + width].contiguous()

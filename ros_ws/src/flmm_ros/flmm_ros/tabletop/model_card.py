@@ -20,10 +20,10 @@ from transformers import LlavaForConditionalGeneration
 
 from ..grounding.config import PipelineConfig
 from ..grounding.pipeline import GroundingPipeline
-from ..grounding.training.data import tabletop_samples
 from ..grounding.training.evaluate import evaluate, whole_image_baseline
 from .attention_check import attention_report
 from .lmm import load_tabletop_lmm
+from .samples import tabletop_samples
 from .train_lmm import EVAL_TYPES, eval_set
 from .train_lmm import evaluate as lmm_accuracy
 

@@ -8,8 +8,9 @@ description of the scene, sometimes a referring answer to the grounding prompt (
 "the red mug is on the left." as the answer, so phrase tokens learn to look at their object),
 and questions whose answers need the named object to be found (colour, position, count,
 presence, kind, instructions). The loss is next-token cross-entropy on answer tokens only.
-AdamW with linear warm-up and cosine decay; batches are a pure function of (seed, step), so a run
-resumes from its last checkpoint and reproduces the same batches.
+AdamW with linear warm-up and cosine decay (the shared toolkit, `grounding/training/loop.py`); batches are a
+pure function of (seed, step), so a run resumes from its last checkpoint (safetensors, written atomically) and
+reproduces the same batches.
 
 Accuracy is exact match of the whole answer under greedy decoding, computed teacher-forced: greedy
 decoding returns the reference answer exactly when every reference token (and `</s>`) is the argmax
@@ -22,14 +23,18 @@ import json
 import math
 import time
 from collections import defaultdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
+from ..grounding.training.loop import (ResumeError, WarmupCosine, adamw, add_config_arguments, config_from_args,
+                                       load_optimizer_state, optimizer_file, set_lr, tensor_file, text_file,
+                                       write_atomically)
 from .attention_check import attention_report
 from .language import COLOURS, DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
 from .lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
@@ -169,13 +174,6 @@ def generate_answer(model: LlavaForConditionalGeneration, processor: LlavaProces
     return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-def lr_at(step: int, total: int, peak: float, warmup: int, floor: float = 0.02) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def parse_question_weights(text: str) -> dict[str, float]:
     """"colour=0.4,presence=0.3" -> weights; types not named keep weight 0. Empty -> QUESTION_WEIGHTS."""
     if not text:
@@ -194,25 +192,56 @@ def parse_question_weights(text: str) -> dict[str, float]:
     return weights
 
 
-def _save_checkpoint(ckpt_dir: Path, model, probe, optimizer, step: int, args: argparse.Namespace) -> None:
-    """Written to temporary names first, so an interrupted save leaves the previous checkpoint whole."""
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    files = {"model.safetensors": lambda f: save_file({k: v.contiguous() for k, v in model.state_dict().items()}, f),
-             "probe.safetensors": lambda f: save_file(probe.state_dict(), f),
-             "optimizer.pt": lambda f: torch.save(optimizer.state_dict(), f),
-             "state.json": lambda f: Path(f).write_text(json.dumps({"step": step, "args": vars(args)}, indent=1))}
-    for name, write in files.items():
-        write(ckpt_dir / f"{name}.tmp")
-    for name in files:
-        (ckpt_dir / f"{name}.tmp").replace(ckpt_dir / name)
+@dataclass(frozen=True)
+class LmmTrainConfig:
+    """One training run; each field is also a command-line option (`--batch-size` for batch_size)."""
+    out: str
+    steps: int = 1500
+    batch_size: int = 16
+    questions: int = 6
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.05
+    probe_weight: float = 0.5
+    seed: int = 0
+    init: str = ""
+    question_weights: str = ""
+    few_colours: float = 0.0
+    tied_probe: bool = False
+    refer_prob: float = 0.5
+    threads: int = 2
+    eval_every: int = 250
+    eval_scenes: int = 200
+    save_every: int = 50
+    restart: bool = False
+    image_size: int = TinyLlavaArch.image_size
+    patch_size: int = TinyLlavaArch.patch_size
+    vision_hidden: int = TinyLlavaArch.vision_hidden
+    vision_layers: int = TinyLlavaArch.vision_layers
+    text_hidden: int = TinyLlavaArch.text_hidden
+    text_intermediate: int = TinyLlavaArch.text_intermediate
+    text_layers: int = TinyLlavaArch.text_layers
+    heads: int = TinyLlavaArch.text_heads
+    kv_heads: int = TinyLlavaArch.text_kv_heads
+
+    def arch(self) -> TinyLlavaArch:
+        return TinyLlavaArch(image_size=self.image_size, patch_size=self.patch_size,
+                             vision_hidden=self.vision_hidden, vision_intermediate=4 * self.vision_hidden,
+                             vision_layers=self.vision_layers, vision_heads=self.heads,
+                             text_hidden=self.text_hidden, text_intermediate=self.text_intermediate,
+                             text_layers=self.text_layers, text_heads=self.heads, text_kv_heads=self.kv_heads)
 
 
-def _arch_from_args(args: argparse.Namespace) -> TinyLlavaArch:
-    return TinyLlavaArch(image_size=args.image_size, patch_size=args.patch_size,
-                         vision_hidden=args.vision_hidden, vision_intermediate=4 * args.vision_hidden,
-                         vision_layers=args.vision_layers, vision_heads=args.heads,
-                         text_hidden=args.text_hidden, text_intermediate=args.text_intermediate,
-                         text_layers=args.text_layers, text_heads=args.heads, text_kv_heads=args.kv_heads)
+HELP = {"out": "run directory: checkpoint/, model/, train_log.jsonl",
+        "questions": "question turns packed with each image",
+        "probe_weight": "weight of the patch kind/colour loss (0 = off)",
+        "init": "start from this saved model directory (a second training stage) instead of a fresh one",
+        "question_weights": f"how often each question type is drawn, TYPE=W,... (default {QUESTION_WEIGHTS})",
+        "few_colours": "share of training scenes drawn with only one or two colours (find objects by kind)",
+        "tied_probe": "tie the patch probe's kind/colour classes to those words' embeddings (see TiedPatchProbe)",
+        "refer_prob": "probability that an image also gets a referring turn (grounding prompt + expression)",
+        "restart": "ignore an existing checkpoint"}
+CHECKPOINT_FILES = ("model.safetensors", "probe.safetensors", "optimizer.safetensors", "state.json")
 
 
 def _tied_probe(model: LlavaForConditionalGeneration, processor: LlavaProcessor) -> TiedPatchProbe:
@@ -226,32 +255,40 @@ def _tied_probe(model: LlavaForConditionalGeneration, processor: LlavaProcessor)
 class _Trainer:
     """The model, its patch probe and the optimizer; one call of `step` is one optimisation step."""
 
-    def __init__(self, arch: TinyLlavaArch, args: argparse.Namespace):
-        if args.init:   # a second stage: go on from a saved model, with a fresh optimizer and schedule
-            self.model, self.processor = load_tabletop_lmm(args.init)
+    def __init__(self, config: LmmTrainConfig):
+        if config.init:   # a second stage: go on from a saved model, with a fresh optimizer and schedule
+            self.model, self.processor = load_tabletop_lmm(config.init)
         else:
-            self.processor = build_processor(arch)
-            self.model = build_model(arch, self.processor.tokenizer, seed=args.seed)
+            self.processor = build_processor(config.arch())
+            self.model = build_model(config.arch(), self.processor.tokenizer, seed=config.seed)
         self.arch = arch_of(self.model)
-        self.probe = _tied_probe(self.model, self.processor) if args.tied_probe else PatchProbe(self.arch.text_hidden)
+        self.probe = _tied_probe(self.model, self.processor) if config.tied_probe else PatchProbe(self.arch.text_hidden)
         self.params = list(self.model.parameters()) + list(self.probe.parameters())
-        self.optimizer = torch.optim.AdamW(self.params, lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
-        self.probe_weight = args.probe_weight
+        self.optimizer = adamw(self.params, config.lr, config.weight_decay, betas=(0.9, 0.98))
+        self.probe_weight = config.probe_weight
         # The projected image tokens (what the language model attends to) feed the probe.
         self._image_tokens = {}
         self.model.model.multi_modal_projector.register_forward_hook(
             lambda _m, _i, out: self._image_tokens.__setitem__("out", out))
 
     def load(self, ckpt_dir: Path) -> int:
+        if (ckpt_dir / "optimizer.pt").is_file() and not (ckpt_dir / "optimizer.safetensors").is_file():
+            raise ResumeError(f"{ckpt_dir} holds a pickled optimizer state (optimizer.pt), which is no longer read "
+                              "(optimizer states are safetensors only): start again with --restart")
         self.model.load_state_dict(load_file(ckpt_dir / "model.safetensors"))
         self.probe.load_state_dict(load_file(ckpt_dir / "probe.safetensors"))
-        self.optimizer.load_state_dict(torch.load(ckpt_dir / "optimizer.pt", weights_only=True))
+        load_optimizer_state(ckpt_dir / "optimizer.safetensors", self.optimizer)
         return json.loads((ckpt_dir / "state.json").read_text())["step"]
+
+    def save(self, ckpt_dir: Path, step: int, config: LmmTrainConfig) -> None:
+        state = json.dumps({"step": step, "args": asdict(config)}, indent=1)
+        writers = (tensor_file(self.model.state_dict()), tensor_file(self.probe.state_dict()),
+                   optimizer_file(self.optimizer), text_file(state))
+        write_atomically({ckpt_dir / name: write for name, write in zip(CHECKPOINT_FILES, writers)})
 
     def step(self, batch: dict[str, torch.Tensor], targets: torch.Tensor, lr: float) -> dict[str, float]:
         self.model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.optimizer, lr)
         lm_loss = self.model(**batch).loss
         probe_loss = self.probe.loss(self._image_tokens["out"], targets)
         (lm_loss + self.probe_weight * probe_loss).backward()
@@ -261,59 +298,65 @@ class _Trainer:
         return {"loss": lm_loss.item(), "probe_loss": probe_loss.item(), "grad_norm": float(grad_norm)}
 
 
-def train(args: argparse.Namespace) -> dict[str, float]:
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
+def train(config: LmmTrainConfig) -> dict[str, float]:
+    """Train (or go on from OUT/checkpoint), save the model to OUT/model; the final accuracies.
+    Raises ResumeError for a checkpoint that cannot be resumed."""
+    torch.manual_seed(config.seed)
+    torch.set_num_threads(config.threads)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
     ckpt_dir = out / "checkpoint"
-    trainer = _Trainer(_arch_from_args(args), args)
+    trainer = _Trainer(config)
     arch = trainer.arch   # a second stage's arch is the saved model's
-    weights_by_type = parse_question_weights(args.question_weights)
+    weights_by_type = parse_question_weights(config.question_weights)
+    schedule = WarmupCosine(config.steps, config.warmup, floor=0.02)
     start = 0
-    if (ckpt_dir / "state.json").is_file() and not args.restart:
+    if (ckpt_dir / "state.json").is_file() and not config.restart:
         start = trainer.load(ckpt_dir)
         print(f"resuming from step {start}")
-    val = eval_set(args.eval_scenes)
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", mininterval=5)
+    val = eval_set(config.eval_scenes)
+    bar = tqdm(range(start, config.steps), initial=start, total=config.steps, desc="train", mininterval=5)
     ema, t0 = None, time.perf_counter()
     with open(out / "train_log.jsonl", "a") as log:
         for step in bar:
-            lr = lr_at(step, args.steps, args.lr, args.warmup)
-            batch, targets = train_batch(step, args.batch_size, args.seed, args.questions, trainer.processor,
-                                         arch.image_tokens, weights_by_type, args.refer_prob, args.few_colours)
+            lr = config.lr * schedule(step)
+            batch, targets = train_batch(step, config.batch_size, config.seed, config.questions, trainer.processor,
+                                         arch.image_tokens, weights_by_type, config.refer_prob, config.few_colours)
             stats = trainer.step(batch, targets, lr)
             ema = stats["loss"] if ema is None else 0.95 * ema + 0.05 * stats["loss"]
             bar.set_postfix(loss=f"{ema:.3f}", probe=f"{stats['probe_loss']:.3f}", lr=f"{lr:.1e}")
             record = {"step": step + 1, **{k: round(v, 4) for k, v in stats.items()}, "lr": lr,
                       "elapsed_s": round(time.perf_counter() - t0, 1)}
-            done = step + 1 == args.steps
-            if (step + 1) % args.eval_every == 0 or done:
+            done = step + 1 == config.steps
+            if (step + 1) % config.eval_every == 0 or done:
                 record["val"] = {k: round(v, 3) for k, v in evaluate(trainer.model, trainer.processor, val).items()}
                 tqdm.write(f"step {step + 1}: loss {ema:.3f} val {record['val']}")
             log.write(json.dumps(record) + "\n")
             log.flush()
-            if (step + 1) % args.save_every == 0 or done:
-                _save_checkpoint(ckpt_dir, trainer.model, trainer.probe, trainer.optimizer, step + 1, args)
+            if (step + 1) % config.save_every == 0 or done:
+                trainer.save(ckpt_dir, step + 1, config)
     trainer.model.eval()
     save_tabletop_lmm(trainer.model, trainer.processor, out / "model")
     print(f"saved {out / 'model'}")
     return evaluate(trainer.model, trainer.processor, val)
 
 
-def run_eval(args: argparse.Namespace) -> dict[str, float]:
-    torch.set_num_threads(args.threads)
-    model, processor = load_tabletop_lmm(Path(args.out) / "model")
+def run_eval(out: str, *, split: str = "val", scenes: int = 200, show: int = 3, attention: int = 0,
+             threads: int = 2) -> dict[str, float]:
+    """Accuracy of the model saved in OUT/model; `show` scenes' generated answers, `attention` scenes' report."""
+    torch.set_num_threads(threads)
+    model, processor = load_tabletop_lmm(Path(out) / "model")
     t0 = time.perf_counter()
-    data = eval_set(args.eval_scenes, args.split)
+    data = eval_set(scenes, split)
     acc = evaluate(model, processor, data)
     print(json.dumps({k: round(v, 4) for k, v in acc.items()}, indent=1))
-    print(f"{len(data)} {args.split} scenes in {time.perf_counter() - t0:.1f} s")
-    for scene, items in data[:args.show]:
+    print(f"{len(data)} {split} scenes in {time.perf_counter() - t0:.1f} s")
+    for scene, items in data[:show]:
         for qtype, question, answer in items[:3]:
             said = generate_answer(model, processor, scene.image, question)
             print(f"[seed {scene.seed}] {question!r} -> {said!r} (reference {answer!r})")
-    if args.attention:
-        report = attention_report(model, processor, scenes=args.attention)
+    if attention:
+        report = attention_report(model, processor, scenes=attention)
         print("phrase-to-image attention:", json.dumps(report, indent=1))
         acc.update({f"attention_{k}": v for k, v in report.items() if isinstance(v, float)})
     return acc
@@ -321,56 +364,27 @@ def run_eval(args: argparse.Namespace) -> dict[str, float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="run directory: checkpoint/, model/, train_log.jsonl")
     p.add_argument("--eval", action="store_true", help="only evaluate the saved model in OUT/model")
     p.add_argument("--split", default="val", choices=["val", "test"])
     p.add_argument("--show", type=int, default=3, help="with --eval: print generated answers for this many scenes")
     p.add_argument("--attention", type=int, default=0, metavar="SCENES",
                    help="with --eval: also measure phrase-to-image attention on this many scenes")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--questions", type=int, default=6, help="question turns packed with each image")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--probe-weight", type=float, default=0.5, help="weight of the patch kind/colour loss (0 = off)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--init", default="", metavar="MODEL_DIR",
-                   help="start from this saved model (a second training stage) instead of a fresh one")
-    p.add_argument("--question-weights", default="", metavar="TYPE=W,...",
-                   help=f"how often each question type is drawn (default {QUESTION_WEIGHTS})")
-    p.add_argument("--few-colours", type=float, default=0.0, metavar="P",
-                   help="share of training scenes drawn with only one or two colours (find objects by kind)")
-    p.add_argument("--tied-probe", action="store_true",
-                   help="tie the patch probe's kind/colour classes to those words' embeddings (see TiedPatchProbe)")
-    p.add_argument("--refer-prob", type=float, default=0.5,
-                   help="probability that an image also gets a referring turn (grounding prompt + expression)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--eval-every", type=int, default=250)
-    p.add_argument("--eval-scenes", type=int, default=200)
-    p.add_argument("--save-every", type=int, default=50)
-    p.add_argument("--restart", action="store_true", help="ignore an existing checkpoint")
-    arch = TinyLlavaArch()
-    p.add_argument("--image-size", type=int, default=arch.image_size)
-    p.add_argument("--patch-size", type=int, default=arch.patch_size)
-    p.add_argument("--vision-hidden", type=int, default=arch.vision_hidden)
-    p.add_argument("--vision-layers", type=int, default=arch.vision_layers)
-    p.add_argument("--text-hidden", type=int, default=arch.text_hidden)
-    p.add_argument("--text-intermediate", type=int, default=arch.text_intermediate)
-    p.add_argument("--text-layers", type=int, default=arch.text_layers)
-    p.add_argument("--heads", type=int, default=arch.text_heads)
-    p.add_argument("--kv-heads", type=int, default=arch.text_kv_heads)
+    add_config_arguments(p, LmmTrainConfig, HELP)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    config = config_from_args(LmmTrainConfig, args)
     if args.eval:
-        run_eval(args)
-    else:
-        acc = train(args)
-        print(json.dumps({k: round(v, 4) for k, v in acc.items()}, indent=1))
+        run_eval(config.out, split=args.split, scenes=config.eval_scenes, show=args.show, attention=args.attention,
+                 threads=config.threads)
+        return
+    try:
+        acc = train(config)
+    except ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({k: round(v, 4) for k, v in acc.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ..types import GroundingError
 from .base import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage, ReasoningPass, template_for
-from .llava import LlavaAdapter
-from .llava_next import LlavaNextAdapter
+from .llava import LlavaAdapter, LlavaPreparedImage
+from .llava_next import LlavaNextAdapter, LlavaNextPreparedImage
 
 ADAPTERS: dict[str, type[LMMAdapter]] = {
     "llava": LlavaAdapter,
@@ -38,4 +38,5 @@ def load_lmm(path: str, **kwargs) -> LMMAdapter:
 
 
 __all__ = ["ADAPTERS", "GROUNDING_PROMPT", "LMMAdapter", "LMMFrame", "LlavaAdapter", "LlavaNextAdapter",
-           "PhrasePass", "PreparedImage", "ReasoningPass", "load_lmm", "model_type_of", "template_for"]
+           "LlavaNextPreparedImage", "LlavaPreparedImage", "PhrasePass", "PreparedImage", "ReasoningPass", "load_lmm",
+           "model_type_of", "template_for"]

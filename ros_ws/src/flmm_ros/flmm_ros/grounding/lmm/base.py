@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,12 +46,13 @@ def template_for(model, tokenizer) -> str:
 
 @dataclass
 class PreparedImage:
-    """Model inputs for one image plus what is needed to map attention back to pixels."""
+    """Model inputs for one image plus what is needed to map attention back to pixels; each family's adapter
+    returns a subclass with its own geometry (padding, any-res grid)."""
     pixel_values: torch.Tensor
     image_hw: tuple[int, int]                 # original image size
-    # family-specific (padding, any-res grid, image_sizes) and "content_hw": the image's size after the LMM's
-    # resize, before padding (F-LMM's meta_data image_shape; the F-LMM recipe's training targets use it)
-    extra: dict = field(default_factory=dict)
+    # The image's size after the LMM's resize, before padding (F-LMM's meta_data image_shape; the F-LMM
+    # recipe's training targets are resized through it).
+    content_hw: tuple[int, int]
 
 
 @dataclass

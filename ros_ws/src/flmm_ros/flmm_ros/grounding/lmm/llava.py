@@ -1,12 +1,14 @@
 """LLaVA-1.5 (`LlavaForConditionalGeneration`): one square image, a g x g grid of image tokens."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
-from ..mask_head import crop_to_content
+from ..types import GroundingError
 from .base import LMMAdapter, PreparedImage
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -19,6 +21,36 @@ def resized_size(h: int, w: int, size: int) -> tuple[int, int]:
     if h > w:
         return size, max(1, int(w * size / h))
     return max(1, int(h * size / w)), size
+
+
+@dataclass
+class LlavaPreparedImage(PreparedImage):
+    """A LLaVA-1.5 input: the resized image (`content_hw`) centred on the square canvas."""
+    pad_top_left: tuple[int, int]             # padding above and left of the image, in LMM-input pixels
+
+
+def crop_to_content(logits: torch.Tensor, image_hw: tuple[int, int], padded_hw: tuple[int, int],
+                    pad_top_left: tuple[int, int]) -> torch.Tensor:
+    """Crop mask logits (..., H, W) predicted over a padded square image to the image's own region.
+
+    `image_hw` is the resized image before padding, `padded_hw` the padded size and `pad_top_left`
+    the padding added above and to the left, all in LMM-input pixels. F-LMM's rule (§1.8): top is
+    floored, height rounded: top = int(pad_top * H / padded_h), height = int(img_h * H / padded_h + 0.5);
+    the same for the width. The height/width is kept at least 1 for extremely thin images.
+    """
+    (img_h, img_w), (padded_h, padded_w), (pad_top, pad_left) = image_hw, padded_hw, pad_top_left
+    if logits.ndim < 2:
+        raise GroundingError(f"expected mask logits (..., H, W), got shape {tuple(logits.shape)}")
+    if min(img_h, img_w, padded_h, padded_w) <= 0 or min(pad_top, pad_left) < 0:
+        raise GroundingError(f"bad crop geometry: image {image_hw}, padded {padded_hw}, padding {pad_top_left}")
+    if pad_top + img_h > padded_h or pad_left + img_w > padded_w:
+        raise GroundingError(f"image {image_hw} with padding {pad_top_left} does not fit in padded size {padded_hw}")
+    H, W = logits.shape[-2:]
+    top = int(pad_top * H / padded_h)
+    left = int(pad_left * W / padded_w)
+    height = max(1, int(img_h * H / padded_h + 0.5))
+    width = max(1, int(img_w * W / padded_w + 0.5))
+    return logits[..., top:top + height, left:left + width].contiguous()
 
 
 class LlavaAdapter(LMMAdapter):
@@ -36,7 +68,7 @@ class LlavaAdapter(LMMAdapter):
         if model.config.vision_feature_select_strategy != "default":
             raise ValueError("LLaVA adapter needs vision_feature_select_strategy='default' (no CLS token)")
 
-    def prepare_image(self, image: np.ndarray) -> PreparedImage:
+    def prepare_image(self, image: np.ndarray) -> LlavaPreparedImage:
         """F-LMM's CustomLlavaImageProcessor: longest side to S (bicubic), centred pad with the mean colour."""
         h, w = image.shape[:2]
         new_h, new_w = resized_size(h, w, self.image_size)
@@ -48,18 +80,17 @@ class LlavaAdapter(LMMAdapter):
         x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
         x = (x - torch.tensor(self.mean)) / torch.tensor(self.std)
         pixel_values = x.permute(2, 0, 1)[None].to(self.device, self.dtype)
-        return PreparedImage(pixel_values, (h, w), {"content_hw": (new_h, new_w), "pad_top_left": (top, left)})
+        return LlavaPreparedImage(pixel_values, (h, w), (new_h, new_w), (top, left))
 
-    def image_features(self, prepared: PreparedImage) -> torch.Tensor:
+    def image_features(self, prepared: LlavaPreparedImage) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=prepared.pixel_values, return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)
 
-    def attention_to_maps(self, attention: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
+    def attention_to_maps(self, attention: torch.Tensor, prepared: LlavaPreparedImage) -> torch.Tensor:
         p, c, n = attention.shape
         if n != self.grid * self.grid:
             raise ValueError(f"expected {self.grid}x{self.grid} image tokens, got {n}")
         return attention.reshape(p, c, self.grid, self.grid)        # row-major patches
 
-    def crop_to_image(self, logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
-        return crop_to_content(logits, prepared.extra["content_hw"], (self.image_size, self.image_size),
-                               prepared.extra["pad_top_left"])
+    def crop_to_image(self, logits: torch.Tensor, prepared: LlavaPreparedImage) -> torch.Tensor:
+        return crop_to_content(logits, prepared.content_hw, (self.image_size, self.image_size), prepared.pad_top_left)

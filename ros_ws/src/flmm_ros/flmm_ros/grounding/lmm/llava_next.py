@@ -12,6 +12,8 @@ here; its default torchvision backend resamples differently (1-2 grey levels in 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,6 +35,13 @@ def pil_processor(processor):
     return LlavaNextImageProcessorPil(**{k: v for k, v in processor.to_dict().items() if k != "image_processor_type"})
 
 
+@dataclass
+class LlavaNextPreparedImage(PreparedImage):
+    """A LLaVA-NeXT input: the base image and the any-res tiles, `content_hw` being the image's size in the tiles."""
+    image_sizes: torch.Tensor                 # (1, 2): the processor's image_sizes, as the model takes them
+    fine_hw: tuple[int, int]                  # the unpadded tile grid, in image tokens
+
+
 class LlavaNextAdapter(LMMAdapter):
     """LLaVA-NeXT: base image + any-res tiles, 2 x L x H mask-head channels (coarse then fine)."""
 
@@ -50,7 +59,7 @@ class LlavaNextAdapter(LMMAdapter):
     def mask_head_channels(self) -> int:
         return 2 * self.num_layers * self.num_heads
 
-    def prepare_image(self, image: np.ndarray) -> PreparedImage:
+    def prepare_image(self, image: np.ndarray) -> LlavaNextPreparedImage:
         inputs = self.image_processor(images=Image.fromarray(image), return_tensors="pt")
         image_size = inputs["image_sizes"][0]
         # The image's size inside the tiles before padding (F-LMM's meta_data image_shape; training targets).
@@ -62,18 +71,17 @@ class LlavaNextAdapter(LMMAdapter):
         fine_h, fine_w = unpad_image(torch.empty(1, tiles_h * self.grid, tiles_w * self.grid), image_size).shape[1:]
         if tiles_h * tiles_w < 2 and (fine_h, fine_w) == (self.grid, self.grid):
             raise GroundingError("LLaVA-NeXT grounding needs the any-res tiles, but the image gave none")
-        return PreparedImage(inputs["pixel_values"].to(self.device, self.dtype), tuple(image.shape[:2]),
-                             {"image_sizes": inputs["image_sizes"].to(self.device), "fine_hw": (fine_h, fine_w),
-                              "content_hw": tuple(content_hw)})
+        return LlavaNextPreparedImage(inputs["pixel_values"].to(self.device, self.dtype), tuple(image.shape[:2]),
+                                      tuple(content_hw), inputs["image_sizes"].to(self.device), (fine_h, fine_w))
 
-    def image_features(self, prepared: PreparedImage) -> torch.Tensor:
+    def image_features(self, prepared: LlavaNextPreparedImage) -> torch.Tensor:
         out = self.model.model.get_image_features(pixel_values=prepared.pixel_values,
-                                                  image_sizes=prepared.extra["image_sizes"], return_dict=True)
+                                                  image_sizes=prepared.image_sizes, return_dict=True)
         return out.pooler_output[0]
 
-    def attention_to_maps(self, attention: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
+    def attention_to_maps(self, attention: torch.Tensor, prepared: LlavaNextPreparedImage) -> torch.Tensor:
         p, c, n = attention.shape
-        fine_h, fine_w = prepared.extra["fine_hw"]
+        fine_h, fine_w = prepared.fine_hw
         base = self.grid * self.grid
         if n != base + fine_h * (fine_w + 1):
             raise ValueError(f"expected {base} + {fine_h}x{fine_w + 1} image tokens, got {n}")
@@ -82,5 +90,5 @@ class LlavaNextAdapter(LMMAdapter):
         coarse = F.interpolate(coarse, size=(fine_h, fine_w), mode="bilinear", align_corners=False)
         return torch.cat([coarse, fine], dim=1)
 
-    def crop_to_image(self, logits: torch.Tensor, prepared: PreparedImage) -> torch.Tensor:
+    def crop_to_image(self, logits: torch.Tensor, prepared: LlavaNextPreparedImage) -> torch.Tensor:
         return logits

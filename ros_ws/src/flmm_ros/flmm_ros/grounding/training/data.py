@@ -6,9 +6,8 @@ hidden states, SAM image embedding, in float16), and every epoch reuses it.
 """
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,48 +15,23 @@ import torch
 
 from ..lmm import PhrasePass, PreparedImage
 from ..refiner import SamImageEncoding
+from .refcoco import default_images_dir, read_split
 
 
 @dataclass
 class RefSample:
+    """One image with its referring expressions and their masks: what training and evaluation read, from RefCOCO
+    (`refcoco_samples`) or any other producer (the tabletop scenes: `flmm_ros.tabletop.samples`)."""
     image: np.ndarray            # (H, W, 3) uint8 RGB
     phrases: list[str]           # one referring expression per object
     masks: list[np.ndarray]      # (H, W) bool, one per phrase
     cases: list[str] | None = None  # optional group of each phrase, for scores by case
 
 
-def tabletop_samples(split: str, count: int, *, offset: int = 0, sizes=((256, 256), (480, 640)),
-                     expression: str = "random") -> Iterator[RefSample]:
-    """Generated tabletop scenes; one expression per object ('random' for training, 'first' for evaluation,
-    like F-LMM's RefCOCO `select_first`)."""
-    from ...tabletop.scenes import generate_scene, split_seeds
-
-    for i, seed in enumerate(split_seeds(split, count, offset)):
-        scene = generate_scene(seed, size=sizes[i % len(sizes)])
-        rng = random.Random(seed)
-        # An object no expression singles out (e.g. two identical mugs side by side) is not referred to.
-        objects = [o for o in scene.objects if o.expressions]
-        if not objects:
-            continue
-        phrases = [rng.choice(o.expressions) if expression == "random" else o.expressions[0] for o in objects]
-        yield RefSample(scene.image, phrases, [o.mask for o in objects], [distractor_case(o, scene.objects) for o in objects])
-
-
-def distractor_case(obj, objects) -> str:
-    """What else in the scene looks like the object: the hardest case for a model that finds it by colour."""
-    if any(o is not obj and o.colour == obj.colour for o in objects):
-        return "another object of its colour"
-    if any(o is not obj and o.kind == obj.kind for o in objects):
-        return "another object of its kind, no other of its colour"
-    return "unique colour and kind"
-
-
 def refcoco_samples(directory: str | Path, split: str, *, text_mode: str = "select_first", images_dir: str = "",
                     refs_file: str = "", seed: int = 0, count: int | None = None) -> Iterator[RefSample]:
     """A RefCOCO-layout split as F-LMM reads it (`refcoco.read_split`): one sample per image with one text per
     referred object ('select_first' for evaluation, 'random' for training, 'original' for every sentence)."""
-    from .refcoco import default_images_dir, read_split
-
     items = read_split(directory, split, text_mode, refs_file, seed)[:count]
     for item in items:
         image, masks = item.load(images_dir or default_images_dir(directory))
@@ -92,7 +66,7 @@ class CachedSample:
 def encode_sample(pipe, sample: RefSample) -> CachedSample:
     frame = pipe.encode(sample.image)
     out = pipe.lmm.phrase_pass(frame.lmm, sample.phrases)
-    prepared = PreparedImage(torch.empty(0), frame.lmm.prepared.image_hw, frame.lmm.prepared.extra)
+    prepared = replace(frame.lmm.prepared, pixel_values=torch.empty(0))    # the geometry, not the pixels
     sam = None
     if frame.sam is not None:
         sam = SamImageEncoding(frame.sam.embedding.half(), frame.sam.input_hw, frame.sam.image_hw)

@@ -14,13 +14,15 @@ image's pixel count, overall and for long (sentence) and short queries.
     python -m flmm_ros.grounding.training.evaluate --model llava-hf/llava-1.5-7b-hf --device cuda \
         --mask-head frozen_llava_1_5_vicuna_7b_unet_sam_l_refcoco_png.pth --sam-checkpoint sam_vit_l_0b3195.pth \
         --data data/coco/refcoco --split val
-    python -m flmm_ros.grounding.training.evaluate --model ros_ws/src/flmm_ros/models/tabletop_tiny \
-        --data tabletop --split test --count 500
+
+The generated tabletop scenes (the embedded model's quality numbers) are evaluated through
+`python -m flmm_ros.tabletop.head_cli evaluate --model ros_ws/src/flmm_ros/models/tabletop_tiny --split test`.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from ..config import PipelineConfig
+from ..pipeline import GroundingPipeline
+from .data import refcoco_samples
 from .metrics import IoUMeter, ReasonSegMeter
+from .reasonseg import is_reasonseg_dir, reasonseg_samples
+from .refcoco import TEXT_MODES
 
 
 def _predictions(logits: torch.Tensor, image_hw: tuple[int, int]) -> np.ndarray:
@@ -101,71 +108,76 @@ def whole_image_baseline(samples) -> dict:
 
 
 def data_format(data: str) -> str:
-    """tabletop | refcoco | reasonseg, from what the --data directory holds."""
-    from .reasonseg import is_reasonseg_dir
-
+    """refcoco | reasonseg, from what the --data directory holds."""
     if data == "tabletop":
-        return "tabletop"
+        raise ValueError("--data tabletop: the generated scenes are evaluated with python -m flmm_ros.tabletop.head_cli "
+                         "evaluate (the same options, without --data)")
     if not Path(data).is_dir():
-        raise SystemExit(f"--data {data!r}: not 'tabletop' and not a directory")
+        raise ValueError(f"--data {data!r} is not a directory")
     return "reasonseg" if is_reasonseg_dir(data) else "refcoco"
 
 
-def main(argv=None) -> None:
-    from ..config import PipelineConfig
-    from ..pipeline import GroundingPipeline
-    from .data import refcoco_samples, tabletop_samples
-    from .reasonseg import reasonseg_samples
-    from .refcoco import TEXT_MODES
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(description: str = __doc__) -> argparse.ArgumentParser:
+    """The options of every evaluation; where the samples come from is added by each front end (`main` here:
+    RefCOCO and ReasonSeg; `flmm_ros.tabletop.head_cli`: the generated scenes)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model bundle (or LMM with --mask-head/--sam-checkpoint)")
     parser.add_argument("--mask-head", default="")
     parser.add_argument("--sam-checkpoint", default="")
     parser.add_argument("--sam-type", default="vit_l")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="LMM dtype (auto: bfloat16 on CUDA as F-LMM, else float32)")
-    parser.add_argument("--data", default="tabletop",
-                        help="'tabletop', a RefCOCO directory (instances.json + refs(unc).p) or a ReasonSeg split")
     parser.add_argument("--split", default=None, help="tabletop: test; RefCOCO: val | testA | testB | test")
     parser.add_argument("--count", type=int, default=None, help="tabletop: number of scenes (500); else a limit")
-    parser.add_argument("--text-mode", default="select_first", choices=TEXT_MODES,
-                        help="RefCOCO: F-LMM's select_first, or original (every sentence, the LISA-style count)")
-    parser.add_argument("--refs", default="", help="RefCOCO refs file in --data (default: refs(unc).p, refs(umd).p)")
-    parser.add_argument("--images", default="", help="RefCOCO images (default: <data>/images or <data>/../train2014)")
-    parser.add_argument("--random", action="store_true", help="ReasonSeg: a random query per image (F-LMM --random)")
     parser.add_argument("--baseline", choices=["whole-image"], help="score a trivial baseline instead of a model")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print scores as JSON")
-    parser.add_argument("--by-case", action="store_true",
-                        help="tabletop: also score objects by what else is in the scene (same colour, same kind)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace, samples: Callable[[], Iterable], count: int | None, *, reasoning: bool = False,
+        by_case: bool = False) -> dict:
+    """Score the model of `args` (or the baseline) on `samples()` and print the scores."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    kind = data_format(args.data)
-    count = args.count if args.count is not None or kind != "tabletop" else 500
-
-    def samples():
-        if kind == "tabletop":
-            return tabletop_samples(args.split or "test", count, expression="first")
-        if kind == "reasonseg":
-            return reasonseg_samples(args.data, random_query=args.random, count=count)
-        return refcoco_samples(args.data, args.split or "val", text_mode=args.text_mode, images_dir=args.images,
-                               refs_file=args.refs, count=count)
-
     if args.baseline:
-        if kind == "reasonseg":
-            raise SystemExit("--baseline scores referring data (tabletop or RefCOCO), not ReasonSeg")
         scores = whole_image_baseline(samples())
     else:
         pipe = GroundingPipeline.from_config(PipelineConfig(model=args.model, mask_head=args.mask_head,
                                                             sam_checkpoint=args.sam_checkpoint, sam_type=args.sam_type,
                                                             device=args.device, dtype=args.dtype, answer=False))
-        if kind == "reasonseg":
+        if reasoning:
             scores = evaluate_reasoning(pipe, samples(), count)
         else:
-            scores = evaluate(pipe, samples(), count, by_case=args.by_case)
+            scores = evaluate(pipe, samples(), count, by_case=by_case)
     print(json.dumps(scores, indent=1) if args.json else format_scores(scores))
+    return scores
+
+
+def main(argv=None) -> None:
+    parser = build_parser()
+    parser.add_argument("--data", required=True,
+                        help="a RefCOCO directory (instances.json + refs(unc).p) or a ReasonSeg split")
+    parser.add_argument("--text-mode", default="select_first", choices=TEXT_MODES,
+                        help="RefCOCO: F-LMM's select_first, or original (every sentence, the LISA-style count)")
+    parser.add_argument("--refs", default="", help="RefCOCO refs file in --data (default: refs(unc).p, refs(umd).p)")
+    parser.add_argument("--images", default="", help="RefCOCO images (default: <data>/images or <data>/../train2014)")
+    parser.add_argument("--random", action="store_true", help="ReasonSeg: a random query per image (F-LMM --random)")
+    args = parser.parse_args(argv)
+    try:
+        kind = data_format(args.data)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.baseline and kind == "reasonseg":
+        parser.error("--baseline scores referring data (tabletop or RefCOCO), not ReasonSeg")
+
+    def samples():
+        if kind == "reasonseg":
+            return reasonseg_samples(args.data, random_query=args.random, count=args.count)
+        return refcoco_samples(args.data, args.split or "val", text_mode=args.text_mode, images_dir=args.images,
+                               refs_file=args.refs, count=args.count)
+
+    run(args, samples, args.count, reasoning=kind == "reasonseg")
 
 
 if __name__ == "__main__":

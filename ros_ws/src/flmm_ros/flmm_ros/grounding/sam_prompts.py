@@ -1,0 +1,77 @@
+"""SAM's prompt geometry: its input frame, and F-LMM's prompts built from coarse mask logits.
+
+As F-LMM's `SAMWrapper` builds them (research/flmm.md §3):
+- input: the image resized so its long side is SAM's input size (`ResizeLongestSide`), then `sam.preprocess`
+  (normalised, padded right/bottom to the square input); `input_hw` is the resized size inside it;
+- dense prompt: coarse logits resized to `input_hw`, padded right/bottom with min(-1, min logit) to the square
+  input, resized to the mask-prompt size (256 for a 1024 input);
+- box: sigmoid(coarse logits resized to the image) > 0.5 -> [x0, y0, x1 + 1, y1 + 1] (whole image if empty),
+  mapped into SAM's input frame.
+The refiner (any backend) and the training of SAM's decoder share it, so both see the same prompts.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+from segment_anything.utils.transforms import ResizeLongestSide
+
+
+def mask_to_box(mask: torch.Tensor) -> torch.Tensor | None:
+    """[x0, y0, x1 + 1, y1 + 1] of a boolean (H, W) mask (F-LMM's mask2box), None if empty."""
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if ys.numel() == 0:
+        return None
+    return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+
+
+class SamPromptGeometry:
+    """Frames and prompts of one SAM model: image -> SAM input, coarse logits -> dense and box prompts, pixel
+    coordinates -> SAM's input frame, low-res decoder logits -> image-size logits.
+
+    It holds no state beyond the model's sizes and normalisation, so one instance may be shared between threads.
+    Gradients flow through `dense_prompts` (training needs them); box prompts are gradient-free, as in F-LMM.
+    """
+
+    def __init__(self, sam: Sam):
+        self.sam = sam
+        self.image_size = sam.image_encoder.img_size
+        self.mask_prompt_size = tuple(sam.prompt_encoder.mask_input_size)
+        self.transform = ResizeLongestSide(self.image_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.sam.pixel_mean.device
+
+    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
+        """RGB uint8 (H, W, 3) -> normalised, padded (1, 3, S, S) float32 and the resized size."""
+        resized = self.transform.apply_image(image)
+        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
+        return self.sam.preprocess(x), tuple(resized.shape[:2])
+
+    def dense_prompts(self, coarse: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+        """(N, h, w) coarse logits -> (N, 1, *mask_prompt_size) dense prompts (F-LMM generate_prompt_masks)."""
+        pad_value = min(-1.0, coarse.min().item())
+        masks = F.interpolate(coarse[:, None].float(), size=input_hw, mode="bilinear")
+        masks = F.pad(masks, (0, self.image_size - input_hw[1], 0, self.image_size - input_hw[0]), value=pad_value)
+        return F.interpolate(masks, size=self.mask_prompt_size, mode="bilinear")
+
+    def boxes(self, coarse: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """(N, h, w) coarse logits -> (N, 4) box prompts in SAM's input frame."""
+        probs = F.interpolate(coarse.detach()[None].float().sigmoid(), size=image_hw, mode="bilinear")[0]
+        whole = torch.tensor([0.0, 0.0, image_hw[1], image_hw[0]], device=coarse.device)
+        boxes = [b if (b := mask_to_box(p > 0.5)) is not None else whole for p in probs]
+        return self.scale_boxes(torch.stack(boxes), image_hw).to(coarse.device)
+
+    def scale_boxes(self, boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """(N, 4) x0, y0, x1, y1 in image pixels -> SAM's input frame."""
+        return self.transform.apply_boxes_torch(boxes, image_hw)
+
+    def scale_points(self, coords: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
+        """(..., 2) x, y in image pixels -> SAM's input frame."""
+        return self.transform.apply_coords_torch(coords, image_hw)
+
+    def postprocess(self, low_res: torch.Tensor, input_hw: tuple[int, int], image_hw: tuple[int, int]) -> torch.Tensor:
+        """(N, 1, h, w) decoder logits -> (N, 1, H, W) logits over the image (SAM's upsample, un-pad, resize)."""
+        return self.sam.postprocess_masks(low_res, input_hw, image_hw)
