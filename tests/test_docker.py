@@ -128,7 +128,7 @@ def test_x86_image_is_the_official_ros_jazzy_image_with_cuda_torch():
     assert ('ARG', 'ROS_DISTRO=jazzy') in parsed
     assert ('FROM', 'ros:${ROS_DISTRO}-ros-base') in parsed
     run = ' '.join(a for k, a in parsed if k == 'RUN')
-    assert 'pip3 install --no-cache-dir -r /tmp/requirements.txt -c docker/constraints-ros.txt' in run
+    assert 'pip3 install --no-cache-dir --ignore-installed -r /tmp/requirements.txt -c docker/constraints-ros.txt' in run
     assert 'colcon build' in run
     # requirements.txt pins PyPI's torch, a CUDA build on x86_64 Linux.
     assert re.search(r'^torch==\d', (ROOT / 'requirements.txt').read_text(), re.M)

@@ -44,6 +44,7 @@ for location in $(pip_conf extra-index-url) $(pip_conf find-links) $index; do
 done
 
 echo "[docker-test] podman build -f docker/Dockerfile.debian -t $IMAGE (first time: several minutes)"
+previous=$(podman image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)
 start=$(date +%s)
 # FLMM_DOCKER_NO_CACHE=1: a cold build (no cached layers), for timing.
 cache=(); [ -n "${FLMM_DOCKER_NO_CACHE:-}" ] && cache=(--no-cache)
@@ -51,6 +52,9 @@ podman build --format docker --network host "${cache[@]}" "${mounts[@]}" "${buil
   -f docker/Dockerfile.debian -t "$IMAGE" . 2>&1 | tee "$OUT/build.log" | grep -E '^(STEP|COMMIT|\[setup)' || true
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "[docker-test] build failed; see $OUT/build.log" >&2; exit 1; }
 build_seconds=$(( $(date +%s) - start ))
+# The previous build of this tag (7 GB) is now untagged: remove it unless it is still the same image.
+current=$(podman image inspect --format '{{.Id}}' "$IMAGE")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then podman rmi "$previous" >/dev/null 2>&1 || true; fi
 size_bytes=$(podman image inspect --format '{{.Size}}' "$IMAGE")
 echo "[docker-test] built in ${build_seconds} s; image size $(( size_bytes / 1000000 )) MB"
 
