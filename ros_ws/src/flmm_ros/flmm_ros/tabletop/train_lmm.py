@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from ..grounding.training.loop import (ResumeError, WarmupCosine, adamw, add_config_arguments, config_from_args,
-                                       load_optimizer_state, optimizer_file, set_lr, tensor_file, text_file,
-                                       write_atomically)
+from ..grounding.training.loop import (ResumeError, TrainerConfig, WarmupCosine, adamw, add_config_arguments,
+                                       config_from_args, load_optimizer_state, optimizer_file, run_from_command_line,
+                                       set_lr, tensor_file, text_file, write_atomically)
 from .attention_check import attention_report
 from .language import COLOURS, DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
 from .lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
@@ -192,28 +192,30 @@ def parse_question_weights(text: str) -> dict[str, float]:
     return weights
 
 
-@dataclass(frozen=True)
-class LmmTrainConfig:
-    """One training run; each field is also a command-line option (`--batch-size` for batch_size)."""
-    out: str
+@dataclass(frozen=True, kw_only=True)
+class LmmTrainConfig(TrainerConfig):
+    """One LMM pre-training run (see the module docstring)."""
+    # what one step sees: scenes, each packed with its description, questions and maybe a referring turn
     steps: int = 1500
     batch_size: int = 16
     questions: int = 6
+    question_weights: str = ""
+    refer_prob: float = 0.5
+    few_colours: float = 0.0
+    seed: int = 0
+    # AdamW (betas 0.9, 0.98), warm-up then cosine to 2 % of the peak; the patch probe's loss weight
     lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.05
     probe_weight: float = 0.5
-    seed: int = 0
-    init: str = ""
-    question_weights: str = ""
-    few_colours: float = 0.0
     tied_probe: bool = False
-    refer_prob: float = 0.5
-    threads: int = 2
+    # how often (in steps) to evaluate and to write the checkpoint; a second stage starts from `init`
     eval_every: int = 250
     eval_scenes: int = 200
     save_every: int = 50
-    restart: bool = False
+    init: str = ""
+    threads: int = 2
+    # the model's size (a second stage takes the saved model's)
     image_size: int = TinyLlavaArch.image_size
     patch_size: int = TinyLlavaArch.patch_size
     vision_hidden: int = TinyLlavaArch.vision_hidden
@@ -380,11 +382,7 @@ def main(argv: list[str] | None = None) -> None:
         run_eval(config.out, split=args.split, scenes=config.eval_scenes, show=args.show, attention=args.attention,
                  threads=config.threads)
         return
-    try:
-        acc = train(config)
-    except ResumeError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps({k: round(v, 4) for k, v in acc.items()}, indent=1))
+    run_from_command_line(train, config)
 
 
 if __name__ == "__main__":

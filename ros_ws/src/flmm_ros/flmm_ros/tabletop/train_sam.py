@@ -55,9 +55,9 @@ from tqdm import tqdm
 from ..grounding.checkpoint import load_sam_weights
 from ..grounding.sam_models import SamArch, build_sam
 from ..grounding.sam_prompts import SamPromptGeometry
-from ..grounding.training.loop import (ResumeError, WarmupCosine, adamw, add_config_arguments, config_from_args,
-                                       load_optimizer_state, optimizer_file, set_lr, tensor_file, text_file,
-                                       write_atomically)
+from ..grounding.training.loop import (ResumeError, TrainerConfig, WarmupCosine, adamw, add_config_arguments,
+                                       config_from_args, load_optimizer_state, optimizer_file, run_from_command_line,
+                                       set_lr, tensor_file, text_file, write_atomically)
 from .sam_eval import binary_iou, eval_set, evaluate, evaluate_saved, scenes_fingerprint
 from .sam_model import (KIND_FILE, LOG_FILE, SAM_FILE, TABLETOP_SAM, KindPrompts, decode, kind_ids,
                         save_tabletop_sam)
@@ -136,24 +136,24 @@ def training_loss(sam: Sam, kind_prompts: KindPrompts, prompts: SamPromptGeometr
 
 # --------------------------------------------------------------------------------------------- training
 
-@dataclass(frozen=True)
-class SamTrainConfig:
-    """One training run; each field is also a command-line option (`--images-per-step` for images_per_step)."""
-    out: str
+@dataclass(frozen=True, kw_only=True)
+class SamTrainConfig(TrainerConfig):
+    """One SAM pre-training run (see the module docstring)."""
+    # what one step sees: images from the generated scenes, each with every prompt of its objects
     steps: int = 7000
     images_per_step: int = 1
+    seed: int = 0
+    kind_probe_weight: float = KIND_PROBE_WEIGHT
+    # AdamW (no decay on norms and biases), warm-up then cosine to 2 % of the peak, clipping
     lr: float = 8e-4
     warmup: int = 200
     weight_decay: float = 0.05
     clip: float = 1.0
-    kind_probe_weight: float = KIND_PROBE_WEIGHT
-    seed: int = 0
-    threads: int = 1
+    # how often (in steps) to log window means, to evaluate and to write the checkpoint
     log_every: int = 50
     eval_every: int = 500
     eval_scenes: int = 60
     save_every: int = 100
-    restart: bool = False
 
 
 HELP = {"out": "run directory: sam.safetensors, sam_arch.yaml, train_log.json, checkpoint/",
@@ -259,11 +259,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(config.threads)
         evaluate_saved(config.out, args.split, config.eval_scenes)
         return
-    try:
-        result = train(config)
-    except ResumeError as e:
-        raise SystemExit(f"error: {e}") from None
-    print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=1))
+    run_from_command_line(train, config)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from ..checkpoint import write_atomically
 
-__all__ = ["ResumeError", "WarmupCosine", "adamw", "add_config_arguments", "config_from_args", "load_optimizer_state",
-           "optimizer_file", "save_optimizer_state", "set_lr", "tensor_file", "text_file", "warmup_cosine",
-           "write_atomically"]
+__all__ = ["ResumeError", "TrainerConfig", "WarmupCosine", "adamw", "add_config_arguments", "config_from_args", "load_optimizer_state",
+           "optimizer_file", "run_from_command_line", "save_optimizer_state", "set_lr", "tensor_file", "text_file",
+           "warmup_cosine", "write_atomically"]
 
 
 class ResumeError(RuntimeError):
@@ -127,6 +127,15 @@ def load_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> 
 
 # ---- a trainer's config dataclass on the command line -------------------------------------------------------------
 
+@dataclass(frozen=True, kw_only=True)
+class TrainerConfig:
+    """What every step-counted trainer's config has; each field of a subclass is also a command-line option
+    (`add_config_arguments`: `--batch-size` for batch_size)."""
+    out: str                  # the run directory: the model, checkpoint/, the log
+    restart: bool = False     # ignore an existing checkpoint
+    threads: int = 1          # torch threads (on a shared CPU, fewer threads are often faster)
+
+
 def add_config_arguments(parser: argparse.ArgumentParser, config_class, helps: dict[str, str]) -> None:
     """One option per field of `config_class` (`--images-per-step` for images_per_step), its default the field's:
     the dataclass is the one place a default is written. Booleans become flags; fields without a default are
@@ -143,3 +152,13 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class, helps: d
 
 def config_from_args(config_class, args: argparse.Namespace):
     return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+
+
+def run_from_command_line(train: Callable[..., dict[str, float]], config) -> dict[str, float]:
+    """`train(config)` for a command line: its scores printed, a checkpoint it cannot resume as one error line."""
+    try:
+        result = train(config)
+    except ResumeError as e:
+        raise SystemExit(f"error: {e}") from None
+    print(json.dumps({k: round(v, 4) for k, v in result.items()}, indent=1))
+    return result

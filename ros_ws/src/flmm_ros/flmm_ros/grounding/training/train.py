@@ -49,8 +49,8 @@ from ..refiner_backends import make_refiner_backend
 from ..sam_models import resolve_sam_arch
 from .data import encode_sample, refcoco_samples
 from .evaluate import evaluate_cached, format_scores
-from .losses import mask_losses
 from .loop import adamw, load_optimizer_state, save_optimizer_state, set_lr, text_file, warmup_cosine, write_atomically
+from .losses import mask_losses
 
 HEAD_FILE, STATE_FILE, LOG_FILE = "head.safetensors", "trainer_state.safetensors", "train_log.json"
 
