@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from flmm_ros.grounding.checkpoint import load_sam_weights
 from flmm_ros.grounding.sam_models import TINY_TEST_SAM, SamArch, build_sam
 from flmm_ros.grounding.sam_prompts import SamPromptGeometry
-from flmm_ros.grounding.training.loop import ResumeError, adamw, config_from_args
+from flmm_ros.grounding.training.loop import ResumeError, adamw, parse_trainer_args
 from flmm_ros.tabletop import train_sam
-from flmm_ros.tabletop.sam_eval import binary_iou, scenes_fingerprint
+from flmm_ros.tabletop.sam_eval import binary_iou, evaluate_saved, scenes_fingerprint
 from flmm_ros.tabletop.sam_model import (KIND_FILE, LOG_FILE, SAM_FILE, TABLETOP_SAM, KindPrompts, decode,
                                          load_tabletop_sam, save_tabletop_sam)
 from flmm_ros.tabletop.sam_prompt_sampling import confusable_masks, jitter_box, sample_prompts, simulate_coarse_logits
@@ -198,7 +198,9 @@ def test_saved_tabletop_sam_reloads_exactly(tmp_path):
 
 def _config(*argv) -> SamTrainConfig:
     """The run the command line describes (train_sam's own parser)."""
-    return config_from_args(SamTrainConfig, train_sam.parse_args(list(argv)))
+    config, args = parse_trainer_args(list(argv), "", SamTrainConfig, train_sam.HELP)
+    assert not args.eval
+    return config
 
 
 def test_training_writes_the_model_and_resumes_reproducibly(tmp_path):
@@ -220,6 +222,8 @@ def test_training_writes_the_model_and_resumes_reproducibly(tmp_path):
     assert set(log["val"]) >= set(names)
     assert all(0.0 <= log["val"][k] <= 1.0 for k in names)
     assert log["scenes"] == scenes_fingerprint()
+    # --eval measures the saved model (and its kind prompts) the same way.
+    assert set(evaluate_saved(straight, "val", 2)) == set(log["val"])
 
 
 def test_a_checkpoint_from_other_scenes_is_not_resumed(tmp_path):

@@ -32,9 +32,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
-from ..grounding.training.loop import (ResumeError, TrainerConfig, WarmupCosine, adamw, add_config_arguments,
-                                       config_from_args, load_optimizer_state, optimizer_file, run_from_command_line,
-                                       set_lr, tensor_file, text_file, write_atomically)
+from ..grounding.training.loop import (ResumeError, TrainerConfig, WarmupCosine, adamw, load_optimizer_state,
+                                       optimizer_file, parse_trainer_args, run_from_command_line, set_lr, tensor_file,
+                                       text_file, write_atomically)
 from .attention_check import attention_report
 from .language import COLOURS, DESCRIBE_PROMPT, LOCATION_PHRASES, QAPair, position_word
 from .lmm import TinyLlavaArch, arch_of, build_model, build_processor, load_tabletop_lmm, save_tabletop_lmm
@@ -202,7 +202,6 @@ class LmmTrainConfig(TrainerConfig):
     question_weights: str = ""
     refer_prob: float = 0.5
     few_colours: float = 0.0
-    seed: int = 0
     # AdamW (betas 0.9, 0.98), warm-up then cosine to 2 % of the peak; the patch probe's loss weight
     lr: float = 1e-3
     warmup: int = 100
@@ -303,11 +302,7 @@ class _Trainer:
 def train(config: LmmTrainConfig) -> dict[str, float]:
     """Train (or go on from OUT/checkpoint), save the model to OUT/model; the final accuracies.
     Raises ResumeError for a checkpoint that cannot be resumed."""
-    torch.manual_seed(config.seed)
-    torch.set_num_threads(config.threads)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoint"
+    ckpt_dir, out = config.start_run(), Path(config.out)
     trainer = _Trainer(config)
     arch = trainer.arch   # a second stage's arch is the saved model's
     weights_by_type = parse_question_weights(config.question_weights)
@@ -364,20 +359,14 @@ def run_eval(out: str, *, split: str = "val", scenes: int = 200, show: int = 3, 
     return acc
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--eval", action="store_true", help="only evaluate the saved model in OUT/model")
-    p.add_argument("--split", default="val", choices=["val", "test"])
+def _eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--show", type=int, default=3, help="with --eval: print generated answers for this many scenes")
     p.add_argument("--attention", type=int, default=0, metavar="SCENES",
                    help="with --eval: also measure phrase-to-image attention on this many scenes")
-    add_config_arguments(p, LmmTrainConfig, HELP)
-    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = config_from_args(LmmTrainConfig, args)
+    config, args = parse_trainer_args(argv, __doc__.split("\n")[0], LmmTrainConfig, HELP, _eval_options)
     if args.eval:
         run_eval(config.out, split=args.split, scenes=config.eval_scenes, show=args.show, attention=args.attention,
                  threads=config.threads)

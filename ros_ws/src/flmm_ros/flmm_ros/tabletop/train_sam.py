@@ -38,7 +38,6 @@ rebuilds the model.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -55,9 +54,9 @@ from tqdm import tqdm
 from ..grounding.checkpoint import load_sam_weights
 from ..grounding.sam_models import SamArch, build_sam
 from ..grounding.sam_prompts import SamPromptGeometry
-from ..grounding.training.loop import (ResumeError, TrainerConfig, WarmupCosine, adamw, add_config_arguments,
-                                       config_from_args, load_optimizer_state, optimizer_file, run_from_command_line,
-                                       set_lr, tensor_file, text_file, write_atomically)
+from ..grounding.training.loop import (ResumeError, TrainerConfig, WarmupCosine, adamw, load_optimizer_state,
+                                       optimizer_file, parse_trainer_args, run_from_command_line, set_lr, tensor_file,
+                                       text_file, write_atomically)
 from .sam_eval import binary_iou, eval_set, evaluate, evaluate_saved, scenes_fingerprint
 from .sam_model import (KIND_FILE, LOG_FILE, SAM_FILE, TABLETOP_SAM, KindPrompts, decode, kind_ids,
                         save_tabletop_sam)
@@ -142,7 +141,6 @@ class SamTrainConfig(TrainerConfig):
     # what one step sees: images from the generated scenes, each with every prompt of its objects
     steps: int = 7000
     images_per_step: int = 1
-    seed: int = 0
     kind_probe_weight: float = KIND_PROBE_WEIGHT
     # AdamW (no decay on norms and biases), warm-up then cosine to 2 % of the peak, clipping
     lr: float = 8e-4
@@ -188,11 +186,7 @@ def _save_checkpoint(ckpt_dir: Path, sam: Sam, kind_prompts: KindPrompts, optimi
 def train(config: SamTrainConfig, arch: SamArch = TABLETOP_SAM) -> dict[str, float]:
     """Train (or go on from OUT/checkpoint) and write the model to OUT; the final validation scores.
     Raises ResumeError for a checkpoint that cannot be resumed."""
-    torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoint"
+    ckpt_dir, out = config.start_run(), Path(config.out)
     sam = build_sam(arch)
     kind_prompts = KindPrompts(arch.prompt_embed_dim)
     trained = nn.ModuleList([sam, kind_prompts])
@@ -244,17 +238,8 @@ def train(config: SamTrainConfig, arch: SamArch = TABLETOP_SAM) -> dict[str, flo
     return final
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--eval", action="store_true", help="only evaluate the saved model in OUT")
-    p.add_argument("--split", default="val", choices=["val", "test"])
-    add_config_arguments(p, SamTrainConfig, HELP)
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    config = config_from_args(SamTrainConfig, args)
+    config, args = parse_trainer_args(argv, __doc__.split("\n")[0], SamTrainConfig, HELP)
     if args.eval:
         torch.set_num_threads(config.threads)
         evaluate_saved(config.out, args.split, config.eval_scenes)

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import write_atomically
 
 __all__ = ["ResumeError", "TrainerConfig", "WarmupCosine", "adamw", "add_config_arguments", "config_from_args", "load_optimizer_state",
-           "optimizer_file", "run_from_command_line", "save_optimizer_state", "set_lr", "tensor_file", "text_file",
+           "optimizer_file", "parse_trainer_args", "run_from_command_line", "save_optimizer_state", "set_lr", "tensor_file", "text_file",
            "warmup_cosine", "write_atomically"]
 
 
@@ -134,6 +134,14 @@ class TrainerConfig:
     out: str                  # the run directory: the model, checkpoint/, the log
     restart: bool = False     # ignore an existing checkpoint
     threads: int = 1          # torch threads (on a shared CPU, fewer threads are often faster)
+    seed: int = 0             # batches are a pure function of (seed, step)
+
+    def start_run(self) -> Path:
+        """Set torch's threads and seed, make the run directory; returns its checkpoint directory."""
+        torch.set_num_threads(self.threads)
+        torch.manual_seed(self.seed)
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        return Path(self.out) / "checkpoint"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class, helps: dict[str, str]) -> None:
@@ -152,6 +160,20 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class, helps: d
 
 def config_from_args(config_class, args: argparse.Namespace):
     return config_class(**{f.name: getattr(args, f.name) for f in fields(config_class)})
+
+
+def parse_trainer_args(argv: list[str] | None, description: str, config_class, helps: dict[str, str],
+                       add_eval_options: Callable[[argparse.ArgumentParser], None] | None = None):
+    """A trainer's command line: `--eval` (only measure the saved model, on `--split`), the options
+    `add_eval_options` adds, then one option per config field. Returns (config, all the arguments)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--eval", action="store_true", help="only evaluate the model saved in OUT")
+    parser.add_argument("--split", default="val", choices=["val", "test"], help="with --eval: the held-out split")
+    if add_eval_options is not None:
+        add_eval_options(parser)
+    add_config_arguments(parser, config_class, helps)
+    args = parser.parse_args(argv)
+    return config_from_args(config_class, args), args
 
 
 def run_from_command_line(train: Callable[..., dict[str, float]], config) -> dict[str, float]:
