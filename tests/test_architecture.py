@@ -43,11 +43,15 @@ def is_module(name: str) -> bool:
 
 
 def imports_of(path: Path) -> set[str]:
-    """The modules `path` imports anywhere in it, as absolute names (`from . import x` -> the module x)."""
-    name = module_name(path)
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return imports_in(path.read_text(), module_name(path), path.name == "__init__.py")
+
+
+def imports_in(source: str, name: str, is_package: bool = False) -> set[str]:
+    """The modules the source of module `name` imports anywhere in it, as absolute names (`from . import x` -> the
+    module x)."""
+    package = name if is_package else name.rpartition(".")[0]
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -68,12 +72,24 @@ def grounding_modules() -> dict[str, set[str]]:
     return {module_name(p): imports_of(p) for p in sorted(GROUNDING.rglob("*.py"))}
 
 
-def test_the_import_reader_resolves_relative_and_function_level_imports(tmp_path):
+def test_the_import_reader_resolves_relative_and_function_level_imports():
     """The reader itself: a test of the rules below is only as good as what it sees."""
-    imports = imports_of(GROUNDING / "training" / "train.py")
-    assert {"flmm_ros.grounding.bundle", "flmm_ros.grounding.training.loop", "torch"} <= imports
-    assert "flmm_ros.grounding.sam_tensorrt" in imports_of(GROUNDING / "refiner_backends.py")   # inside a function
-    assert "flmm_ros.grounding.training.evaluate" in imports_of(PACKAGE / "tabletop" / "head_cli.py")  # from . import x
+    source = textwrap.dedent("""
+        import torch
+        from . import phrases
+        from .lmm import base
+        from ..tabletop.samples import tabletop_samples
+
+        def late():
+            from .training.loop import adamw
+            importlib.import_module("flmm_ros.ros.node")
+    """)
+    assert imports_in(source, "flmm_ros.grounding.pipeline") == {
+        "torch", "flmm_ros.grounding.phrases", "flmm_ros.grounding.lmm.base", "flmm_ros.tabletop.samples",
+        "flmm_ros.grounding.training.loop", "flmm_ros.ros.node"}
+    assert imports_in("from .loop import adamw", "flmm_ros.grounding.training", is_package=True) == {
+        "flmm_ros.grounding.training.loop"}
+    assert "flmm_ros.grounding.training.evaluate" in imports_of(PACKAGE / "tabletop" / "head_cli.py")
 
 
 def test_grounding_imports_neither_tabletop_nor_ros():
