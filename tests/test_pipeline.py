@@ -120,7 +120,7 @@ def test_default_dtype_runs_sam_in_float32_like_flmm(pipe):
 def test_progress_reports_stages_and_can_cancel(pipe):
     seen = []
     pipe.run(image(5), "pick the mug", progress=seen.append)
-    assert seen == ["phrases", "answer", "phrase_pass", "mask_head", "sam_decoder", "post"]
+    assert seen == ["phrases", "phrase_pass", "mask_head", "sam_decoder", "post", "answer"]
 
     def cancel_at_mask_head(stage):
         if stage == "mask_head":
@@ -203,3 +203,33 @@ def test_frame_encoding_is_reusable_type(pipe):
     frame = pipe.encode(image())
     assert isinstance(frame, FrameEncoding) and frame.image_hw == (60, 90)
     assert pipe.lmm.phrase_tokens(frame.lmm, ["the mug"], GROUNDING_PROMPT)[1][0].numel() == 2
+
+
+def test_masks_come_before_the_answer_is_generated(pipe, monkeypatch):
+    events, early = [], []
+    generate = pipe.lmm.generate
+
+    def recording_generate(*args, **kwargs):
+        events.append("generate")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.lmm, "generate", recording_generate)
+
+    def on_objects(partial):
+        events.append("objects")
+        early.append(partial)
+
+    result = pipe.run(image(6), "put the ball in the bowl", on_objects=on_objects)
+    assert events == ["objects", "generate"]          # the time to a mask never includes the answer
+    (partial,) = early
+    assert partial.answer == "" and isinstance(result.answer, str)
+    assert [o.phrase for o in partial.objects] == [o.phrase for o in result.objects] == ["the ball", "the bowl"]
+    assert all((a.mask == b.mask).all() for a, b in zip(partial.objects, result.objects))
+    assert "answer" not in partial.timings and "answer" in result.timings and "post" in partial.timings
+
+
+def test_reasoning_mode_hands_over_the_masks_with_their_answer(bundle):
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, phrase_mode="reasoning"))
+    early = []
+    result = pipe.run(image(7), "what can hold soup?", on_objects=early.append)
+    assert len(early) == 1 and early[0].answer == result.answer and early[0].answer.startswith("It is")

@@ -83,6 +83,11 @@ def test_instruction_gets_every_output_with_the_image_header(grounding):
     assert len(result.stage_names) == len(result.stage_seconds) and all(s >= 0 for s in result.stage_seconds)
 
     probe.wait_for(lambda: any(a.data == result.answer for a in probe.outputs['answer']), 10, 'the answer')
+    early = probe.output_with_header('objects', header)   # the masks, published before the answer
+    assert early.success and early.answer == '' and 0 < early.mask_seconds == result.mask_seconds
+    assert result.mask_seconds <= result.total_seconds and 'answer' not in early.stage_names
+    assert [o.phrase for o in early.objects] == [o.phrase for o in result.objects]
+    assert [bytes(o.mask.data) for o in early.objects] == [bytes(o.mask.data) for o in result.objects]
     labels_msg = probe.output_with_header('mask', header)
     overlay_msg = probe.output_with_header('overlay', header)
     markers = probe.output_with_header('markers', header).markers

@@ -7,7 +7,7 @@ from flmm_ros.grounding.stages import ENCODE_STAGES, INSTRUCTION_STAGES, PIPELIN
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'ros_ws' / 'src' / 'flmm_ros' / 'flmm_ros'
 MSGS = Path(__file__).resolve().parents[1] / 'ros_ws' / 'src' / 'flmm_msgs'
-NODE_FEEDBACK = ('queued', 'encode', 'publish')   # the node's own feedback stages around the pipeline's
+NODE_FEEDBACK = ('queued', 'encode', 'objects', 'publish')   # the node's own feedback stages
 NODE_TIMINGS = ('depth_3d',)
 
 
@@ -44,4 +44,6 @@ def test_the_result_message_comment_names_every_timed_stage():
 
 def test_the_action_feedback_comment_names_every_feedback_stage():
     named = quoted_in_comment(MSGS / 'action' / 'Ground.action', '# Feedback')
-    assert named == [NODE_FEEDBACK[0], NODE_FEEDBACK[1], *INSTRUCTION_STAGES, NODE_FEEDBACK[2]]
+    masks, answer = INSTRUCTION_STAGES[:-1], INSTRUCTION_STAGES[-1:]   # the node publishes masks before the answer
+    assert answer == ('answer',)
+    assert named == ['queued', 'encode', *masks, 'objects', *answer, 'publish']

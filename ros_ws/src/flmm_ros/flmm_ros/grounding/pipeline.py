@@ -48,6 +48,7 @@ class GroundingLogits:
     """Per phrase: coarse logits over the image content and refined logits at image size (or None)."""
     coarse: torch.Tensor             # (P, h, w)
     refined: torch.Tensor | None     # (P, H, W)
+    tokens: list[torch.Tensor] | None = None  # per phrase, its SAM prompt tokens (T, C) (None: no refiner)
 
 
 def validate_image(image) -> np.ndarray:
@@ -121,6 +122,14 @@ class _StageClock:
 
 
 class GroundingPipeline:
+    """F-LMM end to end: a frozen LMM adapter, the trained grounding head and the SAM refiner (or none).
+
+    `encode` runs the per-frame parts once; `answer`, `ground` and `run` serve any number of instructions on
+    that FrameEncoding. Thread-safe: one lock serialises every use of the LMM (its per-frame KV cache is
+    extended and cropped in place), so threads may share a pipeline and its frames. `ground_logits` and
+    `head_logits` (the training and evaluation tools' entry points) do not take that lock.
+    """
+
     def __init__(self, lmm: LMMAdapter, head: GroundingHead, refiner: SamRefiner | None, config: PipelineConfig):
         self.lmm = lmm
         self.head = head
@@ -180,28 +189,40 @@ class GroundingPipeline:
         return self._objects(phrases, logits, frame.image_hw)
 
     def run(self, image_or_frame: np.ndarray | FrameEncoding, instruction: str,
-            progress: Callable[[str], None] | None = None) -> GroundingResult:
-        """Answer + grounding for one instruction. `progress(stage)` may raise GroundingCancelled."""
+            progress: Callable[[str], None] | None = None,
+            on_objects: Callable[[GroundingResult], None] | None = None) -> GroundingResult:
+        """Grounding and the spoken answer for one instruction. `progress(stage)` may raise GroundingCancelled.
+
+        Masks first: in instruction mode the phrases are grounded before the answer is generated, and
+        `on_objects(result)` receives them (answer still empty) as soon as they exist, so the time to a mask
+        never includes the answer. In reasoning mode the masks come from the answer's tokens, so it is called
+        after the answer, with it."""
         instruction = self.validate_instruction(instruction)
         frame = image_or_frame if isinstance(image_or_frame, FrameEncoding) else self.encode(image_or_frame)
         cached = frame.uses > 0
         clock = _StageClock(progress, self.config.device)
+
+        def result(answer: str) -> GroundingResult:
+            timings = clock.timings if cached else {**frame.timings, **clock.timings}
+            return GroundingResult(instruction, answer, phrases, objects, dict(timings), frame_cached=cached)
+
         with self._lock, torch.no_grad():
             frame.uses += 1
+            answer = ""
             if self.config.phrase_mode == "reasoning":
                 answer, phrases, logits = self._run_reasoning(frame, instruction, clock)
             else:
                 with clock.stage("phrases"):
                     phrases = phrase_rules.phrases_from_instruction(instruction)
-                answer = ""
-                if self.config.answer:
-                    with clock.stage("answer"):
-                        answer = self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
                 logits = self.ground_logits(frame, phrases, clock)
-        with clock.stage("post"):
-            objects = self._objects(phrases, logits, frame.image_hw)
-        timings = clock.timings if cached else {**frame.timings, **clock.timings}
-        return GroundingResult(instruction, answer, phrases, objects, timings, frame_cached=cached)
+            with clock.stage("post"):
+                objects = self._objects(phrases, logits, frame.image_hw)
+            if on_objects is not None:
+                on_objects(result(answer))
+            if self.config.phrase_mode != "reasoning" and self.config.answer:
+                with clock.stage("answer"):
+                    answer = self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
+        return result(answer)
 
     def reasoning_logits(self, frame: FrameEncoding, question: str,
                          is_sentence: bool | None = None) -> tuple[str, str, GroundingLogits]:
@@ -242,25 +263,28 @@ class GroundingPipeline:
         with clock.stage("mask_head"):
             coarse = self.head.mask_head(lmm_out.maps.to(self.head_device).float())[:, 0]
             coarse = self.lmm.crop_to_image(coarse, prepared)
-        refined = None
+        refined = tokens = None
         if self.refiner is not None and sam is not None:
             with clock.stage("sam_decoder"):
                 tokens = [self.head.text_embeddings(h.to(self.head_device).float()) for h in lmm_out.hidden_states]
                 refined = self.refiner.refine(sam, coarse, tokens)
-        return GroundingLogits(coarse, refined)
+        return GroundingLogits(coarse, refined, tokens)
 
     def _objects(self, phrases: list[str], logits: GroundingLogits,
                  image_hw: tuple[int, int]) -> list[GroundedObject]:
         refined = logits.refined
         if refined is None:   # refiner off: the coarse logits, resized to the image like F-LMM's evaluation
             refined = F.interpolate(logits.coarse[None].float(), size=image_hw, mode="bilinear")[0]
-        return [self._object(p, prob) for p, prob in zip(phrases, refined.detach().float().sigmoid())]
+        tokens = logits.tokens or [None] * len(phrases)
+        return [self._object(p, prob, t) for p, prob, t in zip(phrases, refined.detach().float().sigmoid(), tokens)]
 
-    def _object(self, phrase: str, prob: torch.Tensor) -> GroundedObject:
+    def _object(self, phrase: str, prob: torch.Tensor, tokens: torch.Tensor | None = None) -> GroundedObject:
         fg = prob > self.config.mask_threshold
         mask = fg.to(torch.uint8).mul(255).cpu().numpy()
+        # Kept for tracking: the phrase's prompt tokens, so a tracker never needs the LMM again.
+        kept = None if tokens is None else tokens.detach().float().cpu().numpy()
         ys, xs = np.nonzero(mask)
         if ys.size == 0:
-            return GroundedObject(phrase, mask, (0, 0, 0, 0), 0.0)
+            return GroundedObject(phrase, mask, (0, 0, 0, 0), 0.0, kept)
         box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        return GroundedObject(phrase, mask, box, float(prob[fg].mean()))
+        return GroundedObject(phrase, mask, box, float(prob[fg].mean()), kept)

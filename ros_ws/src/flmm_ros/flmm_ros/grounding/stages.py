@@ -3,5 +3,6 @@ latency, and the stages its action reports as feedback. One source: tests check 
 comments against these tuples."""
 
 ENCODE_STAGES = ("vision", "lmm_prefix", "sam_encoder")          # once per camera frame
-INSTRUCTION_STAGES = ("phrases", "answer", "phrase_pass", "mask_head", "sam_decoder", "post")
+# In instruction mode, in this order: the masks first, then the spoken answer (reasoning mode answers first).
+INSTRUCTION_STAGES = ("phrases", "phrase_pass", "mask_head", "sam_decoder", "post", "answer")
 PIPELINE_STAGES = ENCODE_STAGES + INSTRUCTION_STAGES

@@ -20,6 +20,9 @@ class GroundedObject:
     mask: np.ndarray            # (H, W) uint8, 0 or 255, at the input image's resolution
     box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels, x1/y1 exclusive; all 0 if the mask is empty
     score: float                # mean foreground probability inside the mask (0 if empty)
+    # The phrase's SAM prompt tokens (T, C) float32 (its hidden states through the text projection), kept so
+    # that `tracking.ObjectTracker` can follow the object without the LMM; None when the refiner is off.
+    prompt_tokens: np.ndarray | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass

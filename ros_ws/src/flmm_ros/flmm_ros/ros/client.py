@@ -54,7 +54,8 @@ def format_result(msg: GroundingResult) -> str:
         lines.append(line)
     stages = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in zip(msg.stage_names, msg.stage_seconds))
     cached = " (frame cached)" if msg.frame_cached else ""
-    lines.append(f"latency: {msg.total_seconds * 1000:.0f} ms{cached}" + (f" [{stages}]" if stages else ""))
+    masks = f", masks after {msg.mask_seconds * 1000:.0f} ms" if msg.mask_seconds else ""
+    lines.append(f"latency: {msg.total_seconds * 1000:.0f} ms{masks}{cached}" + (f" [{stages}]" if stages else ""))
     return "\n".join(lines)
 
 

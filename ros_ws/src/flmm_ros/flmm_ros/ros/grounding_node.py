@@ -200,6 +200,9 @@ class GroundingNode(InstructionServer, LifecycleNode):
         self.answer_pub = self.create_publisher(String, '~/answer', qos_profile(p['output_qos'], RESULT_DEPTH))
         self.result_pub = self.create_publisher(GroundingResultMsg, '~/result',
                                                 qos_profile(p['output_qos'], RESULT_DEPTH))
+        # The masks before the answer: a GroundingResult without the answer, as soon as grounding is done.
+        self.objects_pub = self.create_publisher(GroundingResultMsg, '~/objects',
+                                                 qos_profile(p['output_qos'], RESULT_DEPTH))
         self.mask_pub = self.create_publisher(Image, '~/mask', out_qos)
         self.overlay_pub = self.create_publisher(Image, '~/overlay', out_qos)
         self.markers_pub = self.create_publisher(MarkerArray, '~/markers', out_qos)
@@ -215,8 +218,8 @@ class GroundingNode(InstructionServer, LifecycleNode):
             self, Ground, '~/ground', execute_callback=self._execute_goal, goal_callback=self._accept_goal,
             cancel_callback=self._cancel_goal, callback_group=requests, goal_service_qos_profile=ACTION_SERVICE_QOS,
             result_service_qos_profile=ACTION_SERVICE_QOS, cancel_service_qos_profile=ACTION_SERVICE_QOS)
-        self._io = [self.answer_pub, self.result_pub, self.mask_pub, self.overlay_pub, self.markers_pub,
-                    image_sub, instruction_sub, action]
+        self._io = [self.answer_pub, self.result_pub, self.objects_pub, self.mask_pub, self.overlay_pub,
+                    self.markers_pub, image_sub, instruction_sub, action]
         self._sync_3d_subscriptions(p['use_3d'])
 
     def _sync_3d_subscriptions(self, wanted: bool) -> None:

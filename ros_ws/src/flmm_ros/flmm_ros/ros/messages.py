@@ -55,8 +55,8 @@ def object_message(obj: GroundedObject, header: Header, pose: Object3D | None = 
 def result_message(instruction: str, header: Header, *, answer: str = '',
                    objects: Sequence[GroundedObject] = (), poses: Sequence[Object3D | None] = (),
                    pose_status: Sequence[str] = (), timings: Mapping[str, float] | None = None,
-                   total_seconds: float = 0.0, frame_cached: bool = False, warnings: Sequence[str] = (),
-                   error_code: str = '', error: str = '') -> GroundingResultMsg:
+                   total_seconds: float = 0.0, mask_seconds: float = 0.0, frame_cached: bool = False,
+                   warnings: Sequence[str] = (), error_code: str = '', error: str = '') -> GroundingResultMsg:
     """One GroundingResult; success exactly when error_code is empty."""
     poses = list(poses) or [None] * len(objects)
     pose_status = list(pose_status) or [''] * len(objects)
@@ -66,7 +66,8 @@ def result_message(instruction: str, header: Header, *, answer: str = '',
         objects=[object_message(obj, header, pose, status)
                  for obj, pose, status in zip(objects, poses, pose_status, strict=True)],
         stage_names=list(timings), stage_seconds=[float(v) for v in timings.values()],
-        total_seconds=float(total_seconds), frame_cached=bool(frame_cached), warnings=list(warnings),
+        total_seconds=float(total_seconds), mask_seconds=float(mask_seconds), frame_cached=bool(frame_cached),
+        warnings=list(warnings),
         success=not error_code, error_code=error_code, error=error)
 
 

@@ -78,21 +78,35 @@ class InstructionServer:
             depth, info = self._match_3d(frame)        # now: the buffers may have moved on after inference
             progress('encode')
             rgb, encoding = self._encode(frame)
-            result = self.pipeline.run(encoding, request.instruction, progress=progress)
+            early: dict[str, Any] = {}
+
+            def on_objects(partial) -> None:   # masks first: published before the answer is generated
+                early['poses'], early['pose_status'], timings = self._with_3d(frame, partial, depth, info)
+                early['mask_seconds'] = request.age()
+                progress('objects')
+                early['msg'] = result_message(request.instruction, header, answer=partial.answer,
+                                              objects=partial.objects, poses=early['poses'],
+                                              pose_status=early['pose_status'], timings=timings,
+                                              total_seconds=early['mask_seconds'],
+                                              mask_seconds=early['mask_seconds'],
+                                              frame_cached=partial.frame_cached, warnings=warnings)
+                self._publish_masks(rgb, partial.objects, early['poses'], header)
+                self.objects_pub.publish(early['msg'])
+
+            result = self.pipeline.run(encoding, request.instruction, progress=progress, on_objects=on_objects)
             progress('publish')
             timings = dict(result.timings)
-            poses, pose_status = [None] * len(result.objects), [''] * len(result.objects)
-            if self.params['use_3d'] and result.objects:
-                start = time.perf_counter()
-                poses, pose_status = self._poses(frame, result.objects, depth, info)
-                timings['depth_3d'] = time.perf_counter() - start
+            if 'depth_3d' in early['msg'].stage_names:
+                timings['depth_3d'] = early['msg'].stage_seconds[early['msg'].stage_names.index('depth_3d')]
             msg = result_message(request.instruction, header, answer=result.answer, objects=result.objects,
-                                 poses=poses, pose_status=pose_status, timings=timings,
-                                 total_seconds=request.age(), frame_cached=result.frame_cached, warnings=warnings)
-            self._publish_outputs(rgb, result, poses, header)
+                                 poses=early['poses'], pose_status=early['pose_status'], timings=timings,
+                                 total_seconds=request.age(), mask_seconds=early['mask_seconds'],
+                                 frame_cached=result.frame_cached, warnings=warnings)
+            self._publish_answer(result.answer)
             self._answer(request, msg)
-            self.get_logger().debug(f"answered {request.instruction!r}: {len(result.objects)} objects, " + ", ".join(
-                f"{name} {seconds * 1000:.1f} ms" for name, seconds in timings.items()))
+            self.get_logger().debug(f"answered {request.instruction!r}: {len(result.objects)} objects, masks after "
+                                    f"{early['mask_seconds'] * 1000:.0f} ms, " + ", ".join(
+                                        f"{name} {seconds * 1000:.1f} ms" for name, seconds in timings.items()))
         except RequestFailed as error:
             self._fail(request, error.code, str(error), header, show=True)
         except GroundingCancelled:
@@ -174,16 +188,28 @@ class InstructionServer:
         return list(poses), list(reasons)
 
     # ---- outputs --------------------------------------------------------------------------------
-    def _publish_outputs(self, rgb: np.ndarray, result, poses, header: Header) -> None:
-        if result.answer:
-            self.answer_pub.publish(String(data=result.answer))
-            if self._speaker is not None:
-                self._speaker.speak(result.answer)
-        self.mask_pub.publish(mono_to_image(label_image(result.objects, rgb.shape), header))
+    def _with_3d(self, frame: Frame, partial, depth, info) -> tuple[list, list[str], dict[str, float]]:
+        """Poses (or why none) for the partial result's objects, and its timings with depth_3d added."""
+        timings = dict(partial.timings)
+        poses, pose_status = [None] * len(partial.objects), [''] * len(partial.objects)
+        if self.params['use_3d'] and partial.objects:
+            start = time.perf_counter()
+            poses, pose_status = self._poses(frame, partial.objects, depth, info)
+            timings['depth_3d'] = time.perf_counter() - start
+        return poses, pose_status, timings
+
+    def _publish_masks(self, rgb: np.ndarray, objects, poses, header: Header) -> None:
+        self.mask_pub.publish(mono_to_image(label_image(objects, rgb.shape), header))
         if self.params['publish_overlay']:
-            self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, result.objects), header))
+            self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, objects), header))
         if self.params['use_3d']:
-            self.markers_pub.publish(marker_array(result.objects, poses, header))
+            self.markers_pub.publish(marker_array(objects, poses, header))
+
+    def _publish_answer(self, answer: str) -> None:
+        if answer:
+            self.answer_pub.publish(String(data=answer))
+            if self._speaker is not None:
+                self._speaker.speak(answer)
 
     def _refusal(self, code: str) -> str:
         return REFUSALS[code].format(policy=self.queue.policy, max_queued=self.queue.max_queued,

@@ -40,7 +40,7 @@ RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 STARTUP_TIMEOUT = 120.0
 ANSWER_TIMEOUT = 90.0
-OUTPUTS = ('result', 'answer', 'mask', 'overlay', 'markers', 'status')
+OUTPUTS = ('result', 'objects', 'answer', 'mask', 'overlay', 'markers', 'status')
 
 
 def scene(seed: int, height: int = 96, width: int = 128) -> np.ndarray:
@@ -96,7 +96,8 @@ class Probe(Node):
         node_path = self.node_path = f'{namespace}/flmm_grounding'
         self.outputs: dict[str, list] = {name: [] for name in (*OUTPUTS, 'diagnostics')}
         self._condition = threading.Condition()
-        for name, kind, qos in (('result', GroundingResult, DEEP), ('answer', String, DEEP),
+        for name, kind, qos in (('result', GroundingResult, DEEP), ('objects', GroundingResult, DEEP),
+                                ('answer', String, DEEP),
                                 ('mask', Image, RELIABLE), ('overlay', Image, RELIABLE),
                                 ('markers', MarkerArray, RELIABLE), ('status', String, LATCHED)):
             self.create_subscription(kind, f'{node_path}/{name}', self._recorder(name), qos)
