@@ -1,0 +1,113 @@
+"""F-LMM's U-Net mask head on ONNX Runtime: the CPU inference path of the mask-head stage.
+
+`UNetHead.forward` is input preparation (range checks, each map divided by its sum, bilinear upsampling
+to 64) followed by the U-Net body (zero padding to a multiple of 8, encoder, decoder, crop, `conv_seg`).
+The preparation stays in torch: it is cheap and it is where the clear errors for bad maps are raised. The
+body is exported to ONNX once per set of weights and prepared-input size (64x64 for LLaVA-1.5) and cached
+by content like the SAM graphs (`sam_onnx._cached_export`): new weights give a new export, the same
+weights reuse the file. The number of phrases is a dynamic axis.
+
+The engine snapshots the weights when a graph is exported: it serves inference only. Training, and
+anything that needs gradients, runs `UNetHead` itself (`GroundingPipeline.head_logits` does so whenever
+gradients are enabled).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mask_head import UNetHead
+from .onnx_runtime import cpu_session
+from .sam_onnx import OPSET, _cached_export, module_fingerprint
+from .types import GroundingError
+
+EXPORTER_VERSION = 1          # bump when the graph below changes
+INPUT = "maps"
+OUTPUT = "logits"
+FILE = "mask_head.onnx"
+
+log = logging.getLogger(__name__)
+
+
+class UNetBody(nn.Module):
+    """What the graph computes: prepared maps (N, C, h, w) -> logits (N, 1, h, w), for one fixed (h, w)."""
+
+    def __init__(self, head: UNetHead, input_hw: tuple[int, int]):
+        super().__init__()
+        self.head = head
+        self.input_hw = input_hw
+        h, w = input_hw
+        multiple = 2 ** (head.num_stages - 1)
+        # UNetHead.forward pads bottom/right with zeros; a constant F.pad is the same and keeps the graph static.
+        self.padding = (0, math.ceil(w / multiple) * multiple - w, 0, math.ceil(h / multiple) * multiple - h)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = self.input_hw
+        return self.head.conv_seg(self.head.unet(F.pad(x, self.padding))[..., :h, :w])
+
+
+@torch.no_grad()
+def export_mask_head(head: UNetHead, input_hw: tuple[int, int], path: str | os.PathLike) -> Path:
+    """Write the U-Net body for prepared inputs of size `input_hw` to `path` (float32, dynamic N)."""
+    path = Path(path)
+    body = UNetBody(copy.deepcopy(head).float().cpu().eval(), input_hw)
+    example = torch.rand(2, head.in_channels, *input_hw)       # N = 2 so the tracer cannot specialise on 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                        # tracer warnings about Python ints from shapes
+        torch.onnx.export(body, (example,), str(path), input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "phrases"}, OUTPUT: {0: "phrases"}}, opset_version=OPSET,
+                          do_constant_folding=True, dynamo=False)
+    return path
+
+
+def export_mask_head_cached(head: UNetHead, input_hw: tuple[int, int], cache_dir: str | os.PathLike,
+                            force: bool = False) -> Path:
+    """The ONNX graph of `head` for `input_hw` from `cache_dir`/onnx, exported first when absent."""
+    fields = {"exporter": EXPORTER_VERSION, "torch": torch.__version__.split("+")[0], "opset": OPSET,
+              "part": "mask_head", "precision": "fp32", "weights": module_fingerprint(head),
+              "inputs": {INPUT: [head.in_channels, *input_hw]}}
+    return _cached_export(Path(cache_dir) / "onnx", "mask_head", fields, FILE,
+                          lambda p: export_mask_head(head, input_hw, p), force)
+
+
+class MaskHeadEngine:
+    """`UNetHead.forward` with the U-Net body on ONNX Runtime (CPU): same inputs, same checks, same logits
+    (to float rounding, ~1e-6). One session per prepared-input size, made on first use. Thread-safe
+    (ONNX Runtime sessions may be run concurrently; making one is locked). Inference only: the weights are
+    those of `head` when a size is first seen."""
+
+    name = "onnxruntime"
+
+    def __init__(self, head: UNetHead, cache_dir: str | os.PathLike):
+        if not isinstance(head, UNetHead):
+            raise GroundingError(f"MaskHeadEngine needs a UNetHead, got {type(head).__name__}")
+        self.head = head
+        self.cache_dir = Path(cache_dir)
+        self._sessions: dict[tuple[int, int], object] = {}
+        self._lock = threading.Lock()
+
+    def session(self, input_hw: tuple[int, int]):
+        """The session for prepared inputs of size `input_hw` (exported and loaded on first use)."""
+        with self._lock:
+            if input_hw not in self._sessions:
+                path = export_mask_head_cached(self.head, input_hw, self.cache_dir)
+                self._sessions[input_hw] = cpu_session(path)
+                log.info("mask head on ONNX Runtime for %sx%s inputs (%s)", *input_hw, path)
+            return self._sessions[input_hw]
+
+    def __call__(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) attention maps in [0, 1] -> (N, 1, H, W) coarse logits, like `UNetHead.forward`."""
+        x = self.head.prepare_input(maps).float().cpu()
+        session = self.session(tuple(x.shape[-2:]))
+        (logits,) = session.run([OUTPUT], {INPUT: np.ascontiguousarray(x.numpy())})
+        return torch.from_numpy(logits).to(maps.device)
