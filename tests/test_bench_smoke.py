@@ -43,6 +43,19 @@ def test_pipeline_benchmark_smoke(tmp_path):
     assert re.search(r"total .* \d+\.\d+x", out)
 
 
+def test_tracking_benchmark_smoke(tmp_path):
+    out = run("bench/tracking.py", "--config", "random-small", "--repeats", "2", "--warmup", "1", "--objects", "1",
+              "--threads", "1", "--json", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    ways = {r["backend"] for r in result["runs"]}
+    assert {"torch", "onnxruntime", "re-ground"} <= ways
+    for run_ in result["runs"]:
+        assert run_["total_ms"] > 0
+        if run_["backend"] != "re-ground":
+            assert run_["lost_at_end"] == 0 and run_["stage_ms"]["sam_decoder"] > 0 and run_["speedup"] > 0
+    assert re.search(r"track, onnxruntime .* \d+\.\dx faster", out)
+
+
 @pytest.mark.ros
 def test_soak_smoke(tmp_path):
     out = run("bench/soak.py", "--duration", "8", "--json", str(tmp_path / "soak.json"), "--work", str(tmp_path))

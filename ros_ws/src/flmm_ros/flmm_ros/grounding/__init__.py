@@ -20,13 +20,19 @@ _EXPORTS = {
     "GroundingError": "types",
     "GroundingPipeline": "pipeline",
     "GroundingResult": "types",
+    "ObjectTracker": "tracking",
     "PipelineConfig": "config",
+    "TrackedObject": "tracking_config",
+    "TrackerConfig": "tracking_config",
+    "TrackingUpdate": "tracking_config",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:   # what type checkers and editors see; at run time `__getattr__` imports on first use
     from .config import PipelineConfig
     from .pipeline import FrameEncoding, GroundingPipeline
+    from .tracking import ObjectTracker
+    from .tracking_config import TrackedObject, TrackerConfig, TrackingUpdate
     from .types import GroundedObject, GroundingCancelled, GroundingError, GroundingResult
 
 

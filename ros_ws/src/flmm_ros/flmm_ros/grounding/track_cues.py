@@ -1,0 +1,161 @@
+"""Small image operations the tracker uses between SAM passes (NumPy / OpenCV / torch, no model).
+
+- `estimate_shift`: where an object's pixels went from one frame to the next (masked template matching), so
+  the prompt is placed where the object is now, not where it was (motion-compensated prompt);
+- `clean_mask`: drop the blobs of a new mask that do not overlap the last mask, fill its holes;
+  `largest_component`: a re-grounded mask's main part;
+- `colour_histogram` / `histogram_similarity`: an appearance check that tells one object from another;
+- `embedding_descriptor`: SAM's image embedding pooled under a mask (a second appearance check);
+- `grow_box`, `shift_mask`, `warp_prompt`, `mask_iou`, `touches_border`: box and map geometry.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+COLOUR_BINS = 4     # per RGB channel: coarse enough for lighting changes, fine enough to tell colours apart
+
+
+def grow_box(box: torch.Tensor, margin: float, image_hw: tuple[int, int]) -> torch.Tensor:
+    """(4,) x0, y0, x1, y1 grown by `margin` of its width / height on every side, clipped to the image."""
+    h, w = image_hw
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    return torch.stack([(box[0] - margin * bw).clamp(0, w), (box[1] - margin * bh).clamp(0, h),
+                        (box[2] + margin * bw).clamp(0, w), (box[3] + margin * bh).clamp(0, h)])
+
+
+def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    union = int((a | b).sum())
+    return int((a & b).sum()) / union if union else 0.0
+
+
+def touches_border(box: torch.Tensor, image_hw: tuple[int, int], pixels: int = 2) -> bool:
+    """Whether a box (x0, y0, x1, y1) comes within `pixels` of the image's edge."""
+    h, w = image_hw
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return x0 <= pixels or y0 <= pixels or x1 >= w - pixels or y1 >= h - pixels
+
+
+def shift_mask(mask: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """A boolean (H, W) mask moved by whole pixels (rounded); what leaves the image is dropped."""
+    h, w = mask.shape
+    ix, iy = int(round(dx)), int(round(dy))
+    out = torch.zeros_like(mask)
+    if abs(ix) >= w or abs(iy) >= h:
+        return out
+    src = mask[max(0, -iy):h - max(0, iy), max(0, -ix):w - max(0, ix)]
+    out[max(0, iy):max(0, iy) + src.shape[0], max(0, ix):max(0, ix) + src.shape[1]] = src
+    return out
+
+
+def warp_prompt(prompt: torch.Tensor, old_box: torch.Tensor, new_box: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    """Move and scale a (1, 1, h, w) map so that `old_box` lands on `new_box` (boxes in the map's own
+    normalised [-1, 1] coordinates); `fill` is what comes in from outside."""
+    scale = (old_box[2:] - old_box[:2]) / (new_box[2:] - new_box[:2]).clamp(min=1e-6)
+    shift = (old_box[:2] + old_box[2:]) / 2 - (new_box[:2] + new_box[2:]) / 2 * scale
+    theta = torch.zeros(1, 2, 3, device=prompt.device)
+    theta[0, 0, 0], theta[0, 1, 1] = scale[0], scale[1]
+    theta[0, :, 2] = shift
+    grid = F.affine_grid(theta, list(prompt.shape), align_corners=False)
+    return F.grid_sample(prompt - fill, grid, align_corners=False) + fill
+
+
+def clean_mask(mask: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """The connected parts of `mask` that mostly (>= half) overlap `previous`, always keeping the one that
+    overlaps it most (the largest when none does), with holes filled. Blobs on other objects go; a new mask
+    split in two by an occluder keeps both parts."""
+    count, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=8)
+    if count > 2:
+        size = np.bincount(labels.ravel(), minlength=count)
+        overlap = np.bincount(labels[previous], minlength=count)
+        keep = overlap >= 0.5 * size
+        keep[int(np.argmax(overlap[1:] if overlap[1:].any() else size[1:])) + 1] = True
+        keep[0] = False
+        mask = keep[labels]
+    count, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    if count > 2:   # background parts that do not touch the image border are holes
+        border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        hole = np.ones(count, bool)
+        hole[border] = False
+        hole[0] = False
+        mask = mask | hole[labels]
+    return mask
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected part of a boolean mask (a grounded mask's stray blobs on other objects go)."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    if count <= 2:
+        return mask
+    return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def colour_histogram(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+    """Normalised RGB histogram (COLOUR_BINS per channel) of the pixels under `mask`; None if it is empty."""
+    ys, xs = np.nonzero(mask)
+    if ys.size == 0:
+        return None
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    hist = cv2.calcHist([np.ascontiguousarray(image[y0:y1, x0:x1])], [0, 1, 2],
+                        np.ascontiguousarray(mask[y0:y1, x0:x1], dtype=np.uint8), [COLOUR_BINS] * 3,
+                        [0, 256] * 3).ravel()
+    return hist / max(1.0, float(hist.sum()))
+
+
+def histogram_similarity(a: np.ndarray, b: np.ndarray) -> float:
+    """Bhattacharyya coefficient of two normalised histograms: 1 = the same colours, 0 = none shared."""
+    return float(np.sqrt(a * b).sum())
+
+
+def embedding_descriptor(embedding: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor | None:
+    """SAM's (1, C, h, w) image embedding averaged under a mask given as (1, 1, 4h, 4w) low-res logits of
+    the same square frame (each cell weighted by its mean probability); unit norm, None if the mask is empty."""
+    weights = F.adaptive_avg_pool2d(low_res.float().sigmoid(), embedding.shape[-2:])
+    total = weights.sum()
+    if total <= 1e-6:
+        return None
+    return F.normalize((embedding.float() * weights).sum(dim=(0, 2, 3)) / total, dim=0)
+
+
+def estimate_shift(previous: np.ndarray, image: np.ndarray, mask: np.ndarray, box: tuple[int, int, int, int],
+                   work_side: int = 48) -> tuple[float, float]:
+    """(dx, dy) in pixels that moves the object's pixels (`mask` over `previous`, inside `box`) onto `image`.
+
+    Masked normalised cross-correlation (so a changed background does not count) over shifts up to half the
+    object's size, on images scaled so that the object is at most `work_side` px (fast), refined to sub-pixel
+    by a parabola through the best score and its neighbours. (0, 0) when the object is too small to match."""
+    h, w = mask.shape
+    x0, y0, x1, y1 = max(0, box[0]), max(0, box[1]), min(w, box[2]), min(h, box[3])
+    if x1 - x0 < 4 or y1 - y0 < 4:
+        return 0.0, 0.0
+    radius = max(4, (max(x1 - x0, y1 - y0) + 1) // 2)
+    scale = min(1.0, work_side / max(x1 - x0, y1 - y0))
+    template = previous[y0:y1, x0:x1]
+    tmask = mask[y0:y1, x0:x1].astype(np.uint8)
+    search = cv2.copyMakeBorder(image[max(0, y0 - radius):y1 + radius, max(0, x0 - radius):x1 + radius],
+                                max(0, radius - y0), max(0, y1 + radius - h), max(0, radius - x0),
+                                max(0, x1 + radius - w), cv2.BORDER_REPLICATE)
+    if scale < 1.0:
+        size = (max(4, round((x1 - x0) * scale)), max(4, round((y1 - y0) * scale)))
+        template = cv2.resize(template, size, interpolation=cv2.INTER_AREA)
+        tmask = cv2.resize(tmask, size, interpolation=cv2.INTER_NEAREST)
+        search = cv2.resize(search, (size[0] + 2 * round(radius * scale), size[1] + 2 * round(radius * scale)),
+                            interpolation=cv2.INTER_AREA)
+    if tmask.sum() < 8:
+        return 0.0, 0.0
+    scores = cv2.matchTemplate(np.ascontiguousarray(search), np.ascontiguousarray(template), cv2.TM_CCOEFF_NORMED,
+                               mask=tmask)
+    scores = np.nan_to_num(scores, nan=-1.0, posinf=-1.0, neginf=-1.0)
+    iy, ix = np.unravel_index(int(np.argmax(scores)), scores.shape)
+    fx = ix + _parabola_peak(scores[iy, ix - 1:ix + 2]) if 0 < ix < scores.shape[1] - 1 else float(ix)
+    fy = iy + _parabola_peak(scores[iy - 1:iy + 2, ix]) if 0 < iy < scores.shape[0] - 1 else float(iy)
+    centre_x, centre_y = (scores.shape[1] - 1) / 2, (scores.shape[0] - 1) / 2    # score of no shift
+    return (fx - centre_x) / scale, (fy - centre_y) / scale
+
+
+def _parabola_peak(three: np.ndarray) -> float:
+    a, b, c = (float(v) for v in three)
+    d = a - 2 * b + c
+    return 0.0 if d >= 0 else float(np.clip(0.5 * (a - c) / d, -0.5, 0.5))

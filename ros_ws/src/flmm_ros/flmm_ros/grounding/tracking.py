@@ -1,0 +1,391 @@
+"""Tracking grounded objects at camera rate without the LMM: F-LMM's SAM refiner, prompted by the last mask.
+
+    tracker = ObjectTracker(pipe, TrackerConfig())
+    result = pipe.run(frame, "pick the red mug")
+    tracker.start(result.objects, image=rgb)       # track ids 1, 2, ... (never reused)
+    for rgb in camera:                             # once per camera frame
+        for obj in tracker.update(rgb).objects:    # obj.track_id, .state, .mask, .box, .confidence
+            ...
+
+Per frame the SAM image encoder runs once; then, per object, one pass of the prompt decoder with F-LMM's
+prompt set (`sam_decoder.SamPromptDecoder`): a dense mask prompt (the object's recent masks), a box (the last
+mask's, grown by `box_margin`) and the phrase's tokens, kept from the grounding pass
+(`GroundedObject.prompt_tokens`). Before the pass, the prompt is moved to where the object's pixels went
+(masked template matching, `track_cues.estimate_shift`); after it, blobs that do not overlap the last mask
+are dropped and holes filled, and the mask is cut to the last box grown by `search_margin`.
+
+The lost rule (thresholds in `TrackerConfig`): the new mask is kept when it is not empty or too small, the
+decoder's predicted IoU (the frame's `confidence`) is high enough, its area did not jump, its colours (and SAM
+embedding) still match the object's at grounding, and no other track holds the same pixels. Otherwise the
+object is `lost`, with the reason, and its mask is empty. A lost object is looked for on every frame with its
+last good prompt (one decoder pass) and, with `regrounding: auto`, by grounding its phrase again with the LMM
+every `reground_every` frames; the same rule decides whether what was found is the object, which then keeps
+its track id.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from . import track_cues as cues
+from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_image
+from .refiner import SamImageEncoding, SamRefiner, mask_to_box
+from .refiner_backends import OnnxRuntimeBackend, make_refiner_backend
+from .tracking_config import LOST_REASONS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
+from .types import GroundedObject, GroundingError
+
+__all__ = ["LOST_REASONS", "TRACK_STATES", "ObjectTracker", "TrackedObject", "TrackerConfig", "TrackingUpdate"]
+PROMPT_LOGIT = 8.0          # a mask as a dense prompt: +-8, the range of a confident coarse map
+
+
+@dataclass
+class _Candidate:
+    mask: torch.Tensor              # (H, W) bool
+    box: torch.Tensor | None        # (4,) image pixels; None if empty
+    area: int
+    score: float
+    confidence: float
+    low_res: torch.Tensor           # (1, 1, h, w) decoder logits in SAM's square input frame
+    prob: torch.Tensor              # (H, W) foreground probability
+    colours: np.ndarray | None = None
+    descriptor: torch.Tensor | None = None
+    appearance: float = 1.0
+
+
+@dataclass
+class _Track:
+    track_id: int
+    phrase: str
+    tokens: torch.Tensor            # (1, T, C) the phrase's prompt tokens
+    image_hw: tuple[int, int]
+    input_hw: tuple[int, int]       # the image's size inside SAM's square input
+    mask: torch.Tensor              # (H, W) bool, the last good mask
+    box: torch.Tensor               # (4,) its box in image pixels
+    area: int
+    largest_area: int
+    prompt: torch.Tensor            # (1, 1, h, w) dense prompt (probability memory, see TrackerConfig.memory)
+    image: np.ndarray | None = None          # the frame of the last good mask (for template matching)
+    colours: np.ndarray | None = None        # appearance at grounding
+    descriptor: torch.Tensor | None = None
+    state: str = "tracking"
+    reason: str = ""
+    frames_lost: int = 0
+    age: int = 0
+    out: TrackedObject | None = None
+
+
+class ObjectTracker:
+    """Keeps grounded objects on every new camera frame (method and lost rule: the module docstring).
+
+    Thread-safety: every public method takes the tracker's lock, so `update` (camera thread) and `start` /
+    `stop` (instruction thread) may be called from different threads. SAM runs outside the pipeline's lock;
+    only re-grounding takes it (through `pipeline.encode` / `ground`)."""
+
+    def __init__(self, pipeline: GroundingPipeline, config: TrackerConfig | dict | None = None):
+        cfg = TrackerConfig.from_dict(config) if isinstance(config, dict) else (config or TrackerConfig())
+        cfg.validate()
+        self.pipeline, self.config = pipeline, cfg
+        device = torch.device(pipeline.config.device)
+        name = pipeline.config.backend if cfg.backend == "auto" else cfg.backend
+        if cfg.backend == "auto" and name == "torch" and device.type == "cpu":
+            name = "onnxruntime"
+        precision = "fp16" if pipeline.config.dtype != "float32" else "fp32"
+        self.backend = make_refiner_backend(name, pipeline.head.sam, device=device, precision=precision,
+                                            cache_dir=pipeline.config.engine_dir or None)
+        if isinstance(self.backend, OnnxRuntimeBackend) and self.backend.device.type == "cpu" and cfg.threads:
+            _limit_threads(self.backend, cfg.threads)
+        self.refiner = SamRefiner(pipeline.head.sam, self.backend)
+        self._tracks: list[_Track] = []
+        self._next_id = 1
+        self._frame_index = 0
+        self._last_reground = -10**9
+        self._lock = threading.RLock()
+
+    # ---- starting and stopping --------------------------------------------------------------------
+    @torch.no_grad()
+    def start(self, objects: list[GroundedObject], image: np.ndarray | None = None,
+              frame: FrameEncoding | None = None, replace: bool = True) -> list[TrackedObject]:
+        """Track `objects`, grounded on `image` (give it: the objects' appearance and first motion come from
+        it; `frame`, its encoding, saves a SAM encoder pass). `replace` drops the tracks so far."""
+        with self._lock:
+            if replace:
+                self._tracks = []
+            image = None if image is None else validate_image(image).copy()
+            encoding = self._encoding(image, frame) if image is not None else None
+            new = [self._new_track(obj, image, encoding) for obj in objects]
+            self._tracks += new
+            return [t.out for t in new]
+
+    def stop(self, track_ids: list[int] | None = None) -> None:
+        """Stop tracking these ids (all when None)."""
+        with self._lock:
+            self._tracks = [t for t in self._tracks if track_ids is not None and t.track_id not in track_ids]
+
+    @property
+    def tracks(self) -> list[TrackedObject]:
+        """The latest snapshot of every track."""
+        with self._lock:
+            return [t.out for t in self._tracks]
+
+    def _new_track(self, obj: GroundedObject, image: np.ndarray | None, encoding: SamImageEncoding | None) -> _Track:
+        if obj.prompt_tokens is None:
+            raise GroundingError(f"{obj.phrase!r} has no prompt tokens to track it with: ground it with the SAM "
+                                 "refiner on (refine: true)")
+        mask_np = np.asarray(obj.mask) > 0
+        if image is not None and image.shape[:2] != mask_np.shape:
+            raise GroundingError(f"the mask of {obj.phrase!r} is {mask_np.shape}, the image {image.shape[:2]}")
+        device = self.refiner.device
+        mask = torch.as_tensor(mask_np, device=device)
+        h, w = mask.shape
+        input_hw = self.refiner.transform.get_preprocess_shape(h, w, self.refiner.image_size)
+        box = mask_to_box(mask)
+        area = int(mask.sum())
+        prompt = self._mask_prompt(mask, input_hw)
+        track = _Track(self._next_id, obj.phrase, torch.as_tensor(obj.prompt_tokens, dtype=torch.float32,
+                                                                  device=device)[None],
+                       (h, w), input_hw, mask, box if box is not None else torch.zeros(4, device=device),
+                       area, area, torch.sigmoid(prompt), image)
+        self._next_id += 1
+        if box is None or area < self.config.min_area * h * w:
+            track.state, track.reason = "lost", "empty" if box is None else "too_small"
+        elif image is not None:
+            track.colours = cues.colour_histogram(image, mask_np)
+            track.descriptor = cues.embedding_descriptor(encoding.embedding, prompt)
+        track.out = self._snapshot(track, mask if track.state == "tracking" else None, obj.score, obj.score)
+        return track
+
+    # ---- per frame -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def update(self, image: np.ndarray, frame: FrameEncoding | None = None) -> TrackingUpdate:
+        """Follow every object onto `image` (RGB uint8). `frame`, the pipeline's encoding of this same image,
+        saves the SAM encoder and, when re-grounding, the LMM's encoding."""
+        image = validate_image(image)
+        with self._lock:
+            self._frame_index += 1
+            clock = _StageClock(None, self.pipeline.config.device)    # synchronises CUDA at stage edges
+            if not self._tracks:
+                return TrackingUpdate(self._frame_index, [], clock.timings)
+            image = image.copy()         # kept for the next frame's template matching; the caller may reuse it
+            with clock.stage("sam_encoder"):
+                encoding = self._encoding(image, frame)
+            if any(t.image_hw != encoding.image_hw for t in self._tracks):
+                raise GroundingError(f"the image size changed from {self._tracks[0].image_hw} to "
+                                     f"{encoding.image_hw}: start tracking again on the new images")
+            found = {}
+            for track in self._tracks:
+                if track.state == "tracking" or self.config.recover:
+                    cand = self._follow(track, encoding, image, clock)
+                    if cand is not None:
+                        found[track.track_id] = cand
+            with clock.stage("post"):
+                self._settle(found, image)
+            regrounded = set()
+            if self._reground_due():
+                with clock.stage("reground"):
+                    regrounded = self._reground(image, frame, encoding)
+            for track in self._tracks:
+                if track.state == "lost" and track.track_id not in regrounded:
+                    track.frames_lost += 1
+                    track.out = self._snapshot(track, None, 0.0, track.out.confidence, track.out.appearance)
+            return TrackingUpdate(self._frame_index, [t.out for t in self._tracks], clock.timings)
+
+    def reground(self, image: np.ndarray, frame: FrameEncoding | None = None) -> list[int]:
+        """Ground every lost object's phrase again with the LMM now (also done by `update` with `regrounding:
+        auto`); returns the ids found again. Call it after `update` on the same image."""
+        image = validate_image(image)
+        with self._lock:
+            encoding = self._encoding(image, frame)
+            found = self._reground(image, frame, encoding)
+            for track in self._tracks:
+                if track.state == "lost" and track.track_id not in found:
+                    track.out = self._snapshot(track, None, 0.0, track.out.confidence, track.out.appearance)
+            return sorted(found)
+
+    def _follow(self, track: _Track, encoding: SamImageEncoding, image: np.ndarray, clock) -> _Candidate | None:
+        """One decoder pass for `track` on this frame; the candidate if it passes the lost rule."""
+        prompt, box, previous = track.prompt, track.box, track.mask
+        if self.config.motion == "template" and track.state == "tracking" and track.image is not None:
+            with clock.stage("motion"):
+                int_box = tuple(int(v) for v in track.box.round().tolist())
+                dx, dy = cues.estimate_shift(track.image, image, track.mask.cpu().numpy(), int_box)
+                if dx or dy:
+                    box = track.box + torch.tensor([dx, dy, dx, dy], device=track.box.device)
+                    prompt = self._warp(track.prompt, track.box, box, track.image_hw)
+                    track.prompt = prompt            # the memory moves with the object, kept or not
+                    previous = cues.shift_mask(track.mask, dx, dy)
+        with clock.stage("sam_decoder"):
+            cand = self._decode(encoding, self._prompt_logits(prompt), box, track.tokens)
+        with clock.stage("post"):
+            cand = self._finish(cand, encoding, image, box, previous, track)
+            reason = self._check(track, cand)
+        if reason:
+            if track.state == "tracking":
+                self._lose(track, reason, cand)
+            return None
+        return cand
+
+    def _settle(self, found: dict[int, _Candidate], image: np.ndarray, regrounded: bool = False) -> None:
+        """Accept the candidates that passed the rule; one object, one track: tracks still tracking first, then
+        the most confident (a re-found object never takes over one that is tracked)."""
+        tracks = {t.track_id: t for t in self._tracks}
+        order = sorted(found, key=lambda i: (tracks[i].state != "tracking", -found[i].confidence))
+        taken = [t.mask for t in self._tracks if t.state == "tracking" and t.track_id not in found]
+        for track_id in order:
+            cand, track = found[track_id], tracks[track_id]
+            if any(cues.mask_iou(cand.mask, m) > self.config.max_overlap for m in taken):
+                if track.state == "tracking":
+                    self._lose(track, "duplicate", cand)
+                continue
+            taken.append(cand.mask)
+            self._accept(track, cand, image, regrounded)
+
+    def _accept(self, track: _Track, cand: _Candidate, image: np.ndarray, regrounded: bool) -> None:
+        new = self._mask_prompt(cand.mask, track.input_hw) if self.config.dense_prompt == "mask" else cand.low_res
+        m = self.config.memory if track.state == "tracking" else 0.0   # re-found: the old memory is elsewhere
+        track.prompt = m * track.prompt + (1 - m) * torch.sigmoid(new)
+        track.state, track.reason, track.frames_lost = "tracking", "", 0
+        track.age += 1
+        track.mask, track.box, track.area, track.image = cand.mask, cand.box, cand.area, image
+        track.largest_area = max(track.largest_area, cand.area)
+        if track.colours is None:            # started without its image: the first tracked frame decides
+            track.colours, track.descriptor = cand.colours, cand.descriptor
+        track.out = self._snapshot(track, cand.mask, cand.score, cand.confidence, cand.appearance, regrounded)
+
+    def _lose(self, track: _Track, reason: str, cand: _Candidate) -> None:
+        """Lost: the prompt, box and mask stay those of the last good frame, to look for it there again."""
+        track.state, track.reason = "lost", reason
+        track.out = self._snapshot(track, None, 0.0, cand.confidence, cand.appearance)
+
+    def _check(self, track: _Track, cand: _Candidate) -> str:
+        """'' when the candidate passes the lost rule, else the reason it fails."""
+        cfg = self.config
+        h, w = track.image_hw
+        if cand.area == 0 or cand.area < cfg.min_area * h * w:
+            if track.state == "tracking" and cues.touches_border(track.box, track.image_hw):
+                return "left_view"
+            return "empty" if cand.area == 0 else "too_small"
+        if cand.confidence < cfg.min_confidence:
+            return "low_confidence"
+        if track.state == "tracking":
+            if not 1 / cfg.max_area_change <= cand.area / max(1, track.area) <= cfg.max_area_change:
+                return "area_jump"
+        elif cand.area > cfg.max_area_change * track.largest_area:
+            return "area_jump"
+        if track.colours is not None and cand.colours is not None:
+            cand.appearance = cues.histogram_similarity(track.colours, cand.colours)
+            if cand.appearance < cfg.min_colour_similarity:
+                return "colour"
+        # Re-finding an object needs more evidence than following it from one frame to the next.
+        min_similarity = cfg.min_similarity if track.state == "tracking" else cfg.min_refound_similarity
+        if track.descriptor is not None and cand.descriptor is not None:
+            if float(torch.dot(track.descriptor, cand.descriptor)) < min_similarity:
+                return "appearance"
+        return ""
+
+    # ---- re-grounding ------------------------------------------------------------------------------------
+    def _reground_due(self) -> bool:
+        return (self.config.regrounding == "auto" and any(t.state == "lost" for t in self._tracks)
+                and self._frame_index - self._last_reground >= self.config.reground_every)
+
+    def _reground(self, image: np.ndarray, frame: FrameEncoding | None, encoding: SamImageEncoding) -> set[int]:
+        """Ground the lost objects' phrases with the LMM; a mask that passes the rule (after one pass of the
+        tracker's decoder prompted with it) gives the object back under its id. Returns the ids found."""
+        self._last_reground = self._frame_index
+        lost = [t for t in self._tracks if t.state == "lost"]
+        if not lost:
+            return set()
+        frame = frame if frame is not None and frame.lmm is not None else self.pipeline.encode(image)
+        found = {}
+        for track, obj in zip(lost, self.pipeline.ground(frame, [t.phrase for t in lost])):
+            mask = torch.as_tensor(cues.largest_component(obj.mask > 0), device=self.refiner.device)
+            box = mask_to_box(mask)
+            if box is None:
+                continue
+            cand = self._decode(encoding, self._mask_prompt(mask, track.input_hw), box, track.tokens)
+            cand = self._finish(cand, encoding, image, box, mask, track)
+            if not self._check(track, cand):
+                found[track.track_id] = cand
+        self._settle(found, image, regrounded=True)
+        return {t.track_id for t in lost if t.track_id in found and t.state == "tracking"}
+
+    # ---- SAM ---------------------------------------------------------------------------------------------
+    def _encoding(self, image: np.ndarray, frame: FrameEncoding | None) -> SamImageEncoding:
+        if frame is not None and frame.sam is not None:
+            if tuple(frame.image_hw) != image.shape[:2]:
+                raise GroundingError(f"the frame encoding is of a {frame.image_hw} image, not {image.shape[:2]}")
+            return frame.sam
+        return self.refiner.encode(image)
+
+    def _mask_prompt(self, mask: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
+        """A boolean image-size mask as (1, 1, h, w) +-PROMPT_LOGIT logits of the prompt frame."""
+        logits = torch.where(mask, PROMPT_LOGIT, -PROMPT_LOGIT).float()[None]
+        return self.refiner.dense_prompts(logits, input_hw)
+
+    @staticmethod
+    def _prompt_logits(memory: torch.Tensor) -> torch.Tensor:
+        return torch.logit(memory.clamp(1e-4, 1 - 1e-4)).clamp(-PROMPT_LOGIT, PROMPT_LOGIT)
+
+    def _warp(self, memory: torch.Tensor, old_box: torch.Tensor, new_box: torch.Tensor, image_hw) -> torch.Tensor:
+        """The memory moved with the object from `old_box` to `new_box` (image pixels)."""
+        size = self.refiner.image_size
+        old, new = (self.refiner.transform.apply_boxes_torch(b[None].float(), image_hw)[0] / size * 2 - 1
+                    for b in (old_box, new_box))      # normalised coordinates of SAM's square input
+        return cues.warp_prompt(memory, old, new)
+
+    def _decode(self, encoding: SamImageEncoding, prompt: torch.Tensor, box: torch.Tensor,
+                tokens: torch.Tensor) -> _Candidate:
+        grown = cues.grow_box(box, self.config.box_margin, encoding.image_hw)
+        sam_box = self.refiner.transform.apply_boxes_torch(grown[None].float(), encoding.image_hw)
+        low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
+        low_res = low_res.float()
+        prob = self.refiner.sam.postprocess_masks(low_res, encoding.input_hw, encoding.image_hw)[0, 0].sigmoid()
+        return _Candidate(prob > self.config.mask_threshold, None, 0, 0.0, float(iou.reshape(-1)[0].clamp(0, 1)),
+                          low_res, prob)
+
+    def _finish(self, cand: _Candidate, encoding: SamImageEncoding, image: np.ndarray, box: torch.Tensor,
+                previous: torch.Tensor, track: _Track) -> _Candidate:
+        """Cut the mask to the search window, clean it, and measure its area, box and appearance (all on the
+        window's crop: the rest of the image is empty and would only cost time)."""
+        x0, y0, x1, y1 = (int(v) for v in cues.grow_box(box, self.config.search_margin, track.image_hw).round())
+        prob = cand.prob[y0:y1, x0:x1]
+        crop = (prob > self.config.mask_threshold).cpu().numpy()
+        if self.config.clean and crop.any():
+            crop = cues.clean_mask(crop, previous[y0:y1, x0:x1].cpu().numpy())
+        mask = np.zeros(track.image_hw, bool)
+        mask[y0:y1, x0:x1] = crop
+        cand.mask, cand.area = torch.as_tensor(mask, device=cand.prob.device), int(crop.sum())
+        cand.box = None
+        if cand.area:
+            ys, xs = np.nonzero(crop)
+            cand.box = torch.tensor([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1],
+                                    dtype=torch.float32, device=cand.prob.device)
+            cand.score = float(prob[torch.as_tensor(crop, device=prob.device)].mean())
+            cand.colours = cues.colour_histogram(image[y0:y1, x0:x1], crop)
+            cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)
+        return cand
+
+    def _snapshot(self, track: _Track, mask: torch.Tensor | None, score: float, confidence: float,
+                  appearance: float = 1.0, regrounded: bool = False) -> TrackedObject:
+        if mask is None:
+            h, w = track.image_hw
+            return TrackedObject(track.track_id, track.phrase, "lost", np.zeros((h, w), np.uint8), (0, 0, 0, 0),
+                                 0.0, confidence, appearance, track.reason, track.frames_lost, track.age)
+        box = mask_to_box(mask)
+        box = tuple(int(v) for v in box.tolist()) if box is not None else (0, 0, 0, 0)
+        return TrackedObject(track.track_id, track.phrase, "tracking", mask.to(torch.uint8).mul(255).cpu().numpy(),
+                             box, score, confidence, appearance, "", 0, track.age, regrounded)
+
+
+def _limit_threads(backend: OnnxRuntimeBackend, threads: int) -> None:
+    """Re-open the backend's CPU sessions with `threads` intra-op threads (ONNX Runtime's default is one per
+    core, which would compete with the thread serving instructions)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    for name in ("encoder", "decoder"):
+        path = getattr(backend.models, name)
+        setattr(backend, name, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))

@@ -1,0 +1,287 @@
+"""ObjectTracker on the shipped embedded model: follows grounded objects without the LMM, keeps ids, loses
+and finds them again by its lost rule; TrackerConfig validation; the tracker's image cues."""
+import threading
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flmm_ros.grounding import track_cues as cues
+from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.pipeline import GroundingPipeline
+from flmm_ros.grounding.tracking import LOST_REASONS, ObjectTracker, TrackerConfig
+from flmm_ros.grounding.types import GroundingError
+from flmm_ros.tabletop.scenes import generate_scene
+from flmm_ros.tabletop.sequences import generate_sequence
+
+BUNDLE = Path(__file__).resolve().parents[1] / "ros_ws/src/flmm_ros/models/tabletop_tiny"
+DEMO_SEED = 2000016            # the README demo scene: white mug, purple box, red mug
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("engines")
+    return GroundingPipeline.from_config(PipelineConfig(model=str(BUNDLE), answer=False, engine_dir=str(cache)))
+
+
+@pytest.fixture(scope="module")
+def demo(pipe):
+    scene = generate_scene(DEMO_SEED, (256, 256))
+    objects = pipe.ground(pipe.encode(scene.image), ["the red mug"])
+    return scene, objects
+
+
+def _iou(a, b):
+    a, b = np.asarray(a) > 0, np.asarray(b) > 0
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+# ---- grounding keeps what tracking needs -------------------------------------------------------------
+def test_grounded_objects_carry_their_phrase_prompt_tokens(pipe, demo):
+    _, objects = demo
+    tokens = objects[0].prompt_tokens
+    assert tokens.dtype == np.float32 and tokens.ndim == 2
+    assert tokens.shape[1] == pipe.head.sam.prompt_encoder.embed_dim and tokens.shape[0] >= 1
+
+
+def test_without_the_refiner_there_are_no_tokens_and_tracking_says_why(pipe, demo):
+    coarse_only = GroundingPipeline(pipe.lmm, pipe.head, None, replace(pipe.config, refine=False))
+    scene, _ = demo
+    obj = coarse_only.ground(coarse_only.encode(scene.image), ["the red mug"])[0]
+    assert obj.prompt_tokens is None
+    with pytest.raises(GroundingError, match="no prompt tokens"):
+        ObjectTracker(pipe).start([obj])
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+def test_every_setting_has_a_description():
+    descriptions = TrackerConfig.descriptions()
+    assert set(descriptions) == {f.name for f in fields(TrackerConfig)}
+    assert all(len(text) > 20 for text in descriptions.values())
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"regrounding": "sometimes"}, "regrounding"), ({"backend": "cuda"}, "backend"),
+    ({"min_confidence": 1.5}, "min_confidence"), ({"max_area_change": 0.5}, "max_area_change"),
+    ({"box_margin": 0.8, "search_margin": 0.5}, "margins"), ({"reground_every": 0}, "reground_every"),
+    ({"no_such_setting": 1}, "unknown tracker settings")])
+def test_bad_settings_are_refused_with_the_reason(values, message):
+    with pytest.raises(GroundingError, match=message):
+        TrackerConfig.from_dict(values)
+
+
+def test_auto_backend_on_a_cpu_is_onnxruntime_with_the_set_threads(pipe):
+    tracker = ObjectTracker(pipe, TrackerConfig(threads=1))
+    assert pipe.config.backend == "torch" and tracker.backend.name == "onnxruntime"
+    for session in (tracker.backend.encoder, tracker.backend.decoder):
+        assert session.get_session_options().intra_op_num_threads == 1
+
+
+# ---- following objects ----------------------------------------------------------------------------------
+def test_a_still_object_keeps_its_mask_and_id(pipe, demo):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    started = tracker.start(objects, image=scene.image)
+    assert [t.track_id for t in started] == [1] and started[0].state == "tracking"
+    for age in range(1, 6):
+        obj = tracker.update(scene.image).objects[0]
+        assert obj.track_id == 1 and obj.state == "tracking" and obj.age == age
+        assert _iou(obj.mask, objects[0].mask) >= 0.85
+        assert obj.box != (0, 0, 0, 0) and 0 < obj.confidence <= 1 and obj.appearance > 0.9
+
+
+def test_it_follows_a_moving_object_where_the_first_mask_does_not():
+    """The camera pans: the tracked mask stays on the object; frame 0's mask (the naive way) falls off it."""
+    seq = generate_sequence(5, (256, 256), "pan", length=40)
+    target = seq.targets[0]
+    pipe = _shared_pipe()
+    grounded = pipe.ground(pipe.encode(seq.frame(0).image), [seq.phrases[0]])
+    first = seq.frame(0)
+    grounded = [replace(grounded[0], mask=first.masks[target].astype(np.uint8) * 255)]   # a right start
+    tracker = ObjectTracker(pipe)
+    tracker.start(grounded, image=first.image)
+    tracked, kept = [], []
+    for f in list(seq.frames())[1:]:
+        obj = tracker.update(f.image).objects[0]
+        assert obj.state == "tracking" and obj.track_id == 1
+        tracked.append(_iou(obj.mask, f.masks[target]))
+        kept.append(_iou(first.masks[target], f.masks[target]))
+    assert np.mean(tracked) >= 0.8 and min(tracked[-10:]) >= 0.7
+    assert np.mean(kept[-10:]) < 0.5
+
+
+_PIPE = {}
+
+
+def _shared_pipe():
+    if "pipe" not in _PIPE:
+        _PIPE["pipe"] = GroundingPipeline.from_config(PipelineConfig(model=str(BUNDLE), answer=False))
+    return _PIPE["pipe"]
+
+
+def test_lost_while_out_of_view_then_found_again_under_the_same_id():
+    seq = generate_sequence(4, (256, 256), "reentry")
+    pipe = _shared_pipe()
+    first = seq.frame(0)
+    grounded = pipe.ground(pipe.encode(first.image), [seq.phrases[0]])
+    grounded = [replace(grounded[0], mask=first.masks[0].astype(np.uint8) * 255)]
+    tracker = ObjectTracker(pipe, TrackerConfig(regrounding="auto", reground_every=3))
+    tracker.start(grounded, image=first.image)
+    states = []
+    for f in list(seq.frames())[1:]:
+        obj = tracker.update(f.image).objects[0]
+        assert obj.track_id == 1
+        out_of_view = f.in_view_areas[0] == 0
+        if obj.state == "lost":
+            assert obj.lost_reason in LOST_REASONS and not obj.mask.any() and obj.box == (0, 0, 0, 0)
+        states.append((out_of_view, obj.state, _iou(obj.mask, f.masks[0])))
+    assert all(state == "lost" for out, state, _ in states if out), "a mask while the object is out of view"
+    back = [i for i, (out, _, _) in enumerate(states) if out][-1] + 1
+    recovered = [iou for _, state, iou in states[back:] if state == "tracking"]
+    assert recovered and np.mean(recovered) >= 0.6
+    assert states[-1][1] == "tracking"
+
+
+@pytest.fixture(scope="module")
+def jump(pipe):
+    """A scene, its red can grounded, and the scene moved sideways by twice the can's width: as if the camera
+    jumped, too far for the tracker to follow (np.roll: what leaves one side comes in on the other)."""
+    scene = generate_scene(2000001, (256, 256))
+    objects = pipe.ground(pipe.encode(scene.image), ["the red can"])
+    x0, _, x1, _ = objects[0].box
+    dx = 2 * (x1 - x0) + 20
+    return scene.image, objects, np.roll(scene.image, -dx, axis=1), np.roll(objects[0].mask, -dx, axis=1)
+
+
+@pytest.mark.parametrize("regrounding", ["auto", "off"])
+def test_after_a_jump_only_regrounding_finds_the_object_and_it_keeps_its_id(pipe, jump, regrounding):
+    image, objects, jumped, moved_mask = jump
+    tracker = ObjectTracker(pipe, TrackerConfig(regrounding=regrounding, reground_every=1, recover=False))
+    tracker.start(objects, image=image)
+    update = tracker.update(jumped)
+    obj = update.objects[0]
+    if regrounding == "off":
+        assert obj.state == "lost" and "reground" not in update.timings
+        return
+    assert obj.state == "tracking" and obj.regrounded and obj.track_id == 1 and "reground" in update.timings
+    assert _iou(obj.mask, moved_mask) >= 0.7
+    assert not tracker.update(jumped).objects[0].regrounded       # then followed by SAM alone
+
+
+def test_public_reground_finds_lost_objects(pipe, jump):
+    image, objects, jumped, _ = jump
+    tracker = ObjectTracker(pipe, TrackerConfig(regrounding="off", recover=False))
+    tracker.start(objects, image=image)
+    assert tracker.update(jumped).objects[0].state == "lost"
+    assert tracker.reground(jumped) == [1] and tracker.tracks[0].state == "tracking"
+
+
+def test_two_tracks_on_one_object_leave_one_tracking(pipe, demo):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    tracker.start([objects[0], objects[0]], image=scene.image)
+    a, b = tracker.update(scene.image).objects
+    assert {a.track_id, b.track_id} == {1, 2}
+    assert sorted([a.state, b.state]) == ["lost", "tracking"]
+    assert (a if a.state == "lost" else b).lost_reason == "duplicate"
+
+
+def test_ids_are_never_reused_and_stop_removes_tracks(pipe, demo):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    assert [t.track_id for t in tracker.start(objects, image=scene.image)] == [1]
+    assert [t.track_id for t in tracker.start(objects + objects, image=scene.image, replace=False)] == [2, 3]
+    assert [t.track_id for t in tracker.start(objects, image=scene.image)] == [4]
+    tracker.stop([4])
+    assert tracker.tracks == [] and tracker.update(scene.image).objects == []
+
+
+def test_a_frame_encoding_saves_the_sam_encoder(pipe, demo, monkeypatch):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    tracker.start(objects, image=scene.image)
+    frame = pipe.encode(scene.image)
+    monkeypatch.setattr(tracker.refiner, "encode", lambda image: pytest.fail("encoded again"))
+    assert tracker.update(scene.image, frame=frame).objects[0].state == "tracking"
+
+
+def test_bad_input_gets_a_plain_error(pipe, demo):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    with pytest.raises(GroundingError, match="mask of 'the red mug' is"):
+        tracker.start(objects, image=scene.image[:100])
+    tracker.start(objects, image=scene.image)
+    with pytest.raises(GroundingError, match="image size changed"):
+        tracker.update(np.zeros((128, 128, 3), np.uint8))
+    with pytest.raises(GroundingError, match="RGB uint8"):
+        tracker.update(scene.image.astype(np.float32))
+
+
+def test_updates_and_restarts_from_two_threads(pipe, demo):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    tracker.start(objects, image=scene.image)
+    errors = []
+
+    def camera():
+        try:
+            for _ in range(15):
+                tracker.update(scene.image)
+        except Exception as e:          # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=camera)
+    thread.start()
+    for _ in range(10):
+        tracker.start(objects, image=scene.image)
+    thread.join()
+    assert not errors and [t.state for t in tracker.tracks] == ["tracking"]
+
+
+# ---- the image cues ---------------------------------------------------------------------------------------
+def test_estimate_shift_finds_a_known_shift_to_a_pixel():
+    rng = np.random.default_rng(0)
+    image = np.full((120, 160, 3), 90, np.uint8)
+    texture = rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)
+    image[40:70, 50:90] = texture
+    mask = np.zeros((120, 160), bool)
+    mask[40:70, 50:90] = True
+    moved = np.full_like(image, 140)                      # a changed background must not matter
+    moved[47:77, 44:84] = texture                          # dx = -6, dy = +7
+    dx, dy = cues.estimate_shift(image, moved, mask, (50, 40, 90, 70))
+    assert abs(dx + 6) <= 1 and abs(dy - 7) <= 1
+
+
+def test_clean_mask_drops_far_blobs_and_fills_holes():
+    previous = np.zeros((50, 50), bool)
+    previous[10:30, 10:30] = True
+    new = np.zeros_like(previous)
+    new[12:32, 12:32] = True
+    new[20, 20] = False                                     # a hole
+    new[40:45, 40:45] = True                                # a blob on something else
+    cleaned = cues.clean_mask(new, previous)
+    assert cleaned[20, 20] and not cleaned[40:45, 40:45].any() and cleaned[12:32, 12:32].all()
+
+
+def test_colour_similarity_tells_colours_apart():
+    image = np.zeros((20, 40, 3), np.uint8)
+    image[:, :20] = (200, 30, 30)
+    image[:, 20:] = (30, 30, 200)
+    left, right = np.zeros((20, 40), bool), np.zeros((20, 40), bool)
+    left[:, :20], right[:, 20:] = True, True
+    red, blue = cues.colour_histogram(image, left), cues.colour_histogram(image, right)
+    assert cues.histogram_similarity(red, red) == pytest.approx(1.0)
+    assert cues.histogram_similarity(red, blue) == pytest.approx(0.0)
+    assert cues.colour_histogram(image, np.zeros((20, 40), bool)) is None
+
+
+def test_box_and_mask_geometry():
+    box = torch.tensor([10.0, 10.0, 30.0, 20.0])
+    assert cues.grow_box(box, 0.5, (25, 35)).tolist() == [0.0, 5.0, 35.0, 25.0]
+    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask[2:4, 2:4] = True
+    moved = cues.shift_mask(mask, 3, -2)
+    assert moved[0:2, 5:7].all() and moved.sum() == 4
+    assert not cues.shift_mask(mask, 9, 0).any()
