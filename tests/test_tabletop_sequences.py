@@ -1,7 +1,6 @@
 """Generated tracking sequences: determinism, exact per-frame masks, and each scenario's motion happens."""
 import numpy as np
 import pytest
-
 from flmm_ros.tabletop import language
 from flmm_ros.tabletop.scenes import COLOUR_RGB, MIN_VISIBLE
 from flmm_ros.tabletop.sequences import LENGTHS, SCENARIOS, generate_sequence

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from flmm_ros.tabletop.track_metrics import Output, score_sequence, summarize
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from flmm_ros.grounding import track_cues as cues
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.pipeline import GroundingPipeline
@@ -188,6 +187,18 @@ def test_two_tracks_on_one_object_leave_one_tracking(pipe, demo):
     assert (a if a.state == "lost" else b).lost_reason == "duplicate"
 
 
+def test_new_thresholds_apply_from_the_next_frame_but_the_runtime_is_fixed(pipe, demo):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    tracker.start(objects, image=scene.image)
+    assert tracker.update(scene.image).objects[0].state == "tracking"
+    tracker.configure({"min_confidence": 0.999})          # no mask is that sure of itself
+    obj = tracker.update(scene.image).objects[0]
+    assert obj.state == "lost" and obj.lost_reason == "low_confidence" and obj.track_id == 1
+    with pytest.raises(GroundingError, match="threads cannot change"):
+        tracker.configure(TrackerConfig(threads=2))
+
+
 def test_ids_are_never_reused_and_stop_removes_tracks(pipe, demo):
     scene, objects = demo
     tracker = ObjectTracker(pipe)
@@ -263,6 +274,14 @@ def test_clean_mask_drops_far_blobs_and_fills_holes():
     new[40:45, 40:45] = True                                # a blob on something else
     cleaned = cues.clean_mask(new, previous)
     assert cleaned[20, 20] and not cleaned[40:45, 40:45].any() and cleaned[12:32, 12:32].all()
+
+
+def test_largest_component_keeps_the_main_part():
+    mask = np.zeros((30, 30), bool)
+    mask[2:12, 2:12] = True
+    mask[20:23, 20:23] = True
+    assert (cues.largest_component(mask) == (np.arange(30)[:, None] < 12) & (np.arange(30)[:, None] >= 2)
+            & (np.arange(30) < 12) & (np.arange(30) >= 2)).all()
 
 
 def test_colour_similarity_tells_colours_apart():

@@ -9,18 +9,17 @@
 
 Per frame the SAM image encoder runs once; then, per object, one pass of the prompt decoder with F-LMM's
 prompt set (`sam_decoder.SamPromptDecoder`): a dense mask prompt (the object's recent masks), a box (the last
-mask's, grown by `box_margin`) and the phrase's tokens, kept from the grounding pass
-(`GroundedObject.prompt_tokens`). Before the pass, the prompt is moved to where the object's pixels went
-(masked template matching, `track_cues.estimate_shift`); after it, blobs that do not overlap the last mask
-are dropped and holes filled, and the mask is cut to the last box grown by `search_margin`.
+mask's, grown by `box_margin`) and the phrase's tokens from the grounding pass (`GroundedObject.prompt_tokens`).
+Before the pass the prompt is moved to where the object's pixels went (masked template matching); after it,
+the mask is cut to the last box grown by `search_margin`, blobs that do not overlap the last mask are dropped
+and holes filled.
 
 The lost rule (thresholds in `TrackerConfig`): the new mask is kept when it is not empty or too small, the
-decoder's predicted IoU (the frame's `confidence`) is high enough, its area did not jump, its colours (and SAM
-embedding) still match the object's at grounding, and no other track holds the same pixels. Otherwise the
-object is `lost`, with the reason, and its mask is empty. A lost object is looked for on every frame with its
-last good prompt (one decoder pass) and, with `regrounding: auto`, by grounding its phrase again with the LMM
-every `reground_every` frames; the same rule decides whether what was found is the object, which then keeps
-its track id.
+decoder's predicted IoU (the frame's `confidence`) is high enough, its area did not jump, its colours still
+match the object's at grounding, and no other track holds the same pixels; otherwise the object is `lost`,
+with the reason, and its mask is empty. A lost object is looked for on every frame with its last good prompt
+and, with `regrounding: auto`, by grounding its phrase again with the LMM every `reground_every` frames; the
+same rule decides whether what was found is the object, which then keeps its track id.
 """
 from __future__ import annotations
 
@@ -118,6 +117,16 @@ class ObjectTracker:
             new = [self._new_track(obj, image, encoding) for obj in objects]
             self._tracks += new
             return [t.out for t in new]
+
+    def configure(self, config: TrackerConfig | dict) -> None:
+        """New thresholds from the next frame on (the tracks are kept). `backend` and `threads` shape the SAM
+        runtime made at construction: a different value is refused (make a new tracker)."""
+        cfg = TrackerConfig.from_dict(config) if isinstance(config, dict) else config
+        cfg.validate()
+        for name in (n for n in ("backend", "threads") if getattr(cfg, n) != getattr(self.config, n)):
+            raise GroundingError(f"tracker {name} cannot change on a running tracker: make a new one")
+        with self._lock:
+            self.config = cfg
 
     def stop(self, track_ids: list[int] | None = None) -> None:
         """Stop tracking these ids (all when None)."""

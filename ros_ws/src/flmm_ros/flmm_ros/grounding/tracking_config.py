@@ -66,7 +66,7 @@ class TrackerConfig:
         return {f.name: f.metadata["description"] for f in fields(cls)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrackerConfig":
+    def from_dict(cls, values: dict) -> TrackerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:

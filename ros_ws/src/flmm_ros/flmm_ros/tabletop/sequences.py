@@ -266,7 +266,7 @@ def _build(rng, seed: int, h: int, w: int, scenario: str, length: int) -> Tracki
         x0 = o["x"][0]
         # Pan until the target's whole silhouette is past the image edge it is nearer to, hold, pan back.
         amp = (x0 + half + 0.05 * s) if x0 < w / 2 else -(w - x0 + half + 0.05 * s)
-        a, b = sorted(rng.uniform(0.15, 0.4, 2))
+        a = float(min(rng.uniform(0.15, 0.4, 2)))      # when the pan starts (two draws: kept for the seeds)
         hold = rng.uniform(0.1, 0.2)
         out = _smooth((u - a) / 0.2) - _smooth((u - (a + 0.2 + hold)) / 0.2)
         camera[:, 0] += amp * out
