@@ -51,7 +51,7 @@ def load_components(cfg: PipelineConfig) -> tuple[LMMAdapter, GroundingHead]:
         if spec.get("format") != BUNDLE_FORMAT:
             raise GroundingError(f"{root / BUNDLE_FILE}: unsupported bundle format {spec.get('format')!r}")
         lmm = load_lmm(str(root / spec["lmm"]), device=cfg.device, dtype=cfg.torch_dtype,
-                       template=cfg.prompt_template or spec.get("template"))
+                       template=cfg.prompt_template or spec.get("template"), quantization=cfg.quantization)
         head = _new_head(lmm, resolve_sam_arch(spec["sam_arch"]), spec.get("mask_head"))
         load_head(head, root / spec["head"])
     else:
@@ -59,7 +59,8 @@ def load_components(cfg: PipelineConfig) -> tuple[LMMAdapter, GroundingHead]:
         if not cfg.mask_head or not cfg.sam_checkpoint:
             raise GroundingError(f"{cfg.model!r} is a plain LMM, not a model bundle: set mask_head (an F-LMM "
                                  "checkpoint) and sam_checkpoint (an official sam_vit_*.pth)")
-        lmm = load_lmm(cfg.model, device=cfg.device, dtype=cfg.torch_dtype, template=cfg.prompt_template or None)
+        lmm = load_lmm(cfg.model, device=cfg.device, dtype=cfg.torch_dtype, template=cfg.prompt_template or None,
+                       quantization=cfg.quantization)
         head = _new_head(lmm, resolve_sam_arch(cfg.sam_type), None)
         log.info("SAM weights: %s", load_sam_weights(head.sam, cfg.sam_checkpoint))
     if cfg.mask_head:

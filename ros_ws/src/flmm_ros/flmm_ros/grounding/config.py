@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from .quantization import QUANTIZATIONS, check_quantization
 from .types import GroundingError
 
 # "auto" is F-LMM's setting: its configs load the LMM in bfloat16 (on GPUs); on a CPU we keep float32.
@@ -36,6 +37,9 @@ class PipelineConfig:
     device: str = setting("cpu", "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...")
     dtype: str = setting("auto", "LMM dtype. auto = bfloat16 on CUDA with SAM in float32 (as F-LMM ran), "
                                  "float32 on CPU; float16/bfloat16 also run SAM in fp16.", tuple(DTYPES))
+    quantization: str = setting("none", "LMM weights: none (dtype), int8 or int4 weight-only (torchao; int4 on CUDA "
+                                        "needs dtype bfloat16 and accelerate). For a 7B LMM in 16 GB.",
+                                QUANTIZATIONS)
     answer: bool = setting(True, "Generate a short spoken answer to each instruction.")
     max_new_tokens: int = setting(24, "Most tokens generated for the spoken answer (reasoning mode generates "
                                       "F-LMM's 16 after 'It is').")
@@ -65,6 +69,7 @@ class PipelineConfig:
             raise GroundingError(f"dtype {self.dtype!r} is not one of {list(DTYPES)}")
         if self.backend not in BACKENDS:
             raise GroundingError(f"backend {self.backend!r} is not one of {list(BACKENDS)}")
+        check_quantization(self.quantization, self.device, self.torch_dtype)
         if self.phrase_mode not in PHRASE_MODES:
             raise GroundingError(f"phrase_mode {self.phrase_mode!r} is not one of {list(PHRASE_MODES)}")
         if not 0.0 < self.mask_threshold < 1.0:

@@ -21,6 +21,7 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, DynamicCache
 
 from ..attention import capture_phrase_attention, enable_phrase_attention, merge_mean
+from ..quantization import load_kwargs as quantization_load_kwargs
 from ..types import GroundingError
 
 # F-LMM's grounding prompt (every config under F-LMM's configs/).
@@ -102,8 +103,16 @@ class LMMAdapter(ABC):
     # ---- loading ---------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        template: str | None = None, **model_kwargs):
-        model = cls.model_class.from_pretrained(path, dtype=dtype, **model_kwargs).to(device)
+                        template: str | None = None, quantization: str = "none", **model_kwargs):
+        """The adapter over the model at `path`; `quantization` ('none', 'int8', 'int4') quantizes the language
+        model's linear weights while loading (quantization.py)."""
+        if quantization != "none":
+            from transformers import AutoConfig
+            text_config = AutoConfig.from_pretrained(path).text_config
+            model_kwargs.update(quantization_load_kwargs(quantization, device, dtype, text_config))
+        model = cls.model_class.from_pretrained(path, dtype=dtype, **model_kwargs)
+        if "device_map" not in model_kwargs:   # a device_map has placed every weight already
+            model = model.to(device)
         tokenizer = AutoTokenizer.from_pretrained(path)
         try:
             # PIL backend: F-LMM ran transformers 4.39, whose processors resample with PIL.
