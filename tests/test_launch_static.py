@@ -119,10 +119,21 @@ def test_launch_file_starts_our_node_by_its_console_script(launch_tree):
     assert "'flmm_grounding = flmm_ros.ros.node:main'" in setup
 
 
+def flatten(tree: dict, prefix: str = '') -> dict:
+    """Nested YAML mappings as ROS reads them: {'tracker': {'memory': 0.8}} -> {'tracker.memory': 0.8}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
 def test_yaml_holds_exactly_the_declared_parameters_with_their_defaults():
     document = yaml.safe_load(CONFIG.read_text())
     assert list(document) == [f'/**/{node_name()}']
-    values = document[f'/**/{node_name()}']['ros__parameters']
+    values = flatten(document[f'/**/{node_name()}']['ros__parameters'])
     params = declared_parameters()
     assert set(values) == set(params), (f"only in YAML: {set(values) - set(params)}, "
                                         f"only declared: {set(params) - set(values)}")
@@ -174,7 +185,8 @@ def test_interfaces_are_listed_in_cmake():
     msgs = ROOT / 'ros_ws' / 'src' / 'flmm_msgs'
     cmake = (msgs / 'CMakeLists.txt').read_text()
     files = sorted(p.relative_to(msgs).as_posix() for p in [*msgs.glob('msg/*.msg'), *msgs.glob('action/*.action')])
-    assert files == ['action/Ground.action', 'msg/GroundedObject.msg', 'msg/GroundingResult.msg']
+    assert files == ['action/Ground.action', 'msg/GroundedObject.msg', 'msg/GroundingResult.msg',
+                     'msg/TrackedObject.msg', 'msg/TrackedObjects.msg']
     assert all(f'"{f}"' in cmake for f in files)
 
 

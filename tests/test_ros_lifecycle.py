@@ -130,6 +130,10 @@ def test_runtime_parameters_are_validated_and_apply_to_the_next_instruction(tmp_
         read_only = services.set('model', '/somewhere/else')
         assert not read_only.successful and 'read-only' in read_only.reason.lower()
         assert services.value('busy_policy') == 'queue'               # a refused set changes nothing
+        assert services.set('tracker.min_confidence', 0.5).successful  # the tracker's lost rule, at run time
+        bad_tracker = services.set('tracker.memory', 1.0)
+        assert not bad_tracker.successful and 'memory' in bad_tracker.reason
+        assert 'read-only' in services.set('tracker.threads', 2).reason.lower()
 
         assert services.set('busy_policy', 'reject').successful       # takes effect at the next instruction
         fresh_frame(probe, 10)

@@ -28,23 +28,26 @@ def _foreground(obj: GroundedObject, height: int, width: int) -> np.ndarray:
     return mask > 0
 
 
-def draw_overlay(rgb: np.ndarray, objects: Sequence[GroundedObject], alpha: float = 0.45) -> np.ndarray:
+def draw_overlay(rgb: np.ndarray, objects: Sequence[GroundedObject], alpha: float = 0.45,
+                 colours: Sequence[int] | None = None) -> np.ndarray:
     """Return a copy of `rgb` (H, W, 3 uint8) with each object's mask blended in its colour,
-    the mask outline, its box and a "phrase score" label. The input is never modified."""
+    the mask outline, its box and a "phrase score" label. The input is never modified.
+    `colours`: each object's colour index (default: its position), e.g. a track id, so a colour stays put."""
     if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
         raise GroundingError(f"overlay needs an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
     if not 0.0 <= alpha <= 1.0:
         raise GroundingError(f"overlay alpha must be in [0, 1], got {alpha}")
     height, width = rgb.shape[:2]
     out = rgb.copy()
-    for index, obj in enumerate(objects):
+    colours = list(range(len(objects))) if colours is None else list(colours)
+    for index, obj in zip(colours, objects, strict=True):
         foreground = _foreground(obj, height, width)
         colour = np.array(object_colour(index), dtype=np.float32)
         blended = (1.0 - alpha) * out[foreground].astype(np.float32) + alpha * colour
         out[foreground] = np.round(blended).astype(np.uint8)
         contours, _ = cv2.findContours(foreground.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
         cv2.drawContours(out, contours, -1, object_colour(index), thickness=2)
-    for index, obj in enumerate(objects):  # second pass: no mask covers a box or label
+    for index, obj in zip(colours, objects):  # second pass: no mask covers a box or label
         if any(obj.box):
             _draw_box_and_label(out, obj, object_colour(index))
     return out

@@ -4,6 +4,8 @@
     flmm-ask "pick the red mug" --image scene.png     # also publish the image on `image` (as a camera would)
     flmm-ask "pick the red mug" --action              # the ~/ground action (Ctrl-C cancels the goal)
     flmm-ask "where is the ball?" --image scene.png --save-overlay overlay.png
+    flmm-ask "pick the red mug" --track --follow 5    # keep tracking it; print ~/tracks for 5 s
+    flmm-ask --stop-tracking                          # the ~/stop_tracking service
 
 Exit status: 0 success, 1 the node answered with an error, 2 no answer (timeout, node not found, bad file).
 """
@@ -18,13 +20,14 @@ import cv2
 import numpy as np
 import rclpy
 from flmm_msgs.action import Ground
-from flmm_msgs.msg import GroundingResult
+from flmm_msgs.msg import GroundingResult, TrackedObjects
 from rclpy.action import ActionClient
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.task import Future
 from sensor_msgs.msg import Image
 from std_msgs.msg import String
+from std_srvs.srv import Trigger
 
 from flmm_ros.grounding.types import GroundingError
 from flmm_ros.ros.image_conversions import image_to_rgb, rgb_to_image
@@ -52,11 +55,29 @@ def format_result(msg: GroundingResult) -> str:
             c, s = obj.centroid, obj.size
             line += f" 3D centroid ({c.x:.3f}, {c.y:.3f}, {c.z:.3f}) m size ({s.x:.3f}, {s.y:.3f}, {s.z:.3f}) m"
         lines.append(line)
+    if msg.track_ids:
+        lines.append("tracking: " + ", ".join(f"#{i} {o.phrase!r}" for i, o in zip(msg.track_ids, msg.objects)))
+    lines.extend(f"warning: {w}" for w in msg.warnings)
     stages = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in zip(msg.stage_names, msg.stage_seconds))
     cached = " (frame cached)" if msg.frame_cached else ""
     masks = f", masks after {msg.mask_seconds * 1000:.0f} ms" if msg.mask_seconds else ""
     lines.append(f"latency: {msg.total_seconds * 1000:.0f} ms{masks}{cached}" + (f" [{stages}]" if stages else ""))
     return "\n".join(lines)
+
+
+def format_tracks(msg: TrackedObjects) -> str:
+    """One line per ~/tracks message: each object's id, state, score and box (never the mask pixels)."""
+    if not msg.objects:
+        return "tracks: none (tracking stopped)"
+    parts = []
+    for obj in msg.objects:
+        if obj.state == 'lost':
+            parts.append(f"#{obj.track_id} {obj.phrase!r} lost ({obj.lost_reason})")
+        else:
+            b = obj.box
+            parts.append(f"#{obj.track_id} {obj.phrase!r} score {obj.score:.2f} box x={b.x_offset} y={b.y_offset} "
+                         f"w={b.width} h={b.height}" + (" regrounded" if obj.regrounded else ""))
+    return f"frame {msg.frame_index}: " + "; ".join(parts)
 
 
 def same_stamp(a, b) -> bool:
@@ -77,6 +98,9 @@ class AskClient(Node):
         self.image_pub = self.create_publisher(Image, image_topic, reliable)
         self.action = ActionClient(self, Ground, f'{grounding_node}/ground')
         self.grounding_node = grounding_node
+        self._tracks: list[TrackedObjects] = []
+        self.create_subscription(TrackedObjects, f'{grounding_node}/tracks', self._tracks.append, reliable)
+        self.stop_client = self.create_client(Trigger, f'{grounding_node}/stop_tracking')
 
     def _spin_until(self, done, timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
@@ -108,11 +132,11 @@ class AskClient(Node):
                 self.destroy_timer(timer)
         return next(r for r in self._results if r.instruction == instruction)
 
-    def ask_action(self, instruction: str, image: Image | None, timeout: float) -> GroundingResult:
+    def ask_action(self, instruction: str, image: Image | None, timeout: float, track: bool = False) -> GroundingResult:
         deadline = time.monotonic() + timeout
         if not self.action.wait_for_server(timeout_sec=timeout):
             raise NoAnswer(f"no action server {self.grounding_node}/ground after {timeout:g} s (is the node running?)")
-        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image())
+        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image(), track=track)
         sent: Future = self.action.send_goal_async(
             goal, feedback_callback=lambda fb: print(f"  stage: {fb.feedback.stage}", file=sys.stderr))
         self._spin_until(sent.done, max(deadline - time.monotonic(), 0.1), 'sending the goal')
@@ -127,6 +151,22 @@ class AskClient(Node):
             self._spin_until(cancel.done, 5.0, 'cancelling the goal')
             raise
         return result_future.result().result.result
+
+    def follow_tracks(self, seconds: float) -> None:
+        """Print ~/tracks as they come, for `seconds`."""
+        self._tracks.clear()
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            rclpy.spin_once(self, timeout_sec=0.05)
+            while self._tracks:
+                print(format_tracks(self._tracks.pop(0)))
+
+    def stop_tracking(self, timeout: float) -> str:
+        if not self.stop_client.wait_for_service(timeout_sec=timeout):
+            raise NoAnswer(f"no service {self.grounding_node}/stop_tracking (is the node running?)")
+        future = self.stop_client.call_async(Trigger.Request())
+        self._spin_until(future.done, timeout, 'stopping the tracking')
+        return future.result().message
 
     def overlay_for(self, result: GroundingResult, timeout: float = 2.0) -> Image | None:
         """The ~/overlay image computed with this result (same header), if it comes within `timeout`."""
@@ -151,16 +191,23 @@ def load_image(path: str, frame_id: str, clock) -> Image:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='flmm-ask', description=__doc__.split('\n')[0])
-    parser.add_argument('instruction', help="what to ground, e.g. 'pick the red mug'")
+    parser.add_argument('instruction', nargs='?', help="what to ground, e.g. 'pick the red mug'")
     parser.add_argument('--image', help='image file to ground in (default: the camera\'s latest frame)')
     parser.add_argument('--action', action='store_true', help='use the ~/ground action instead of the topics')
+    parser.add_argument('--track', action='store_true', help='keep tracking the objects (the action with track: true)')
+    parser.add_argument('--follow', type=float, default=0.0, metavar='S',
+                        help='after the result, print ~/tracks for S seconds (with --track)')
+    parser.add_argument('--stop-tracking', action='store_true', help='stop tracking (the ~/stop_tracking service)')
     parser.add_argument('--save-overlay', metavar='PNG', help='save the overlay (masks, boxes, phrases) here')
     parser.add_argument('--timeout', type=float, default=60.0, help='seconds to wait for the answer (default 60)')
     parser.add_argument('--node', default='/flmm_grounding', help='the grounding node (default /flmm_grounding)')
     parser.add_argument('--image-topic', default='image', help='where --image is published (default image)')
     parser.add_argument('--instruction-topic', default='instruction', help='where the instruction is published (default instruction)')
     parser.add_argument('--frame-id', default='camera', help='frame_id of the --image message (default camera)')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.instruction and not args.stop_tracking:
+        parser.error('give an instruction (or --stop-tracking)')
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,10 +217,18 @@ def main(argv: list[str] | None = None) -> int:
     rclpy.init(args=['flmm-ask', *ros_args])
     client = AskClient(args.node, args.image_topic, args.instruction_topic, want_overlay=bool(args.save_overlay))
     try:
+        if args.stop_tracking:
+            print(client.stop_tracking(args.timeout))
+            if not args.instruction:
+                return EXIT_OK
         image = load_image(args.image, args.frame_id, client.get_clock()) if args.image else None
-        ask = client.ask_action if args.action else client.ask_topic
-        result = ask(args.instruction, image, args.timeout)
+        if args.track or args.action:
+            result = client.ask_action(args.instruction, image, args.timeout, track=args.track)
+        else:
+            result = client.ask_topic(args.instruction, image, args.timeout)
         print(format_result(result))
+        if args.track and result.success and args.follow > 0:
+            client.follow_tracks(args.follow)
         if args.save_overlay and result.success:
             overlay = client.overlay_for(result)
             if overlay is None:

@@ -25,7 +25,7 @@ class FrameStore:
     """The newest camera frame plus stream counters. Thread-safe: subscription callbacks add, the worker reads."""
 
     def __init__(self):
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._latest: Frame | None = None
         self._seq = 0
         self.received = 0
@@ -39,7 +39,16 @@ class FrameStore:
             if from_camera:
                 self._latest = frame
                 self.received += 1
+                self._lock.notify_all()
             return frame
+
+    def wait_newer(self, seq: int, timeout: float) -> Frame | None:
+        """The latest camera frame once it is newer than `seq` (None after `timeout` s without one). Frames that
+        came in between are skipped: whoever waits always gets the newest one."""
+        with self._lock:
+            self._lock.wait_for(lambda: self._latest is not None and self._latest.seq > seq, timeout)
+            latest = self._latest
+        return latest if latest is not None and latest.seq > seq else None
 
     def note_lost(self, count: int) -> None:
         """The transport reported `count` more samples lost (a DDS 'message lost' event)."""

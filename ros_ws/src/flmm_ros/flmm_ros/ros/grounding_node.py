@@ -28,6 +28,7 @@ from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
 from rclpy.duration import Duration
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
+from rclpy.service import Service
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
@@ -42,13 +43,14 @@ from flmm_ros.ros.qos import (ACTION_SERVICE_QOS, DIAGNOSTICS_QOS, INSTRUCTION_Q
 from flmm_ros.ros.requests import CANCELLED, INACTIVE, SHUTDOWN, Request, RequestQueue
 from flmm_ros.ros.serving import E, InstructionServer
 from flmm_ros.ros.stamp_sync import StampMatcher, stamp_ns
+from flmm_ros.ros.tracking import TrackingServer
 from flmm_ros.speech import Speaker
 
 NODE_NAME = 'flmm_grounding'
 SUCCESS, FAILURE = TransitionCallbackReturn.SUCCESS, TransitionCallbackReturn.FAILURE
 
 
-class GroundingNode(InstructionServer, LifecycleNode):
+class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
     """The flmm_grounding node. Callbacks run on a multi-threaded executor; inference runs on one worker thread.
 
     `stop_serving()` (from the main thread, while the executor still spins) answers every unfinished
@@ -83,6 +85,7 @@ class GroundingNode(InstructionServer, LifecycleNode):
         self.create_timer(p['diagnostics_period'], self._publish_diagnostics,
                           callback_group=MutuallyExclusiveCallbackGroup())
         self.add_on_set_parameters_callback(self._on_set_parameters)
+        self._init_tracking()
         self._status('unconfigured' if not p['autostart'] else f"loading model {self.pipeline_config.model}")
         self._worker = threading.Thread(target=self._work, name='flmm-grounding-worker', daemon=True)
         self._worker.start()
@@ -111,6 +114,7 @@ class GroundingNode(InstructionServer, LifecycleNode):
                     new[param.name] = parameters.coerce(param.name, param.value)
             parameters.validate(new)
             config = parameters.pipeline_config(new)
+            parameters.tracker_config(new)
         except GroundingError as error:
             return SetParametersResult(successful=False, reason=str(error))
         self._apply_parameters(new, config)
@@ -132,6 +136,7 @@ class GroundingNode(InstructionServer, LifecycleNode):
             self._speaker = Speaker() if new['speak'] else None
         if self._io:
             self._sync_3d_subscriptions(new['use_3d'])
+        self._apply_tracker_parameters()
         changes = {k: v for k, v in new.items() if old[k] != v}
         self.get_logger().info(f"parameters changed: {changes}")
 
@@ -170,13 +175,14 @@ class GroundingNode(InstructionServer, LifecycleNode):
 
     def on_deactivate(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._accepting = False
+        self.stop_tracking('deactivated')
         self._stop_requests(INACTIVE, timeout=5.0)
         self._set_state('inactive')
         return super().on_deactivate(state)
 
     def on_cleanup(self, state: LifecycleState) -> TransitionCallbackReturn:
         self._destroy_io()
-        self.pipeline, self._encoded = None, None
+        self.pipeline, self._encoded, self._tracker = None, None, None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -212,14 +218,15 @@ class GroundingNode(InstructionServer, LifecycleNode):
                                              callback_group=sensors,
                                              event_callbacks=lost_message_callbacks(self.frames.note_lost))
         instruction_sub = self.create_subscription(
-            String, 'instruction', lambda msg: self._submit(Request(msg.data, source='topic')), INSTRUCTION_QOS,
-            callback_group=requests)
+            String, 'instruction',
+            lambda msg: self._submit(Request(msg.data, source='topic', track=self.params['track_instructions'])),
+            INSTRUCTION_QOS, callback_group=requests)
         action = ActionServer(
             self, Ground, '~/ground', execute_callback=self._execute_goal, goal_callback=self._accept_goal,
             cancel_callback=self._cancel_goal, callback_group=requests, goal_service_qos_profile=ACTION_SERVICE_QOS,
             result_service_qos_profile=ACTION_SERVICE_QOS, cancel_service_qos_profile=ACTION_SERVICE_QOS)
         self._io = [self.answer_pub, self.result_pub, self.objects_pub, self.mask_pub, self.overlay_pub,
-                    self.markers_pub, image_sub, instruction_sub, action]
+                    self.markers_pub, image_sub, instruction_sub, action, *self._create_tracking_io()]
         self._sync_3d_subscriptions(p['use_3d'])
 
     def _sync_3d_subscriptions(self, wanted: bool) -> None:
@@ -241,6 +248,8 @@ class GroundingNode(InstructionServer, LifecycleNode):
         for entity in self._io:
             if isinstance(entity, ActionServer):
                 entity.destroy()
+            elif isinstance(entity, Service):
+                self.destroy_service(entity)
             elif hasattr(entity, 'publish'):
                 self.destroy_publisher(entity)
             else:
@@ -272,7 +281,7 @@ class GroundingNode(InstructionServer, LifecycleNode):
         done = self.executor.create_future()
         done.add_done_callback(lambda _: None)   # a done callback makes set_result wake the executor
         image = None if is_empty_image(goal.image) else goal.image
-        request = Request(goal.instruction, image=image, source='action', on_done=done.set_result,
+        request = Request(goal.instruction, image=image, source='action', on_done=done.set_result, track=goal.track,
                           on_stage=lambda stage: goal_handle.publish_feedback(Ground.Feedback(stage=stage)))
         key = bytes(goal_handle.goal_id.uuid)
         with self._goals_done:
@@ -328,7 +337,7 @@ class GroundingNode(InstructionServer, LifecycleNode):
                   'frames_lost': self.frames.lost, 'latest_frame_age_s': f"{age:.3f}" if latest else 'n/a',
                   'latest_frame_stamp': (f"{latest.image.header.stamp.sec}.{latest.image.header.stamp.nanosec:09d}"
                                          if latest else 'n/a'),
-                  'queue_waiting': self.queue.waiting, **self.stats.snapshot()}
+                  'queue_waiting': self.queue.waiting, **self._tracking_summary(), **self.stats.snapshot()}
         if self.failure:
             level, message = diagnostics.ERROR, self.failure
         elif self._state == 'ready' and (age is None or 0 < self.params['max_frame_age'] < age):
@@ -349,10 +358,12 @@ class GroundingNode(InstructionServer, LifecycleNode):
         self._accepting = False
         self._set_state('shutting down')
         self._stop_requests(SHUTDOWN, timeout, close=True)
+        self._tracking_wake.set()
         self._worker.join(max(deadline - time.monotonic(), 0.0))
+        self._tracking_thread.join(max(deadline - time.monotonic(), 0.0))
         publishers = [self.status_pub] + ([self.result_pub] if self._io else [])
         for publisher in publishers:   # results published just now must reach the subscribers before teardown
             publisher.wait_for_all_acked(Duration(seconds=max(deadline - time.monotonic(), 0.2)))
         if self._speaker is not None:
             self._speaker.close()
-        return not self._worker.is_alive()
+        return not self._worker.is_alive() and not self._tracking_thread.is_alive()

@@ -7,6 +7,8 @@ import numpy as np
 from builtin_interfaces.msg import Duration
 from flmm_msgs.msg import GroundedObject as GroundedObjectMsg
 from flmm_msgs.msg import GroundingResult as GroundingResultMsg
+from flmm_msgs.msg import TrackedObject as TrackedObjectMsg
+from flmm_msgs.msg import TrackedObjects as TrackedObjectsMsg
 from geometry_msgs.msg import Point, Pose, PoseStamped, Quaternion, Vector3
 from sensor_msgs.msg import RegionOfInterest
 from std_msgs.msg import ColorRGBA, Header
@@ -44,6 +46,11 @@ def object_message(obj: GroundedObject, header: Header, pose: Object3D | None = 
     msg = GroundedObjectMsg(phrase=obj.phrase, score=float(obj.score), box=box_message(obj.box),
                             mask=mono_to_image(np.asarray(obj.mask, dtype=np.uint8), header),
                             pose_status='' if pose is not None else pose_status)
+    return _with_pose(msg, pose, header)
+
+
+def _with_pose(msg, pose: Object3D | None, header: Header):
+    """Fill a GroundedObject / TrackedObject's 3D fields from `pose` (none: has_pose stays false)."""
     if pose is not None:
         msg.has_pose = True
         msg.grasp_pose = PoseStamped(header=header, pose=_pose(pose.centroid, pose.quaternion))
@@ -52,9 +59,25 @@ def object_message(obj: GroundedObject, header: Header, pose: Object3D | None = 
     return msg
 
 
+def tracks_message(update, header: Header, poses: Sequence[Object3D | None], pose_status: Sequence[str],
+                   timings: Mapping[str, float]) -> TrackedObjectsMsg:
+    """One frame of the tracker (a grounding.tracking.TrackingUpdate) as flmm_msgs/TrackedObjects."""
+    objects = []
+    for obj, pose, status in zip(update.objects, poses, pose_status, strict=True):
+        msg = TrackedObjectMsg(track_id=int(obj.track_id), phrase=obj.phrase, state=obj.state,
+                               lost_reason=obj.lost_reason, score=float(obj.score), confidence=float(obj.confidence),
+                               frames_lost=int(obj.frames_lost), age=int(obj.age), regrounded=bool(obj.regrounded),
+                               box=box_message(obj.box), mask=mono_to_image(np.asarray(obj.mask, np.uint8), header),
+                               pose_status='' if pose is not None else status)
+        objects.append(_with_pose(msg, pose, header))
+    return TrackedObjectsMsg(header=header, frame_index=int(update.frame_index), objects=objects,
+                             stage_names=list(timings), stage_seconds=[float(v) for v in timings.values()])
+
+
 def result_message(instruction: str, header: Header, *, answer: str = '',
                    objects: Sequence[GroundedObject] = (), poses: Sequence[Object3D | None] = (),
-                   pose_status: Sequence[str] = (), timings: Mapping[str, float] | None = None,
+                   pose_status: Sequence[str] = (), track_ids: Sequence[int] = (),
+                   timings: Mapping[str, float] | None = None,
                    total_seconds: float = 0.0, mask_seconds: float = 0.0, frame_cached: bool = False,
                    warnings: Sequence[str] = (), error_code: str = '', error: str = '') -> GroundingResultMsg:
     """One GroundingResult; success exactly when error_code is empty."""
@@ -65,6 +88,7 @@ def result_message(instruction: str, header: Header, *, answer: str = '',
         header=header, instruction=instruction, answer=answer,
         objects=[object_message(obj, header, pose, status)
                  for obj, pose, status in zip(objects, poses, pose_status, strict=True)],
+        track_ids=[int(t) for t in track_ids],
         stage_names=list(timings), stage_seconds=[float(v) for v in timings.values()],
         total_seconds=float(total_seconds), mask_seconds=float(mask_seconds), frame_cached=bool(frame_cached),
         warnings=list(warnings),
@@ -76,11 +100,14 @@ def _colour(index: int, alpha: float) -> ColorRGBA:
     return ColorRGBA(r=r / 255.0, g=g / 255.0, b=b / 255.0, a=alpha)
 
 
-def marker_array(objects: Sequence[GroundedObject], poses: Sequence[Object3D | None], header: Header) -> MarkerArray:
+def marker_array(objects: Sequence[GroundedObject], poses: Sequence[Object3D | None], header: Header,
+                 indices: Sequence[int] | None = None) -> MarkerArray:
     """RViz markers: DELETEALL (clears the previous result), then per object with 3D a box, the grasp point,
-    the approach arrow and the phrase. Object k's markers have ids 4k..4k+3 and the overlay's colour."""
+    the approach arrow and the phrase. Object k's markers have ids 4k..4k+3 and the overlay's colour;
+    `indices` gives each object's k (default: its position), e.g. its track id."""
     markers = [Marker(header=header, ns=MARKER_NAMESPACE, action=Marker.DELETEALL)]
-    for index, (obj, pose) in enumerate(zip(objects, poses, strict=True)):
+    indices = list(range(len(objects))) if indices is None else list(indices)
+    for index, obj, pose in zip(indices, objects, poses, strict=True):
         if pose is None:
             continue
         base = dict(header=header, ns=MARKER_NAMESPACE, action=Marker.ADD, lifetime=Duration())

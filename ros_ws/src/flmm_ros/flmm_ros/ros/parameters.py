@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.tracking_config import TrackerConfig
 from flmm_ros.grounding.types import GroundingError
 
 BUSY_POLICIES = ('queue', 'preempt', 'reject')
@@ -62,6 +63,9 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec('diagnostics_period', 1.0, "Seconds between /diagnostics messages (diagnostic_updater's 1 Hz)."),
     ParamSpec('output_qos', 'DEFAULT',
               "QoS of the published outputs (keep-last 5): " + " | ".join(QOS_PRESETS) + ".", QOS_PRESETS),
+    ParamSpec('track_instructions', False,
+              "Every successful instruction from the instruction topic also starts tracking its objects (~/tracks); "
+              "action goals ask for it with their `track` field.", runtime=True),
     ParamSpec('autostart', True,
               "Configure (load the model) and activate at start. false: wait for lifecycle transitions "
               "(`ros2 lifecycle set /flmm_grounding configure`, then `activate`)."),
@@ -76,8 +80,20 @@ def pipeline_parameters() -> tuple[ParamSpec, ...]:
                  for f in fields(PipelineConfig))
 
 
+TRACKER_PREFIX = 'tracker.'
+TRACKER_READ_ONLY = frozenset({'backend', 'threads'})   # they shape the tracker's SAM runtime
+
+
+def tracker_parameters() -> tuple[ParamSpec, ...]:
+    """The tracker's settings as `tracker.<name>` parameters (TrackerConfig's fields and descriptions)."""
+    defaults = TrackerConfig()
+    return tuple(ParamSpec(TRACKER_PREFIX + f.name, getattr(defaults, f.name), f.metadata['description'] + '.',
+                           tuple(f.metadata['choices']), runtime=f.name not in TRACKER_READ_ONLY)
+                 for f in fields(TrackerConfig))
+
+
 def all_parameters() -> tuple[ParamSpec, ...]:
-    return pipeline_parameters() + NODE_PARAMETERS
+    return pipeline_parameters() + NODE_PARAMETERS + tracker_parameters()
 
 
 SPECS: dict[str, ParamSpec] = {spec.name: spec for spec in all_parameters()}
@@ -128,6 +144,12 @@ def embedded_model_dir() -> Path:
     except ImportError:
         pass
     return Path(__file__).resolve().parents[2] / 'models' / EMBEDDED_MODEL
+
+
+def tracker_config(values: dict[str, Any]) -> TrackerConfig:
+    """TrackerConfig from the node's `tracker.*` parameter values (validated)."""
+    return TrackerConfig.from_dict({spec.name[len(TRACKER_PREFIX):]: values[spec.name]
+                                    for spec in tracker_parameters()})
 
 
 def pipeline_config(values: dict[str, Any]) -> PipelineConfig:

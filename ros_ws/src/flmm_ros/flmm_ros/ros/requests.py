@@ -28,10 +28,12 @@ class Request:
     Thread-safe: callbacks, the worker and shutdown may complete or stop it concurrently."""
 
     def __init__(self, instruction: str, image: Any = None, source: str = 'topic',
-                 on_stage: Callable[[str], None] | None = None, on_done: Callable[[Any], None] | None = None):
+                 on_stage: Callable[[str], None] | None = None, on_done: Callable[[Any], None] | None = None,
+                 track: bool = False):
         self.instruction = instruction
         self.image = image
         self.source = source
+        self.track = track          # keep following the grounded objects afterwards
         self.on_stage = on_stage
         self.on_done = on_done
         self.received = time.monotonic()

@@ -83,10 +83,12 @@ class InstructionServer:
             def on_objects(partial) -> None:   # masks first: published before the answer is generated
                 early['poses'], early['pose_status'], timings = self._with_3d(frame, partial, depth, info)
                 early['mask_seconds'] = request.age()
+                early['track_ids'] = self._maybe_track(request, partial.objects, rgb, frame, warnings)
                 progress('objects')
                 early['msg'] = result_message(request.instruction, header, answer=partial.answer,
                                               objects=partial.objects, poses=early['poses'],
-                                              pose_status=early['pose_status'], timings=timings,
+                                              pose_status=early['pose_status'], track_ids=early['track_ids'],
+                                              timings=timings,
                                               total_seconds=early['mask_seconds'],
                                               mask_seconds=early['mask_seconds'],
                                               frame_cached=partial.frame_cached, warnings=warnings)
@@ -99,7 +101,8 @@ class InstructionServer:
             if 'depth_3d' in early['msg'].stage_names:
                 timings['depth_3d'] = early['msg'].stage_seconds[early['msg'].stage_names.index('depth_3d')]
             msg = result_message(request.instruction, header, answer=result.answer, objects=result.objects,
-                                 poses=early['poses'], pose_status=early['pose_status'], timings=timings,
+                                 poses=early['poses'], pose_status=early['pose_status'],
+                                 track_ids=early['track_ids'], timings=timings,
                                  total_seconds=request.age(), mask_seconds=early['mask_seconds'],
                                  frame_cached=result.frame_cached, warnings=warnings)
             self._publish_answer(result.answer)
@@ -188,6 +191,15 @@ class InstructionServer:
         return list(poses), list(reasons)
 
     # ---- outputs --------------------------------------------------------------------------------
+    def _maybe_track(self, request: Request, objects, rgb: np.ndarray, frame: Frame, warnings: list[str]) -> list[int]:
+        """Start tracking the objects when the request asks for it; their track ids (else [])."""
+        if not request.track or not objects:
+            return []
+        if not frame.from_camera:
+            warnings.append("not tracked: tracking follows the camera stream, and this goal brought its own image")
+            return []
+        return self.start_tracking(objects, rgb, frame)
+
     def _with_3d(self, frame: Frame, partial, depth, info) -> tuple[list, list[str], dict[str, float]]:
         """Poses (or why none) for the partial result's objects, and its timings with depth_3d added."""
         timings = dict(partial.timings)

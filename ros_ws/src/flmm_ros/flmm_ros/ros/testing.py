@@ -21,7 +21,7 @@ import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
 from flmm_msgs.action import Ground
-from flmm_msgs.msg import GroundingResult
+from flmm_msgs.msg import GroundingResult, TrackedObjects
 from rclpy.action import ActionClient
 from rclpy.context import Context
 from rclpy.executors import SingleThreadedExecutor
@@ -38,9 +38,10 @@ CONFIG = PACKAGE / 'config' / 'grounding.yaml'
 DEEP = QoSProfile(depth=1000, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
+STATUS = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 STARTUP_TIMEOUT = 120.0
 ANSWER_TIMEOUT = 90.0
-OUTPUTS = ('result', 'objects', 'answer', 'mask', 'overlay', 'markers', 'status')
+OUTPUTS = ('result', 'objects', 'tracks', 'answer', 'mask', 'overlay', 'markers', 'status')
 
 
 def scene(seed: int, height: int = 96, width: int = 128) -> np.ndarray:
@@ -97,9 +98,10 @@ class Probe(Node):
         self.outputs: dict[str, list] = {name: [] for name in (*OUTPUTS, 'diagnostics')}
         self._condition = threading.Condition()
         for name, kind, qos in (('result', GroundingResult, DEEP), ('objects', GroundingResult, DEEP),
+                                ('tracks', TrackedObjects, DEEP),
                                 ('answer', String, DEEP),
                                 ('mask', Image, RELIABLE), ('overlay', Image, RELIABLE),
-                                ('markers', MarkerArray, RELIABLE), ('status', String, LATCHED)):
+                                ('markers', MarkerArray, RELIABLE), ('status', String, STATUS)):
             self.create_subscription(kind, f'{node_path}/{name}', self._recorder(name), qos)
         self.create_subscription(DiagnosticArray, '/diagnostics', self._recorder('diagnostics'), RELIABLE)
         self.image_pub = self.create_publisher(Image, 'image', camera_qos)
@@ -178,9 +180,10 @@ class Probe(Node):
         self.image_pub.publish(image)
         return image.header
 
-    def send_goal(self, instruction: str, image: Image | None = None, feedback: list | None = None):
+    def send_goal(self, instruction: str, image: Image | None = None, feedback: list | None = None,
+                  track: bool = False):
         """Send a goal; returns the rclpy future of its goal handle."""
-        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image())
+        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image(), track=track)
         return self.action.send_goal_async(goal, feedback_callback=(
             (lambda fb: feedback.append(fb.feedback.stage)) if feedback is not None else None))
 
@@ -194,8 +197,10 @@ def wait_future(future, timeout: float, what: str):
     return future.result()
 
 
-def send_goal(probe: Probe, instruction: str, image: Image | None = None, feedback: list | None = None):
-    handle = wait_future(probe.send_goal(instruction, image, feedback), 30, f"acceptance of goal {instruction!r}")
+def send_goal(probe: Probe, instruction: str, image: Image | None = None, feedback: list | None = None,
+              track: bool = False):
+    handle = wait_future(probe.send_goal(instruction, image, feedback, track), 30,
+                         f"acceptance of goal {instruction!r}")
     assert handle.accepted
     return handle
 
