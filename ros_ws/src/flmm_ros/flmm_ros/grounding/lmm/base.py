@@ -21,6 +21,7 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer, DynamicCache
 
 from ..attention import capture_phrase_attention, enable_phrase_attention, merge_mean
+from ..devices import ids_tensor, to_device
 from ..quantization import load_kwargs as quantization_load_kwargs
 from ..types import GroundingError
 
@@ -161,13 +162,14 @@ class LMMAdapter(ABC):
             ids = self.prompt_ids(GROUNDING_PROMPT, features.shape[0])
             prefix_len = len(ids) - ids[::-1].index(self.image_token_id)
             prefix_ids = ids[:prefix_len]
-            id_tensor = torch.tensor([prefix_ids], device=self.device)
-            image_mask = id_tensor[0] == self.image_token_id
-            embeds = self.embed_tokens(id_tensor)
-            embeds[0, image_mask] = features
+            # Image positions from the id list, not from a device mask: no GPU round trip.
+            image_keys = to_device(torch.tensor([i for i, t in enumerate(prefix_ids) if t == self.image_token_id]),
+                                   self.device)
+            embeds = self.embed_tokens(ids_tensor(prefix_ids, self.device))
+            embeds[0, image_keys] = features
             cache = DynamicCache(config=self.model.config.text_config)
             self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        return LMMFrame(prepared, prefix_ids, image_mask.nonzero()[:, 0], cache)
+        return LMMFrame(prepared, prefix_ids, image_keys, cache)
 
     def separator_id(self) -> int:
         """The '.' closing each phrase: the last token of encode('.'), as F-LMM's RefCOCO2PNG takes it."""
@@ -224,7 +226,7 @@ class LMMAdapter(ABC):
     # ---- answering -------------------------------------------------------------------------------
     def _feed(self, frame: LMMFrame, ids: list[int], **kwargs):
         """Forward `ids` after everything in the cache, extending it (callers crop it back)."""
-        embeds = self.embed_tokens(torch.tensor([ids], device=self.device))
+        embeds = self.embed_tokens(ids_tensor(ids, self.device))
         return self.language_model(inputs_embeds=embeds, past_key_values=frame.cache, use_cache=True, **kwargs)
 
     def _greedy(self, out) -> int:

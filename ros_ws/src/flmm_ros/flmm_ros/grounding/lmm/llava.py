@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
+from ..devices import to_device
 from ..types import GroundingError
 from .base import LMMAdapter, PreparedImage
 
@@ -79,7 +80,7 @@ class LlavaAdapter(LMMAdapter):
         canvas.paste(resized, (left, top))
         x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)
         x = (x - torch.tensor(self.mean)) / torch.tensor(self.std)
-        pixel_values = x.permute(2, 0, 1)[None].to(self.device, self.dtype)
+        pixel_values = to_device(x.permute(2, 0, 1)[None], self.device, self.dtype)
         return LlavaPreparedImage(pixel_values, (h, w), (new_h, new_w), (top, left))
 
     def image_features(self, prepared: LlavaPreparedImage) -> torch.Tensor:

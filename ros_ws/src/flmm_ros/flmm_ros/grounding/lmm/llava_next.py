@@ -24,6 +24,7 @@ from transformers.image_utils import ChannelDimension
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
+from ..devices import to_device
 from ..types import GroundingError
 from .base import LMMAdapter, PreparedImage
 
@@ -71,7 +72,7 @@ class LlavaNextAdapter(LMMAdapter):
         fine_h, fine_w = unpad_image(torch.empty(1, tiles_h * self.grid, tiles_w * self.grid), image_size).shape[1:]
         if tiles_h * tiles_w < 2 and (fine_h, fine_w) == (self.grid, self.grid):
             raise GroundingError("LLaVA-NeXT grounding needs the any-res tiles, but the image gave none")
-        return LlavaNextPreparedImage(inputs["pixel_values"].to(self.device, self.dtype), tuple(image.shape[:2]),
+        return LlavaNextPreparedImage(to_device(inputs["pixel_values"], self.device, self.dtype), tuple(image.shape[:2]),
                                       tuple(content_hw), inputs["image_sizes"].to(self.device), (fine_h, fine_w))
 
     def image_features(self, prepared: LlavaNextPreparedImage) -> torch.Tensor:
