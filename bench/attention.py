@@ -20,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "ros_ws/src/flmm_ros"))
-from flmm_ros.grounding.attention import (capture_phrase_attention, eager_phrase_attention,  # noqa: E402
+from flmm_ros.grounding.attention import (capture_phrase_attention, eager_phrase_attention,
                                           enable_phrase_attention)
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 # name: (text layers, heads, kv heads, hidden, image side / 14 = grid)
 CONFIGS = {

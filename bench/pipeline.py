@@ -8,6 +8,10 @@ post-processing), medians over repeated runs, for three ways of serving "pick th
                       `output_attentions=True`, fp32 SAM, nothing cached between instructions.
 The spoken answer is not part of "instruction to mask" and is left out of all three.
 
+Then time-to-mask against time-to-answer: `run` grounds first and hands the masks to `on_objects` before it
+generates the answer, so the time to the masks must not grow with the answer. Two answer lengths (8 and 48
+tokens, EOS suppressed so that each answer really has that many), on a cached and on a new frame.
+
     python bench/pipeline.py                               # embedded tabletop-tiny on this CPU
     python bench/pipeline.py --config llava15-7b --device cuda   # LLaVA-1.5-7B + SAM ViT-L shapes, fp16
     python bench/pipeline.py --config random-small --repeats 2   # smoke (CI)
@@ -27,34 +31,34 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
+from flmm_ros.grounding import phrases as phrase_rules
+from flmm_ros.grounding.attention import eager_phrase_attention, enable_phrase_attention
+from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.head import GroundingHead
+from flmm_ros.grounding.lmm import GROUNDING_PROMPT, LMMFrame
+from flmm_ros.grounding.lmm.llava import LlavaAdapter
+from flmm_ros.grounding.pipeline import GroundingLogits, GroundingPipeline, _StageClock
+from flmm_ros.grounding.sam.refiner import SamRefiner
+from flmm_ros.grounding.sam.backends import TorchBackend, make_refiner_backend
+from flmm_ros.grounding.sam.models import TINY_TEST_SAM
+from flmm_ros.grounding.testing import word_tokenizer
+from flmm_ros.tabletop.scenes import generate_scene
+
+from attention import rss_kib  # bench/attention.py (the script's folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "ros_ws/src/flmm_ros"))
-from flmm_ros.grounding import phrases as phrase_rules  # noqa: E402
-from flmm_ros.grounding.attention import eager_phrase_attention, enable_phrase_attention  # noqa: E402
-from flmm_ros.grounding.config import PipelineConfig  # noqa: E402
-from flmm_ros.grounding.head import GroundingHead  # noqa: E402
-from flmm_ros.grounding.lmm import GROUNDING_PROMPT, LMMFrame  # noqa: E402
-from flmm_ros.grounding.lmm.llava import LlavaAdapter  # noqa: E402
-from flmm_ros.grounding.pipeline import GroundingLogits, GroundingPipeline, _StageClock  # noqa: E402
-from flmm_ros.grounding.refiner import SamRefiner  # noqa: E402
-from flmm_ros.grounding.refiner_backends import TorchBackend, make_refiner_backend  # noqa: E402
-from flmm_ros.grounding.sam_models import TINY_TEST_SAM  # noqa: E402
-from flmm_ros.grounding.testing import word_tokenizer  # noqa: E402
-from flmm_ros.tabletop.scenes import generate_scene  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from attention import rss_kib  # noqa: E402
-
 EMBEDDED = ROOT / "ros_ws/src/flmm_ros/models/tabletop_tiny"
 INSTRUCTION = "pick the red mug"
 STAGES = ("vision", "lmm_prefix", "phrase_pass", "mask_head", "sam_encoder", "sam_decoder", "post")
 WAYS = ("ours_new", "ours_cached", "naive")
+ANSWER_TOKENS = (8, 48)
 
 # Random-weight configurations: LLaVA-1.5 (CLIP ViT tower, Llama) sizes and the SAM size.
 # name: (vision width, depth, heads, image side, patch; text width, layers, heads, MLP width; SAM)
@@ -153,6 +157,52 @@ def naive(pipe: GroundingPipeline, refiner: SamRefiner, image: np.ndarray, keep:
     return clock.timings
 
 
+# ---- time to mask vs time to answer ----------------------------------------------------------------
+def full_length_answers(lmm) -> list[int]:
+    """Greedy decoding that never picks EOS, so every answer has exactly max_new_tokens tokens (for timing).
+    Returns a one-element counter of the tokens generated (reset it before a run)."""
+    eos, count = lmm.tokenizer.eos_token_id, [0]
+
+    def greedy(out) -> int:
+        logits = lmm.model.lm_head(out.last_hidden_state[:, -1]).float()
+        logits[..., eos] = float("-inf")
+        count[0] += 1
+        return int(logits.argmax(-1))
+    lmm._greedy = greedy
+    return count
+
+
+def answer_timing(pipe: GroundingPipeline, image: np.ndarray, repeats: int, warmup: int, sync) -> dict:
+    """Per answer length and frame kind: medians of the time to `on_objects` (masks) and to the answer."""
+    base = pipe.config
+    frame = pipe.encode(image)
+    pipe.run(frame, INSTRUCTION)
+    samples: dict[str, dict[str, list]] = {}
+    generated = full_length_answers(pipe.lmm)
+    try:
+        for i in range(warmup + repeats):
+            for tokens in ANSWER_TOKENS:                  # interleaved, like the three ways
+                pipe.config = replace(base, answer=True, max_new_tokens=tokens)
+                for kind, source in (("cached", frame), ("new", image)):
+                    marks, generated[0] = {}, 0
+                    sync()
+                    start = time.perf_counter()
+                    pipe.run(source, INSTRUCTION, on_objects=lambda _r: (sync(), marks.setdefault(
+                        "mask", time.perf_counter())))
+                    sync()
+                    done = time.perf_counter()
+                    if i >= warmup:
+                        row = samples.setdefault(f"{kind}_{tokens}", {"mask": [], "answer": [], "tokens": []})
+                        row["mask"].append(marks["mask"] - start)
+                        row["answer"].append(done - start)
+                        row["tokens"].append(generated[0])
+    finally:
+        pipe.config = base
+        del pipe.lmm._greedy                              # back to the class's greedy step
+    return {key: {"mask_ms": statistics.median(v["mask"]) * 1e3, "answer_ms": statistics.median(v["answer"]) * 1e3,
+                  "answer_tokens": statistics.median(v["tokens"])} for key, v in samples.items()}
+
+
 def timed(call, sync) -> tuple[float, dict[str, float]]:
     sync()
     t = time.perf_counter()
@@ -180,7 +230,7 @@ def cpu_peak_mib(name: str, way: str, dtype: str) -> dict[str, float]:
 
 
 # ---- the benchmark -----------------------------------------------------------------------------
-def bench(name: str, device: str, dtype: str, repeats: int, warmup: int) -> dict:
+def bench(name: str, device: str, dtype: str, repeats: int, warmup: int, answer_repeats: int) -> dict:
     pipe, refiner, image = build(name, device, dtype)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -210,12 +260,14 @@ def bench(name: str, device: str, dtype: str, repeats: int, warmup: int) -> dict
                     stages[way].setdefault(stage, []).append(seconds)
     if not cuda:
         peaks = {way: cpu_peak_mib(name, way, dtype) for way in WAYS}
+    answers = answer_timing(pipe, image, answer_repeats, min(warmup, 1), sync) if answer_repeats else {}
     weights_mib = sum(p.numel() * p.element_size() for p in [*pipe.lmm.model.parameters(), *pipe.head.parameters()])
     return {"config": name, "device": device, "dtype": dtype if name != "tabletop-tiny" else "float32",
             "tokens": prefix_tokens, "repeats": repeats,
             "total_ms": {w: statistics.median(totals[w]) * 1e3 for w in WAYS},
             "stage_ms": {w: {s: statistics.median(v) * 1e3 for s, v in stages[w].items()} for w in WAYS},
-            "peak_mib": peaks, "weights_mib": weights_mib / 2**20, "coarse_max_abs_diff": coarse_diff}
+            "peak_mib": peaks, "weights_mib": weights_mib / 2**20, "coarse_max_abs_diff": coarse_diff,
+            "answer_timing": answers}
 
 
 def print_table(r: dict) -> None:
@@ -240,6 +292,15 @@ def print_table(r: dict) -> None:
     for key, label in (("peak_mib", "peak MiB +"), ("total_mib", "peak MiB all")):
         print(f"{label:<14} {p['ours_new'][key]:>11.1f} {p['ours_cached'][key]:>14.1f} {p['naive'][key]:>9.1f}")
     print(f"coarse mask logits, ours vs naive: max |diff| {r['coarse_max_abs_diff']:.1e}")
+    if r["answer_timing"]:
+        print(f"\ntime to mask vs time to answer (median of {r['answer_repeats']}; masks are published before "
+              "the answer is generated)")
+        header = f"{'frame':<7} {'answer tokens':>13} {'to mask ms':>10} {'to answer ms':>12}"
+        print(header)
+        print("-" * len(header))
+        for key, v in r["answer_timing"].items():
+            kind = key.split("_")[0]
+            print(f"{kind:<7} {v['answer_tokens']:>13.0f} {v['mask_ms']:>10.1f} {v['answer_ms']:>12.1f}")
 
 
 def main() -> None:
@@ -250,6 +311,8 @@ def main() -> None:
                         "CUDA, float32 on CPU); the embedded model runs float32")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--answer-repeats", type=int, default=5,
+                        help="runs per answer length for time-to-mask vs time-to-answer (0: skip)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--memory-worker", nargs=3, metavar=("CONFIG", "WAY", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,7 +324,8 @@ def main() -> None:
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"torch {torch.__version__}, {gpu}, {torch.get_num_threads()} CPU threads; instruction {INSTRUCTION!r}")
-    result = bench(args.config, args.device, dtype, args.repeats, args.warmup)
+    result = bench(args.config, args.device, dtype, args.repeats, args.warmup, args.answer_repeats)
+    result["answer_repeats"] = args.answer_repeats
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

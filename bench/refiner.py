@@ -14,20 +14,15 @@ from __future__ import annotations
 import argparse
 import logging
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "ros_ws/src/flmm_ros"))
-sys.path.insert(0, str(ROOT / "engines"))
-from build_engines import parse_sam_type  # noqa: E402
-from flmm_ros.grounding.refiner_backends import (SamShapes, TorchBackend,  # noqa: E402
-                                                 make_refiner_backend, parity_report)
-from flmm_ros.grounding.sam_models import build_sam  # noqa: E402
-from flmm_ros.grounding.types import GroundingError  # noqa: E402
+from flmm_ros.grounding.onnx_cache import default_cache_dir
+from flmm_ros.grounding.sam.backends import TorchBackend, make_refiner_backend
+from flmm_ros.grounding.sam.models import build_sam, parse_sam_type
+from flmm_ros.grounding.sam.parity import parity_report
+from flmm_ros.grounding.sam.shapes import SamShapes
+from flmm_ros.grounding.types import GroundingError
 
 
 def timed(fn, device: torch.device, repeats: int) -> float:
@@ -68,7 +63,7 @@ def main() -> None:
                         help="of the ONNX Runtime / TensorRT encoders (the baseline stays fp32)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text-tokens", type=int, default=8)
-    parser.add_argument("--cache-dir", default=str(ROOT / "engines" / "cache"))
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)

@@ -8,7 +8,9 @@ One run, same frames (a 640x480 camera pan from `tabletop/sequences.py`), same o
   re-ground  the slow way: per frame `pipe.encode` (vision tower, LMM prefix, SAM encoder) and
              `pipe.ground(phrases)` (phrase pass, mask head, SAM decoder), plus the same 3D.
 Tracking runs on each SAM backend that runs here (torch; ONNX Runtime on a CPU) with 1 and 2 threads
-(torch threads, and ONNX Runtime intra-op threads). Medians over --repeats frames after --warmup.
+(torch threads, and ONNX Runtime intra-op threads). Every way runs on every frame in turn (interleaved, so that
+a change of machine load hits all alike); medians over --repeats frames after --warmup, wall time and the
+process's CPU time.
 
     python bench/tracking.py                                       # embedded tabletop-tiny on this CPU
     python bench/tracking.py --config llava15-7b --device cuda     # LLaVA-1.5-7B + SAM ViT-L shapes (GPU)
@@ -30,18 +32,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pipeline import RANDOM_CONFIGS, build  # noqa: E402  (bench/pipeline.py: the same pipelines)
+from pipeline import RANDOM_CONFIGS, build  # bench/pipeline.py: the same pipelines
 
-from flmm_ros.geometry3d import CameraIntrinsics, object_pose_from_depth  # noqa: E402
-from flmm_ros.grounding.tracking import ObjectTracker, TrackerConfig  # noqa: E402
-from flmm_ros.grounding.types import GroundingError  # noqa: E402
-from flmm_ros.tabletop.sequences import generate_sequence  # noqa: E402
+from flmm_ros.geometry3d import CameraIntrinsics, object_pose_from_depth
+from flmm_ros.grounding.tracking import ObjectTracker, TrackerConfig
+from flmm_ros.grounding.types import GroundingError
+from flmm_ros.tabletop.sequences import generate_sequence
 
 SIZE = (480, 640)
 SEED = 2_500_000                     # a test-range seed: a pan over objects with unique names
 INTRINSICS = CameraIntrinsics(525.0, 525.0, 319.5, 239.5, SIZE[1], SIZE[0])
-STAGES = ("sam_encoder", "motion", "sam_decoder", "post", "3d")
+STAGES = ("sam_encoder", "motion", "sam_decoder", "post", "3d")   # the tracker's timings, then 3D
 
 
 def scene_frames(count: int, objects: int):
@@ -74,93 +75,91 @@ def poses(masks, depth) -> float:
     return time.perf_counter() - start
 
 
-def time_tracking(pipe, backend: str, threads: int, frames, depths, objects, warmup: int) -> dict:
-    torch.set_num_threads(threads)
+def tracker_for(pipe, backend: str, threads: int, frame0, objects) -> ObjectTracker:
     # The lost rule's thresholds off: every object is followed on every frame (the cost of a tracked object).
     cfg = TrackerConfig(backend=backend, threads=threads, regrounding="off", min_area=0.0, min_confidence=0.0,
                         min_colour_similarity=0.0, max_area_change=1e6)
     tracker = ObjectTracker(pipe, cfg)
-    tracker.start(objects, image=frames[0].image)
-    totals, updates, stages = [], [], {s: [] for s in STAGES}
-    for i, (f, depth) in enumerate(zip(frames[1:], depths[1:])):
-        start = time.perf_counter()
-        update = tracker.update(f.image)
-        updated = time.perf_counter()
-        three_d = poses([o.mask for o in update.objects], depth)
-        if i >= warmup:
-            totals.append(time.perf_counter() - start)
-            updates.append(updated - start)
-            for s in STAGES:
-                stages[s].append(three_d if s == "3d" else update.timings.get(s, 0.0))
-    lost = sum(o.state == "lost" for o in update.objects)
-    return {"backend": tracker.backend.name, "threads": threads, "total_ms": 1e3 * statistics.median(totals),
-            "update_ms": 1e3 * statistics.median(updates),
-            "stage_ms": {s: 1e3 * statistics.median(v) for s, v in stages.items()}, "lost_at_end": lost}
+    tracker.start(objects, image=frame0.image)
+    return tracker
 
 
-def time_reground(pipe, threads: int, frames, depths, phrases, warmup: int) -> dict:
-    torch.set_num_threads(threads)
-    totals, stages = [], {"encode": [], "ground": [], "3d": []}
-    for i, (f, depth) in enumerate(zip(frames[1:], depths[1:])):
-        start = time.perf_counter()
-        frame = pipe.encode(f.image)
-        encoded = time.perf_counter()
-        objects = pipe.ground(frame, phrases)
-        grounded = time.perf_counter()
-        three_d = poses([o.mask for o in objects], depth)
-        if i >= warmup:
-            totals.append(time.perf_counter() - start)
-            stages["encode"].append(encoded - start)
-            stages["ground"].append(grounded - encoded)
-            stages["3d"].append(three_d)
-    return {"threads": threads, "total_ms": 1e3 * statistics.median(totals),
-            "stage_ms": {s: 1e3 * statistics.median(v) for s, v in stages.items()}}
+def track_step(tracker: ObjectTracker, image, depth) -> dict[str, float]:
+    start, cpu = time.perf_counter(), time.process_time()
+    update = tracker.update(image)
+    update_s = time.perf_counter() - start
+    three_d = poses([o.mask for o in update.objects], depth)
+    return {**{s: update.timings.get(s, 0.0) for s in STAGES[:-1]}, "3d": three_d, "update": update_s,
+            "total": time.perf_counter() - start, "cpu": time.process_time() - cpu}
+
+
+def reground_step(pipe, phrases, image, depth) -> dict[str, float]:
+    start, cpu = time.perf_counter(), time.process_time()
+    frame = pipe.encode(image)
+    encoded = time.perf_counter()
+    objects = pipe.ground(frame, phrases)
+    grounded = time.perf_counter()
+    three_d = poses([o.mask for o in objects], depth)
+    return {"encode": encoded - start, "ground": grounded - encoded, "update": grounded - start, "3d": three_d,
+            "total": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
 
 def bench(config: str, device: str, dtype: str, counts: list[int], threads: list[int], repeats: int,
           warmup: int) -> dict:
+    """Every way on every frame in turn (interleaved: a change of machine load hits all of them alike)."""
     pipe = build(config, device, dtype)[0]
-    backends = ["torch", "onnxruntime"]
     results = {"config": config, "device": device, "size": SIZE, "repeats": repeats, "runs": []}
     for count in counts:
         seq, frames, depths = scene_frames(repeats + warmup + 1, count)
         objects = start_objects(pipe, seq, frames[0], count)
+        phrases = list(seq.phrases[:count])
         for n in threads if device == "cpu" else [1]:
-            reground = time_reground(pipe, n, frames, depths, list(seq.phrases[:count]), warmup)
-            seen = set()
-            for backend in backends:
+            torch.set_num_threads(n)
+            ways = {}
+            for backend in ("torch", "onnxruntime"):
                 try:
-                    run = time_tracking(pipe, backend, n, frames, depths, objects, warmup)
+                    tracker = tracker_for(pipe, backend, n, frames[0], objects)
                 except GroundingError as e:
                     print(f"{backend}: skipped ({e})")
                     continue
-                if run["backend"] in seen:      # fell back to a backend already measured
-                    continue
-                seen.add(run["backend"])
-                run.update(objects=count, reground_ms=reground["total_ms"],
-                           speedup=reground["total_ms"] / run["total_ms"])
-                results["runs"].append(run)
-            results["runs"].append({"backend": "re-ground", "objects": count, **reground})
+                if tracker.backend.name not in ways:     # not a fallback to one already measured
+                    ways[tracker.backend.name] = tracker
+            samples = {name: [] for name in [*ways, "re-ground"]}
+            for i, (f, depth) in enumerate(zip(frames[1:], depths[1:])):
+                for name, tracker in ways.items():
+                    samples[name].append(track_step(tracker, f.image, depth))
+                samples["re-ground"].append(reground_step(pipe, phrases, f.image, depth))
+            medians = {name: {k: 1e3 * statistics.median(step[k] for step in steps[warmup:]) for k in steps[0]}
+                       for name, steps in samples.items()}
+            for name, ms in medians.items():
+                lost = sum(o.state == "lost" for o in ways[name].tracks) if name in ways else 0
+                results["runs"].append({"backend": name, "objects": count, "threads": n, "total_ms": ms["total"],
+                                        "update_ms": ms["update"], "cpu_ms": ms["cpu"], "stage_ms": ms,
+                                        "lost_at_end": lost,
+                                        "speedup": medians["re-ground"]["total"] / ms["total"]})
     return results
 
 
 def print_table(r: dict) -> None:
     gpu = torch.cuda.get_device_name(r["device"]) if r["device"].startswith("cuda") else "CPU"
     print(f"\n{r['config']} on {r['device']} ({gpu}), {r['size'][1]}x{r['size'][0]} camera pan, "
-          f"median of {r['repeats']} frames")
-    print("| objects | way | threads | SAM encoder | motion | SAM decoder | post | update | 3D | total ms / frame | "
-          "vs re-ground |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          f"median of {r['repeats']} frames, ways interleaved frame by frame; ms")
+    print("| objects | way | threads | SAM encoder | motion | SAM decoder | post | update | 3D | total / frame | "
+          "CPU time | vs re-ground |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for run in r["runs"]:
         s = run["stage_ms"]
         if run["backend"] == "re-ground":
-            print(f"| {run['objects']} | re-ground every frame | {run['threads']} | (encode {s['encode']:.1f}) | - | "
-                  f"(ground {s['ground']:.1f}) | - | {s['encode'] + s['ground']:.1f} | {s['3d']:.1f} | "
-                  f"{run['total_ms']:.1f} | 1.00x |")
-            continue
-        print(f"| {run['objects']} | track, {run['backend']} | {run['threads']} | {s['sam_encoder']:.1f} | "
-              f"{s['motion']:.1f} | {s['sam_decoder']:.1f} | {s['post']:.1f} | {run['update_ms']:.1f} | "
-              f"{s['3d']:.1f} | {run['total_ms']:.1f} | {run['speedup']:.1f}x faster |")
+            cells = [f"(encode {s['encode']:.1f})", "-", f"(ground {s['ground']:.1f})", "-"]
+            way = "re-ground every frame"
+        else:
+            cells = [f"{s[k]:.1f}" for k in ("sam_encoder", "motion", "sam_decoder", "post")]
+            way = f"track, {run['backend']}"
+        print(f"| {run['objects']} | {way} | {run['threads']} | " + " | ".join(cells) +
+              f" | {run['update_ms']:.1f} | {s['3d']:.1f} | {run['total_ms']:.1f} | {run['cpu_ms']:.1f} | "
+              f"{run['speedup']:.1f}x |")
+    print("update = the tracker's update (or encode + ground); total adds 3D; CPU time = process CPU time per frame "
+          "(all threads); vs re-ground = re-ground total / this total (higher is faster).")
 
 
 def main() -> None:

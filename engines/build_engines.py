@@ -17,72 +17,36 @@ only the ONNX graphs are made (--tensorrt require makes that an error).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 import torch
-import yaml
+from flmm_ros.grounding.bundle import load_bundle_sam
+from flmm_ros.grounding.checkpoint import load_sam_part, load_sam_weights
+from flmm_ros.grounding.onnx_cache import default_cache_dir
+from flmm_ros.grounding.sam.backends import (
+    BackendUnavailable,
+    OnnxRuntimeBackend,
+    TorchBackend,
+    onnxruntime_placement,
+)
+from flmm_ros.grounding.sam.models import build_sam, parse_sam_type
+from flmm_ros.grounding.sam.onnx_export import PRECISIONS, export_sam_onnx
+from flmm_ros.grounding.sam.parity import parity_failures, parity_report
+from flmm_ros.grounding.sam.shapes import SamShapes
+from flmm_ros.grounding.sam.tensorrt import TensorRTBackend, tensorrt_unavailable_reason
+from flmm_ros.grounding.types import GroundingError
+from segment_anything.modeling import Sam
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "ros_ws/src/flmm_ros"))
-from flmm_ros.grounding.checkpoint import load_sam_weights, read_state_dict  # noqa: E402
-from flmm_ros.grounding.refiner_backends import (BackendUnavailable, OnnxRuntimeBackend, SamShapes,  # noqa: E402
-                                                 TorchBackend, onnxruntime_placement, parity_failures,
-                                                 parity_report)
-from flmm_ros.grounding.sam_models import SAM_PRESETS, TINY_TEST_SAM, SamArch, build_sam, resolve_sam_arch  # noqa: E402
-from flmm_ros.grounding.sam_onnx import PRECISIONS, export_sam_onnx  # noqa: E402
-from flmm_ros.grounding.types import GroundingError  # noqa: E402
-from segment_anything.modeling import Sam  # noqa: E402
-
-_SAM_PARTS = ("image_encoder.", "prompt_encoder.", "mask_decoder.")
 log = logging.getLogger("build_engines")
-
-
-def parse_sam_type(text: str) -> SamArch:
-    """'vit_b' | 'vit_l' | 'vit_h' | 'tiny' | a JSON object of SamArch fields | a .json/.yaml file of one."""
-    if text == "tiny":
-        return TINY_TEST_SAM
-    if text in SAM_PRESETS:
-        return SAM_PRESETS[text]
-    if text.lstrip().startswith("{"):
-        return resolve_sam_arch(json.loads(text))
-    path = Path(text)
-    if path.is_file():
-        return resolve_sam_arch(yaml.safe_load(path.read_text()))
-    raise GroundingError(f"--sam-type {text!r}: use {sorted(SAM_PRESETS)}, 'tiny', a JSON object or a file")
-
-
-def load_sam_part(sam: Sam, path: str | Path) -> int:
-    """Load the SAM tensors of a grounding-head checkpoint: F-LMM's `.pth` (`sam.model.*`, usually the prompt
-    encoder and mask decoder only) or ours (`sam.*`). Returns how many tensors were loaded."""
-    state = {}
-    for key, value in read_state_dict(path).items():
-        for prefix in ("sam.model.", "sam."):
-            if key.startswith(prefix) and key[len(prefix):].startswith(_SAM_PARTS):
-                state[key[len(prefix):]] = value
-                break
-    if not state:
-        raise GroundingError(f"{path} holds no SAM weights (keys sam.model.* or sam.* of a grounding head)")
-    expected = sam.state_dict()
-    wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}"
-             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
-    unknown = [k for k in state if k not in expected]
-    if wrong or unknown:
-        raise GroundingError(f"{path} does not fit this SAM ({'; '.join(wrong + unknown)[:500]}): "
-                             "choose the --sam-type it was trained with")
-    sam.load_state_dict(state, strict=False)
-    return len(state)
 
 
 def sam_from_args(args) -> Sam:
     torch.manual_seed(args.seed)  # the same random weights every run, so their exports are reused
     if args.bundle:
-        spec = yaml.safe_load((Path(args.bundle) / "flmm_bundle.yaml").read_text())
-        sam = build_sam(resolve_sam_arch(spec["sam_arch"]))
-        log.info("SAM from bundle %s: %d tensors", args.bundle, load_sam_part(sam, Path(args.bundle) / spec["head"]))
+        sam = load_bundle_sam(args.bundle)
+        log.info("SAM from bundle %s", args.bundle)
     else:
         sam = build_sam(parse_sam_type(args.sam_type))
         if args.sam_checkpoint:
@@ -103,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--flmm-checkpoint", help="F-LMM .pth or our head .safetensors: its SAM weights")
     source.add_argument("--bundle", help="a model bundle directory: its SAM size and weights")
     source.add_argument("--seed", type=int, default=0, help="seed of random weights")
-    parser.add_argument("--cache-dir", default=str(ROOT / "engines" / "cache"))
+    parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     parser.add_argument("--precision", choices=PRECISIONS, default="fp16", help="of the image encoder")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tensorrt", choices=("auto", "require", "off"), default="auto")
@@ -132,7 +96,6 @@ def run(args) -> int:
     built.append(OnnxRuntimeBackend(models, SamShapes(sam), ort_device))
 
     if args.tensorrt != "off":
-        from flmm_ros.grounding.sam_tensorrt import TensorRTBackend, tensorrt_unavailable_reason
         reason = tensorrt_unavailable_reason(device)
         if reason and args.tensorrt == "require":
             raise GroundingError(f"TensorRT required but unavailable: {reason}")

@@ -24,10 +24,7 @@ MAX_LINES = 400
 # path (relative to the package) -> why it is still long
 KNOWN_LONG_FILES: dict[str, str] = {}
 # import cycles inside grounding, each a set of modules -> why it is still there
-KNOWN_CYCLES = {
-    frozenset({"flmm_ros.grounding.refiner_backends", "flmm_ros.grounding.sam_tensorrt"}):
-        "SamShapes; goes with the move of the SAM wing to grounding/sam/ (#16 item 1)",
-}
+KNOWN_CYCLES: dict[frozenset, str] = {}
 
 
 def module_name(path: Path) -> str:

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from flmm_ros.grounding.checkpoint import (LoadReport, load_flmm_checkpoint, load_head, load_sam_weights,
                                            read_metadata, read_state_dict, save_head)
 from flmm_ros.grounding.head import GroundingHead
-from flmm_ros.grounding.sam_models import TINY_TEST_SAM, SamArch, build_sam
+from flmm_ros.grounding.sam.models import TINY_TEST_SAM, SamArch, build_sam
 from flmm_ros.grounding.types import GroundingError
 
 # LLaVA-1.5-7B: 32 layers x 32 heads, hidden size 4096; F-LMM uses SAM ViT-L.

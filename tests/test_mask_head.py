@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from flmm_ros.grounding.head import GroundingHead
 from flmm_ros.grounding.mask_head import UNetHead
-from flmm_ros.grounding.sam_models import TINY_TEST_SAM
+from flmm_ros.grounding.sam.models import TINY_TEST_SAM
 from flmm_ros.grounding.types import GroundingError
 
 

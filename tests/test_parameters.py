@@ -1,5 +1,6 @@
 """The node's parameter table: one source for descriptions and choices, validation, type coercion."""
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -66,3 +67,11 @@ def test_only_settings_read_per_instruction_change_at_run_time():
     assert {'model', 'device', 'dtype', 'backend', 'input_qos', 'output_qos', 'autostart'}.isdisjoint(runtime)
     assert {'mask_threshold', 'busy_policy', 'max_queued', 'max_frame_age', 'use_3d', 'publish_overlay',
             'speak'} <= runtime
+
+
+def test_the_readme_names_every_node_parameter():
+    readme = (Path(__file__).resolve().parents[1] / 'README.md').read_text()
+    missing = [spec.name for spec in parameters.all_parameters()
+               if not spec.name.startswith(parameters.TRACKER_PREFIX) and f'`{spec.name}`' not in readme]
+    assert missing == [], f"parameters the README does not name: {missing}"
+    assert '`tracker.*`' in readme

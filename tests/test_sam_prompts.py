@@ -1,4 +1,4 @@
-"""SAM's prompt geometry (grounding/sam_prompts.py): frames as segment-anything's own predictor, F-LMM's prompts."""
+"""SAM's prompt geometry (grounding/sam/prompts.py): frames as segment-anything's own predictor, F-LMM's prompts."""
 import numpy as np
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from flmm_ros.grounding.sam_models import TINY_TEST_SAM, build_sam
-from flmm_ros.grounding.sam_prompts import SamPromptGeometry, mask_to_box
+from flmm_ros.grounding.sam.models import TINY_TEST_SAM, build_sam
+from flmm_ros.grounding.sam.prompts import SamPromptGeometry, mask_to_box
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flmm_ros.grounding import sam_tensorrt as st
-from flmm_ros.grounding.sam_models import TINY_TEST_SAM, build_sam
+from flmm_ros.grounding.sam import tensorrt as st
+from flmm_ros.grounding.sam.models import TINY_TEST_SAM, build_sam
 
 
 # ---------------------------------------------------------------- stand-ins for the tensorrt module
@@ -324,7 +324,8 @@ needs_tensorrt = pytest.mark.skipif(_tensorrt_reason() is not None,
 @needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_matches_torch_and_reuses_plans(precision, tmp_path):
-    from flmm_ros.grounding.refiner_backends import TorchBackend, parity_failures, parity_report
+    from flmm_ros.grounding.sam.backends import TorchBackend
+    from flmm_ros.grounding.sam.parity import parity_failures, parity_report
     torch.manual_seed(0)
     sam = build_sam(TINY_TEST_SAM).cuda()
     backend = st.TensorRTBackend(sam, device="cuda", precision=precision, cache_dir=tmp_path)

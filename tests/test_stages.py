@@ -3,7 +3,7 @@ import ast
 import re
 from pathlib import Path
 
-from flmm_ros.grounding.stages import ENCODE_STAGES, INSTRUCTION_STAGES, PIPELINE_STAGES
+from flmm_ros.grounding.stages import ENCODE_STAGES, INSTRUCTION_STAGES, PIPELINE_STAGES, TRACKING_STAGES
 
 PACKAGE = Path(__file__).resolve().parents[1] / 'ros_ws' / 'src' / 'flmm_ros' / 'flmm_ros'
 MSGS = Path(__file__).resolve().parents[1] / 'ros_ws' / 'src' / 'flmm_msgs'
@@ -33,7 +33,7 @@ def quoted_in_comment(path: Path, start: str) -> list[str]:
 
 
 def test_the_code_times_exactly_the_declared_stages():
-    assert timed_stages_in_code() == set(PIPELINE_STAGES)
+    assert timed_stages_in_code() == set(PIPELINE_STAGES) | set(TRACKING_STAGES)
     assert set(ENCODE_STAGES).isdisjoint(INSTRUCTION_STAGES)
 
 
@@ -47,3 +47,8 @@ def test_the_action_feedback_comment_names_every_feedback_stage():
     masks, answer = INSTRUCTION_STAGES[:-1], INSTRUCTION_STAGES[-1:]   # the node publishes masks before the answer
     assert answer == ('answer',)
     assert named == ['queued', 'encode', *masks, 'objects', *answer, 'publish']
+
+
+def test_the_tracks_message_comment_names_every_tracking_stage():
+    named = quoted_in_comment(MSGS / 'msg' / 'TrackedObjects.msg', '# Seconds per tracking stage')
+    assert named == [*TRACKING_STAGES, *NODE_TIMINGS]

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flmm_ros.grounding.checkpoint import load_sam_weights
-from flmm_ros.grounding.sam_models import TINY_TEST_SAM, SamArch, build_sam
-from flmm_ros.grounding.sam_prompts import SamPromptGeometry
+from flmm_ros.grounding.sam.models import TINY_TEST_SAM, SamArch, build_sam
+from flmm_ros.grounding.sam.prompts import SamPromptGeometry
 from flmm_ros.grounding.training.loop import ResumeError, adamw, parse_trainer_args
 from flmm_ros.tabletop import train_sam
 from flmm_ros.tabletop.sam_eval import binary_iou, evaluate_saved, scenes_fingerprint

@@ -5,7 +5,7 @@ each image token (key). Asking `transformers` for all attention matrices keeps L
 alive and forces the slow eager kernel. Instead, the language model runs on SDPA and a thin wrapper
 around SDPA recomputes only the phrase rows: q_phrase . K^T over the full causal key range, softmax,
 then keep the image columns. q and k reach the attention function after RoPE, and k before the GQA
-repetition, so no model-specific position code is needed here (research/attention_extraction.md).
+repetition, so no model-specific position code is needed here.
 In float32 the rows equal eager attention to ~1e-6; in bf16/fp16 (F-LMM ran bf16) they are rounded where eager
 rounds (scores, scaled scores, probabilities, the mean over a phrase's tokens), so they equal F-LMM's bf16 maps.
 

@@ -10,15 +10,18 @@ is used with an F-LMM checkpoint (`mask_head`) and an official SAM checkpoint in
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import yaml
 
-from .checkpoint import load_flmm_checkpoint, load_head, load_sam_weights, save_head
+from segment_anything.modeling import Sam
+
+from .checkpoint import load_flmm_checkpoint, load_head, load_sam_part, load_sam_weights, save_head
 from .config import PipelineConfig
 from .head import GroundingHead
 from .lmm import LMMAdapter, load_lmm, model_type_of
-from .sam_models import SamArch, resolve_sam_arch
+from .sam.models import SamArch, build_sam, resolve_sam_arch
 from .types import GroundingError
 
 BUNDLE_FILE = "flmm_bundle.yaml"
@@ -43,13 +46,34 @@ def write_bundle(out_dir: str | Path, lmm_dir: str, head: GroundingHead, sam_arc
     return out
 
 
+def read_bundle_spec(path: str | os.PathLike) -> dict:
+    """The parsed flmm_bundle.yaml of a bundle directory (paths in it are relative to the directory)."""
+    root = Path(path)
+    if not is_bundle(root):
+        raise GroundingError(f"{root} is not a model bundle (no {BUNDLE_FILE})")
+    try:
+        spec = yaml.safe_load((root / BUNDLE_FILE).read_text())
+    except yaml.YAMLError as error:
+        raise GroundingError(f"{root / BUNDLE_FILE} is not valid YAML: {error}") from None
+    if not isinstance(spec, dict) or spec.get("format") != BUNDLE_FORMAT:
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise GroundingError(f"{root / BUNDLE_FILE}: unsupported bundle format {found!r}")
+    return spec
+
+
+def load_bundle_sam(path: str | os.PathLike) -> Sam:
+    """A bundle's SAM alone (its size and weights), e.g. to build its engines."""
+    spec = read_bundle_spec(path)
+    sam = build_sam(resolve_sam_arch(spec["sam_arch"]))
+    load_sam_part(sam, Path(path) / spec["head"])
+    return sam
+
+
 def load_components(cfg: PipelineConfig) -> tuple[LMMAdapter, GroundingHead]:
     """The frozen LMM adapter and the grounding head described by the configuration, weights loaded."""
     if is_bundle(cfg.model):
         root = Path(cfg.model)
-        spec = yaml.safe_load((root / BUNDLE_FILE).read_text())
-        if spec.get("format") != BUNDLE_FORMAT:
-            raise GroundingError(f"{root / BUNDLE_FILE}: unsupported bundle format {spec.get('format')!r}")
+        spec = read_bundle_spec(root)
         lmm = load_lmm(str(root / spec["lmm"]), device=cfg.device, dtype=cfg.torch_dtype,
                        template=cfg.prompt_template or spec.get("template"), quantization=cfg.quantization)
         head = _new_head(lmm, resolve_sam_arch(spec["sam_arch"]), spec.get("mask_head"))

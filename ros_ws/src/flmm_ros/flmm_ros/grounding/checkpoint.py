@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from segment_anything.modeling import Sam
 
 from .head import GroundingHead
-from .sam_models import SAM_PRESETS
+from .sam.models import SAM_PRESETS
 from .types import GroundingError
 
 HEAD_FORMAT = "flmm_ros.grounding_head.v1"
@@ -164,11 +164,36 @@ def _image_encoder_keys(head: GroundingHead) -> set[str]:
     return {k for k in head.state_dict() if k.startswith("sam.image_encoder.")}
 
 
+def head_state_from_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A grounding head's tensors with our names: F-LMM's `sam.model.*` become `sam.*` (the one place that
+    maps F-LMM's key prefixes; ours pass through)."""
+    return {("sam." + k[len("sam.model."):] if k.startswith("sam.model.") else k): v
+            for k, v in read_state_dict(path).items()}
+
+
+def load_sam_part(sam: Sam, path: str | os.PathLike) -> int:
+    """Load the SAM tensors of a grounding-head checkpoint (F-LMM's `.pth`: usually the prompt encoder and mask
+    decoder only; or ours) into `sam`. Returns how many tensors were loaded."""
+    path = Path(path)
+    state = {k[len("sam."):]: v for k, v in head_state_from_file(path).items()
+             if k.startswith("sam.") and k[len("sam."):].startswith(_SAM_PARTS)}
+    if not state:
+        raise GroundingError(f"{path} holds no SAM weights (keys sam.model.* or sam.* of a grounding head)")
+    expected = sam.state_dict()
+    wrong = [f"{k}: file {tuple(v.shape)}, model {tuple(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    unknown = [k for k in state if k not in expected]
+    if wrong or unknown:
+        raise GroundingError(f"{path} does not fit this SAM ({'; '.join(wrong + unknown)[:500]}): "
+                             "choose the SAM type it was trained with")
+    sam.load_state_dict(state, strict=False)
+    return len(state)
+
+
 def load_flmm_checkpoint(head: GroundingHead, path: str | os.PathLike) -> LoadReport:
     """Load F-LMM's released `.pth` (or our safetensors) into `head`; see the module docstring."""
     path = Path(path)
-    file_state = {("sam." + k[len("sam.model."):] if k.startswith("sam.model.") else k): v
-                  for k, v in read_state_dict(path).items()}
+    file_state = head_state_from_file(path)
     sam_buffers = {"sam." + name for name, _ in head.sam.named_buffers()}
     return _load_head_state(head, file_state, path, optional=_image_encoder_keys(head) | sam_buffers)
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .mask_head import UNetHead
-from .sam_models import SamArch, build_sam, resolve_sam_arch
+from .sam.models import SamArch, build_sam, resolve_sam_arch
 from .types import GroundingError
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from .mask_head import UNetHead
 from .onnx_runtime import cpu_session
-from .sam_onnx import OPSET, _cached_export, module_fingerprint
+from .onnx_cache import OPSET, cached_export, module_fingerprint
 from .types import GroundingError
 
 EXPORTER_VERSION = 1          # bump when the graph below changes
@@ -76,7 +76,7 @@ def export_mask_head_cached(head: UNetHead, input_hw: tuple[int, int], cache_dir
     fields = {"exporter": EXPORTER_VERSION, "torch": torch.__version__.split("+")[0], "opset": OPSET,
               "part": "mask_head", "precision": "fp32", "weights": module_fingerprint(head),
               "inputs": {INPUT: [head.in_channels, *input_hw]}}
-    return _cached_export(Path(cache_dir) / "onnx", "mask_head", fields, FILE,
+    return cached_export(Path(cache_dir) / "onnx", "mask_head", fields, FILE,
                           lambda p: export_mask_head(head, input_hw, p), force)
 
 

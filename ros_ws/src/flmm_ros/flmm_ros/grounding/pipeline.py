@@ -25,9 +25,9 @@ from .bundle import load_components
 from .config import PipelineConfig
 from .head import GroundingHead
 from .lmm import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
-from .refiner import SamImageEncoding, SamRefiner
-from .refiner_backends import make_refiner_backend
-from .types import GroundedObject, GroundingCancelled, GroundingError, GroundingResult
+from .sam.refiner import SamImageEncoding, SamRefiner
+from .sam.backends import make_refiner_backend
+from .types import GroundedObject, GroundingError, GroundingResult
 
 MIN_IMAGE_SIDE = 8
 MAX_INSTRUCTION_CHARS = 1000

@@ -6,3 +6,5 @@ ENCODE_STAGES = ("vision", "lmm_prefix", "sam_encoder")          # once per came
 # In instruction mode, in this order: the masks first, then the spoken answer (reasoning mode answers first).
 INSTRUCTION_STAGES = ("phrases", "phrase_pass", "mask_head", "sam_decoder", "post", "answer")
 PIPELINE_STAGES = ENCODE_STAGES + INSTRUCTION_STAGES
+# The tracker's per-frame stages (grounding/tracking.py): no LMM, except "reground" for a lost object.
+TRACKING_STAGES = ("sam_encoder", "motion", "sam_decoder", "post", "reground")

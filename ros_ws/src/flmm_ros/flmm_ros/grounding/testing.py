@@ -85,7 +85,7 @@ def write_random_bundle(out_dir: str | Path, *, family: str = "llava", seed: int
     """A complete model bundle with random weights: tiny LLaVA (or LLaVA-NeXT) + grounding head + tiny SAM."""
     from .bundle import write_bundle
     from .head import GroundingHead
-    from .sam_models import TINY_TEST_SAM
+    from .sam.models import TINY_TEST_SAM
 
     out = Path(out_dir)
     build = {"llava": tiny_llava, "llava_next": tiny_llava_next}[family]

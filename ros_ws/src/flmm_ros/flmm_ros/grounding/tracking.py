@@ -31,8 +31,7 @@ import torch
 
 from . import track_cues as cues
 from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_image
-from .refiner import SamImageEncoding, SamRefiner, mask_to_box
-from .refiner_backends import OnnxRuntimeBackend, make_refiner_backend
+from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend, mask_to_box
 from .tracking_config import LOST_REASONS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
 from .types import GroundedObject, GroundingError
 
@@ -149,7 +148,7 @@ class ObjectTracker:
         device = self.refiner.device
         mask = torch.as_tensor(mask_np, device=device)
         h, w = mask.shape
-        input_hw = self.refiner.transform.get_preprocess_shape(h, w, self.refiner.image_size)
+        input_hw = self.refiner.prompts.transform.get_preprocess_shape(h, w, self.refiner.prompts.image_size)
         box = mask_to_box(mask)
         area = int(mask.sum())
         prompt = self._mask_prompt(mask, input_hw)
@@ -331,7 +330,7 @@ class ObjectTracker:
     def _mask_prompt(self, mask: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
         """A boolean image-size mask as (1, 1, h, w) +-PROMPT_LOGIT logits of the prompt frame."""
         logits = torch.where(mask, PROMPT_LOGIT, -PROMPT_LOGIT).float()[None]
-        return self.refiner.dense_prompts(logits, input_hw)
+        return self.refiner.prompts.dense_prompts(logits, input_hw)
 
     @staticmethod
     def _prompt_logits(memory: torch.Tensor) -> torch.Tensor:
@@ -339,15 +338,15 @@ class ObjectTracker:
 
     def _warp(self, memory: torch.Tensor, old_box: torch.Tensor, new_box: torch.Tensor, image_hw) -> torch.Tensor:
         """The memory moved with the object from `old_box` to `new_box` (image pixels)."""
-        size = self.refiner.image_size
-        old, new = (self.refiner.transform.apply_boxes_torch(b[None].float(), image_hw)[0] / size * 2 - 1
+        size = self.refiner.prompts.image_size
+        old, new = (self.refiner.prompts.transform.apply_boxes_torch(b[None].float(), image_hw)[0] / size * 2 - 1
                     for b in (old_box, new_box))      # normalised coordinates of SAM's square input
         return cues.warp_prompt(memory, old, new)
 
     def _decode(self, encoding: SamImageEncoding, prompt: torch.Tensor, box: torch.Tensor,
                 tokens: torch.Tensor) -> _Candidate:
         grown = cues.grow_box(box, self.config.box_margin, encoding.image_hw)
-        sam_box = self.refiner.transform.apply_boxes_torch(grown[None].float(), encoding.image_hw)
+        sam_box = self.refiner.prompts.transform.apply_boxes_torch(grown[None].float(), encoding.image_hw)
         low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
         low_res = low_res.float()
         prob = self.refiner.sam.postprocess_masks(low_res, encoding.input_hw, encoding.image_hw)[0, 0].sigmoid()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from segment_anything.modeling import Sam
 
-from ..grounding.sam_prompts import SamPromptGeometry
+from ..grounding.sam.prompts import SamPromptGeometry
 from .sam_model import KIND_FILE, LOG_FILE, KindPrompts, decode, load_tabletop_sam
 from .sam_prompt_sampling import confusable_masks, simulate_coarse_logits
 from .scenes import Scene, generate_scene, split_seeds

@@ -13,7 +13,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from ..grounding.checkpoint import load_sam_weights
-from ..grounding.sam_models import SamArch, build_sam
+from ..grounding.sam.models import SamArch, build_sam
 from ..grounding.training.loop import tensor_file, text_file, write_atomically
 from .shapes import KINDS
 

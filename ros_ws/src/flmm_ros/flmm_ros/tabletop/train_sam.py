@@ -52,8 +52,8 @@ from torch import nn
 from tqdm import tqdm
 
 from ..grounding.checkpoint import load_sam_weights
-from ..grounding.sam_models import SamArch, build_sam
-from ..grounding.sam_prompts import SamPromptGeometry
+from ..grounding.sam.models import SamArch, build_sam
+from ..grounding.sam.prompts import SamPromptGeometry
 from ..grounding.training.loop import (ResumeError, TrainerConfig, WarmupCosine, adamw, load_optimizer_state,
                                        optimizer_file, parse_trainer_args, run_from_command_line, set_lr, tensor_file,
                                        text_file, write_atomically)

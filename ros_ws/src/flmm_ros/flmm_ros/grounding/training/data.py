@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..lmm import PhrasePass, PreparedImage
-from ..refiner import SamImageEncoding
+from ..sam.refiner import SamImageEncoding
 from .refcoco import default_images_dir, read_split
 
 

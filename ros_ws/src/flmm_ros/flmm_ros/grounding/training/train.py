@@ -44,9 +44,9 @@ from ..config import PipelineConfig
 from ..head import GroundingHead
 from ..lmm import load_lmm
 from ..pipeline import GroundingPipeline
-from ..refiner import SamRefiner
-from ..refiner_backends import make_refiner_backend
-from ..sam_models import resolve_sam_arch
+from ..sam.refiner import SamRefiner
+from ..sam.backends import make_refiner_backend
+from ..sam.models import resolve_sam_arch
 from .data import encode_sample, refcoco_samples
 from .evaluate import evaluate_cached, format_scores
 from .loop import adamw, load_optimizer_state, save_optimizer_state, set_lr, text_file, warmup_cosine, write_atomically

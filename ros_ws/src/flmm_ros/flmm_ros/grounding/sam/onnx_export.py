@@ -17,8 +17,6 @@ give a new export, the same weights reuse the old one.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -32,11 +30,11 @@ from segment_anything.modeling import Sam
 from segment_anything.modeling.common import LayerNorm2d
 from torch import nn
 
-from .sam_decoder import SamPromptDecoder
-from .types import GroundingError
+from ..onnx_cache import OPSET, cached_export, module_fingerprint
+from ..types import GroundingError
+from .prompt_decoder import SamPromptDecoder
 
 EXPORTER_VERSION = 1      # bump when the graphs below change
-OPSET = 17                # LayerNormalization is one op from 17 (TensorRT maps it to INormalizationLayer)
 PRECISIONS = ("fp32", "fp16")
 
 ENCODER_INPUT = "image"
@@ -47,7 +45,6 @@ TEXT_TOKENS = "text_tokens"
 
 ENCODER_FILE = "image_encoder.onnx"
 DECODER_FILE = "prompt_decoder.onnx"
-META_FILE = "meta.json"
 
 # Modules computed in FP32 inside an FP16 encoder (they hold the reductions that overflow in FP16).
 NORM_MODULES = (nn.LayerNorm, LayerNorm2d)
@@ -60,35 +57,6 @@ class SamOnnxModels:
     encoder: Path     # image_encoder.onnx; its weights are in image_encoder.onnx.data beside it
     decoder: Path     # prompt_decoder.onnx
     precision: str    # of the encoder graph; the decoder is FP32
-
-
-def module_fingerprint(*modules: nn.Module) -> str:
-    """sha256 over the modules' structure (classes and scalar settings such as heads or window size)
-    and every parameter and buffer, byte for byte."""
-    digest = hashlib.sha256()
-    for module in modules:
-        for name, sub in module.named_modules():
-            settings = {k: v for k, v in sorted(vars(sub).items())
-                        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple))}
-            digest.update(f"{name}:{type(sub).__name__}:{settings!r};".encode())
-        for name, tensor in module.state_dict().items():
-            t = tensor.detach().to("cpu").contiguous()
-            digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def onnx_sha256(path: str | os.PathLike) -> str:
-    """sha256 of an ONNX graph together with its external-data file, if it has one."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    for part in (path, path.with_name(path.name + ".data")):
-        if part.is_file():
-            digest.update(part.name.encode())
-            with open(part, "rb") as f:
-                for block in iter(lambda: f.read(1 << 22), b""):
-                    digest.update(block)
-    return digest.hexdigest()
 
 
 class _Fp32Island(nn.Module):
@@ -185,37 +153,6 @@ def export_prompt_decoder(sam: Sam, path: str | os.PathLike) -> Path:
     return path
 
 
-def _export_key(fields: dict) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _cached_export(root: Path, prefix: str, fields: dict, file_name: str, export, force: bool) -> Path:
-    """The cached file for `fields`, exporting it first when absent (written atomically: a directory
-    appears under its final name only once complete)."""
-    final = root / f"{prefix}-{_export_key(fields)}"
-    if (final / file_name).is_file() and not force:
-        log.info("reusing ONNX export %s", final / file_name)
-        return final / file_name
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=root))
-    staging.chmod(0o755)  # mkdtemp makes it private; the cache may be shared (e.g. a container volume)
-    try:
-        log.info("exporting %s to ONNX (%s)", prefix, final)
-        export(staging / file_name)
-        (staging / META_FILE).write_text(json.dumps(fields, indent=1, sort_keys=True))
-        if final.exists() and (force or not (final / file_name).is_file()):
-            shutil.rmtree(final)
-        try:
-            os.replace(staging, final)
-        except OSError:
-            if not (final / file_name).is_file():
-                raise
-            log.info("another process exported %s first; using its files", final)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final / file_name
-
-
 def export_sam_onnx(sam: Sam, cache_dir: str | os.PathLike, precision: str = "fp32",
                     force: bool = False) -> SamOnnxModels:
     """Both ONNX graphs of `sam`, from the cache when its weights were exported before."""
@@ -229,8 +166,8 @@ def export_sam_onnx(sam: Sam, cache_dir: str | os.PathLike, precision: str = "fp
     decoder_fields = {**exporter, "part": "prompt_decoder", "precision": "fp32",
                       "weights": module_fingerprint(sam.prompt_encoder, sam.mask_decoder),
                       "embed_dim": sam.prompt_encoder.embed_dim}
-    encoder = _cached_export(root, f"image_encoder-{precision}", encoder_fields, ENCODER_FILE,
+    encoder = cached_export(root, f"image_encoder-{precision}", encoder_fields, ENCODER_FILE,
                              lambda p: export_image_encoder(sam, p, precision), force)
-    decoder = _cached_export(root, "prompt_decoder", decoder_fields, DECODER_FILE,
+    decoder = cached_export(root, "prompt_decoder", decoder_fields, DECODER_FILE,
                              lambda p: export_prompt_decoder(sam, p), force)
     return SamOnnxModels(encoder=encoder, decoder=decoder, precision=precision)

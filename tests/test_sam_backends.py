@@ -15,12 +15,13 @@ import onnx
 import pytest
 import torch
 
-from flmm_ros.grounding import sam_onnx
-from flmm_ros.grounding.refiner_backends import (CACHE_ENV, OnnxRuntimeBackend, SamShapes,
-                                                 TorchBackend, default_cache_dir, make_refiner_backend,
-                                                 parity_failures, parity_report)
-from flmm_ros.grounding.sam_models import SAM_PRESETS, TINY_TEST_SAM, SamArch, build_sam
-from flmm_ros.grounding.sam_onnx import export_sam_onnx
+from flmm_ros.grounding import onnx_cache
+from flmm_ros.grounding.onnx_cache import CACHE_ENV, default_cache_dir
+from flmm_ros.grounding.sam.backends import OnnxRuntimeBackend, TorchBackend, make_refiner_backend
+from flmm_ros.grounding.sam.parity import parity_failures, parity_report
+from flmm_ros.grounding.sam.shapes import SamShapes
+from flmm_ros.grounding.sam.models import SAM_PRESETS, TINY_TEST_SAM, SamArch, build_sam
+from flmm_ros.grounding.sam.onnx_export import export_sam_onnx
 from flmm_ros.grounding.types import GroundingError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,8 +154,8 @@ def test_fingerprint_sees_structure_not_only_weights():
     a = build_sam(TINY_TEST_SAM)
     b = build_sam(SamArch(**{**TINY_TEST_SAM.to_dict(), "decoder_num_heads": 4}))  # same tensors, other heads
     b.load_state_dict(a.state_dict())
-    assert sam_onnx.module_fingerprint(a.mask_decoder) != sam_onnx.module_fingerprint(b.mask_decoder)
-    assert sam_onnx.module_fingerprint(a.image_encoder) == sam_onnx.module_fingerprint(b.image_encoder)
+    assert onnx_cache.module_fingerprint(a.mask_decoder) != onnx_cache.module_fingerprint(b.mask_decoder)
+    assert onnx_cache.module_fingerprint(a.image_encoder) == onnx_cache.module_fingerprint(b.image_encoder)
 
 
 def test_tensorrt_falls_back_to_onnxruntime_with_a_warning(tiny, cache, caplog):

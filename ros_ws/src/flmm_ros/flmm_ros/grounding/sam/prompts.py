@@ -1,6 +1,6 @@
 """SAM's prompt geometry: its input frame, and F-LMM's prompts built from coarse mask logits.
 
-As F-LMM's `SAMWrapper` builds them (research/flmm.md §3):
+As F-LMM's `SAMWrapper` builds them (flmm/models/mask_head/mask_refiner.py in wusize/F-LMM):
 - input: the image resized so its long side is SAM's input size (`ResizeLongestSide`), then `sam.preprocess`
   (normalised, padded right/bottom to the square input); `input_hw` is the resized size inside it;
 - dense prompt: coarse logits resized to `input_hw`, padded right/bottom with min(-1, min logit) to the square

@@ -9,7 +9,7 @@ Building (`build_serialized_engine`, TensorRT Python API):
   FP16 graph whose norm islands are FP32 (`sam_onnx`, precision 'fp16'). Chosen by feature, not by
   version string (`fp16_strategy`). Softmax stays FP16 (max-subtracted, its sums fit). FP32 builds turn
   TF32 off, for parity with PyTorch;
-- the prompt decoder is always built FP32 (see `refiner_backends`).
+- the prompt decoder is always built FP32 (see `backends`).
 
 Caching (`PlanCache`): `<cache_dir>/trt/<part>-<key>.plan` + `.json`, key = sha256 over the ONNX graph
 (+ external data), TensorRT version, GPU name, compute capability, precision, FP16 strategy, shape
@@ -33,10 +33,17 @@ from typing import Callable
 import torch
 from segment_anything.modeling import Sam
 
-from .refiner_backends import SamShapes
-from .sam_onnx import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT, ENCODER_OUTPUT, TEXT_TOKENS, export_sam_onnx,
-                       onnx_sha256)
-from .types import GroundingError
+from ..onnx_cache import onnx_sha256
+from ..types import GroundingError
+from .onnx_export import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    TEXT_TOKENS,
+    export_sam_onnx,
+)
+from .shapes import SamShapes
 
 PLAN_FORMAT_VERSION = 1
 TEXT_TOKEN_PROFILE = (1, 8, 64)        # min, opt, max phrase tokens per decoder call

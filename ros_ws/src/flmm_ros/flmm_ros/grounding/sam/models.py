@@ -5,11 +5,22 @@ Weights are never loaded here: `segment_anything`'s own builders call `torch.loa
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import asdict, dataclass
 from functools import partial
+from pathlib import Path
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+import yaml
+from segment_anything.modeling import (
+    ImageEncoderViT,
+    MaskDecoder,
+    PromptEncoder,
+    Sam,
+    TwoWayTransformer,
+)
+
+from ..types import GroundingError
 
 
 @dataclass(frozen=True)
@@ -107,3 +118,18 @@ TINY_TEST_SAM = SamArch(encoder_embed_dim=32, encoder_depth=2, encoder_num_heads
                         encoder_global_attn_indexes=(1,), image_size=256, window_size=4,
                         prompt_embed_dim=32, decoder_mlp_dim=64, decoder_num_heads=2,
                         iou_head_hidden_dim=32)
+
+
+def parse_sam_type(text: str) -> SamArch:
+    """A SAM size named on a command line: 'vit_b' | 'vit_l' | 'vit_h' | 'tiny' (tests and benchmarks) | a JSON
+    object of SamArch fields | a .json / .yaml file holding one. engines/, bench/ and training all use this."""
+    if text == "tiny":
+        return TINY_TEST_SAM
+    if text in SAM_PRESETS:
+        return SAM_PRESETS[text]
+    if text.lstrip().startswith("{"):
+        return resolve_sam_arch(json.loads(text))
+    path = Path(text)
+    if path.is_file():
+        return resolve_sam_arch(yaml.safe_load(path.read_text()))
+    raise GroundingError(f"SAM type {text!r}: use {sorted(SAM_PRESETS)}, 'tiny', a JSON object or a file")

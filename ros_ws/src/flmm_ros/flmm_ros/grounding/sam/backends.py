@@ -14,7 +14,6 @@ changing them.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Protocol
 
@@ -22,15 +21,24 @@ import numpy as np
 import torch
 from segment_anything.modeling import Sam
 
-from .sam_decoder import SamPromptDecoder
-from .sam_onnx import (DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUT, ENCODER_OUTPUT, PRECISIONS,
-                       SamOnnxModels, export_sam_onnx)
-from .types import GroundingError
+from ..onnx_cache import default_cache_dir
+from ..types import GroundingError
+from .onnx_export import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUT,
+    ENCODER_OUTPUT,
+    PRECISIONS,
+    SamOnnxModels,
+    export_sam_onnx,
+)
+from .prompt_decoder import SamPromptDecoder
+from .shapes import SamShapes
+from .tensorrt import TensorRTBackend, tensorrt_unavailable_reason
 
 BACKENDS = ("torch", "onnxruntime", "tensorrt")
 _FALLBACKS = {"tensorrt": ("tensorrt", "onnxruntime", "torch"), "onnxruntime": ("onnxruntime", "torch"),
               "torch": ("torch",)}
-CACHE_ENV = "FLMM_ROS_ENGINE_CACHE"
 
 log = logging.getLogger(__name__)
 
@@ -48,44 +56,6 @@ class RefinerBackend(Protocol):
 
 class BackendUnavailable(RuntimeError):
     """This backend cannot run here (package missing, no GPU); `make_refiner_backend` may fall back."""
-
-
-def default_cache_dir() -> Path:
-    """$FLMM_ROS_ENGINE_CACHE, else `engines/cache` of the source checkout, else ~/.cache/flmm_ros/engines."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    for parent in Path(__file__).resolve().parents:
-        if (parent / "engines").is_dir() and (parent / "ros_ws").is_dir():
-            return parent / "engines" / "cache"
-    return Path.home() / ".cache" / "flmm_ros" / "engines"
-
-
-class SamShapes:
-    """The tensor shapes a SAM model's encoder and decoder take, and checks with clear errors."""
-
-    def __init__(self, sam: Sam) -> None:
-        pe = sam.prompt_encoder
-        self.image_size = sam.image_encoder.img_size
-        self.embed_dim = pe.embed_dim
-        self.embedding_hw = tuple(pe.image_embedding_size)
-        self.mask_hw = tuple(pe.mask_input_size)
-
-    def check_image(self, image: torch.Tensor) -> None:
-        expected = (1, 3, self.image_size, self.image_size)
-        if tuple(image.shape) != expected:
-            raise GroundingError(f"SAM encoder input must be {expected} (resized, normalised, padded), "
-                                 f"got {tuple(image.shape)}")
-
-    def check_decoder_inputs(self, image_embeddings, mask_input, box, text_tokens) -> None:
-        expected = {"image_embeddings": (1, self.embed_dim, *self.embedding_hw),
-                    "mask_input": (1, 1, *self.mask_hw), "box": (1, 4)}
-        for name, tensor in zip(expected, (image_embeddings, mask_input, box)):
-            if tuple(tensor.shape) != expected[name]:
-                raise GroundingError(f"SAM decoder input {name} must be {expected[name]}, got {tuple(tensor.shape)}")
-        if text_tokens.ndim != 3 or text_tokens.shape[0] != 1 or text_tokens.shape[2] != self.embed_dim \
-                or text_tokens.shape[1] < 1:
-            raise GroundingError(f"SAM decoder text_tokens must be (1, T >= 1, {self.embed_dim}), "
-                                 f"got {tuple(text_tokens.shape)}")
 
 
 class TorchBackend:
@@ -181,7 +151,6 @@ def _make_onnxruntime(sam, device, precision, cache_dir, logger):
 
 
 def _make_tensorrt(sam, device, precision, cache_dir, logger):
-    from .sam_tensorrt import TensorRTBackend, tensorrt_unavailable_reason
     reason = tensorrt_unavailable_reason(device)
     if reason:
         raise BackendUnavailable(reason)
@@ -222,54 +191,3 @@ def make_refiner_backend(name: str, sam: Sam, *, device="cpu", precision: str = 
 
 
 # Minimum agreement with PyTorch FP32 (random inputs; masks binarised at logit 0).
-PARITY_GATES = {"fp32": {"mask_iou": 0.99, "encoder_cosine": 0.9999},
-                "fp16": {"mask_iou": 0.98, "encoder_cosine": 0.999}}
-
-
-def _mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a > 0, b > 0
-    union = (a | b).sum().item()
-    return 1.0 if union == 0 else (a & b).sum().item() / union
-
-
-@torch.no_grad()
-def parity_report(reference: RefinerBackend, candidate: RefinerBackend, sam: Sam,
-                  text_token_counts: tuple[int, ...] = (1, 8, 33), seed: int = 0) -> dict[str, float]:
-    """How closely `candidate` follows `reference` on the same random inputs.
-
-    The decoders get the reference's embedding (decoder error alone) and, for `end_to_end_mask_iou`,
-    each its own. Returns the worst value over the text-token counts for every metric."""
-    shapes = SamShapes(sam)
-    g = torch.Generator().manual_seed(seed)
-    image = torch.randn(1, 3, shapes.image_size, shapes.image_size, generator=g)
-    ref_embedding = reference.encode(image).float().cpu()
-    cand_embedding = candidate.encode(image).float().cpu()
-    report = {
-        "encoder_max_abs": (cand_embedding - ref_embedding).abs().max().item(),
-        "encoder_cosine": torch.nn.functional.cosine_similarity(cand_embedding.flatten(), ref_embedding.flatten(),
-                                                                 dim=0).item(),
-        "decoder_max_abs": 0.0, "iou_pred_max_abs": 0.0, "mask_iou": 1.0, "end_to_end_mask_iou": 1.0,
-    }
-    mask_input = 4 * torch.randn(1, 1, *shapes.mask_hw, generator=g)
-    corners = torch.rand(2, 2, generator=g) * shapes.image_size
-    box = torch.cat([corners.min(0).values, corners.max(0).values])[None]
-    for count in text_token_counts:
-        tokens = torch.randn(1, count, shapes.embed_dim, generator=g)
-        ref_logits, ref_iou = (t.float().cpu() for t in reference.decode(ref_embedding, mask_input, box, tokens))
-        logits, iou = (t.float().cpu() for t in candidate.decode(ref_embedding, mask_input, box, tokens))
-        own_logits = candidate.decode(cand_embedding, mask_input, box, tokens)[0].float().cpu()
-        report["decoder_max_abs"] = max(report["decoder_max_abs"], (logits - ref_logits).abs().max().item())
-        report["iou_pred_max_abs"] = max(report["iou_pred_max_abs"], (iou - ref_iou).abs().max().item())
-        report["mask_iou"] = min(report["mask_iou"], _mask_iou(logits, ref_logits))
-        report["end_to_end_mask_iou"] = min(report["end_to_end_mask_iou"], _mask_iou(own_logits, ref_logits))
-    return report
-
-
-def parity_failures(report: dict[str, float], precision: str) -> list[str]:
-    """The gates of PARITY_GATES[precision] that `report` misses (empty: parity holds)."""
-    gates = PARITY_GATES[precision]
-    failures = [f"{k} {report[k]:.4f} < {gates['mask_iou']}" for k in ("mask_iou", "end_to_end_mask_iou")
-                if report[k] < gates["mask_iou"]]
-    if report["encoder_cosine"] < gates["encoder_cosine"]:
-        failures.append(f"encoder cosine {report['encoder_cosine']:.6f} < {gates['encoder_cosine']}")
-    return failures

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from flmm_ros.grounding.sam_decoder import SamPromptDecoder
-from flmm_ros.grounding.sam_models import SAM_PRESETS, TINY_TEST_SAM, SamArch, build_sam
+from flmm_ros.grounding.sam.prompt_decoder import SamPromptDecoder
+from flmm_ros.grounding.sam.models import SAM_PRESETS, TINY_TEST_SAM, SamArch, build_sam
 
 # vit_b's prompt encoder and mask decoder; a 1-block encoder keeps the build fast (the decoder does not see it).
 VIT_B_DECODER = SamArch(**{**SAM_PRESETS["vit_b"].to_dict(), "encoder_depth": 1, "encoder_global_attn_indexes": (0,)})
