@@ -4,7 +4,8 @@ Starts `flmm_grounding` (a subprocess on an isolated DDS domain, the embedded de
 --model), publishes image + depth + camera_info with one stamp per frame at --fps, and an instruction
 every 1/--rate s, cycling through a few, for --duration seconds. Then waits for the last results and
 prints: instructions sent vs results received (must be equal), successes and errors by code, latency
-percentiles (publish to result, measured here), frames published vs frames grounded (the node keeps only
+percentiles measured here: publish to masks (`~/objects`, published before the answer is generated) and
+publish to result (after the answer), frames published vs frames grounded (the node keeps only
 the latest frame: the rest are dropped by design), the age of the frame each result used, and the
 node's resident memory over time (first minute vs last minute).
 
@@ -58,14 +59,17 @@ class Camera(Node):
         self.info_pub = self.create_publisher(CameraInfo, "camera_info", camera_qos)
         self.instruction_pub = self.create_publisher(String, "instruction", RELIABLE)
         self.create_subscription(GroundingResult, "/flmm_grounding/result", self._on_result, RELIABLE)
+        self.create_subscription(GroundingResult, "/flmm_grounding/objects", self._on_objects, RELIABLE)
         self.create_subscription(String, "/flmm_grounding/status", self._on_status, LATCHED)
         self.depth, self.info = depth_and_info()
         self.lock = threading.Lock()
         self.published_frames = 0
-        self.sent: dict[str, deque] = defaultdict(deque)     # instruction -> send times, oldest first
+        # instruction -> [send time, time its masks arrived on ~/objects or None], oldest first
+        self.sent: dict[str, deque] = defaultdict(deque)
         self.sent_count = 0
         self.results: list[dict] = []
         self.unmatched = 0
+        self.unmatched_objects = 0
         self.statuses: list[str] = []
         self.streaming = False
         self.create_timer(1.0 / fps, self._publish_frame)
@@ -88,9 +92,19 @@ class Camera(Node):
             return
         text = INSTRUCTIONS[self.sent_count % len(INSTRUCTIONS)]
         with self.lock:
-            self.sent[text].append(time.monotonic())
+            self.sent[text].append([time.monotonic(), None])
             self.sent_count += 1
         self.instruction_pub.publish(String(data=text))
+
+    def _on_objects(self, msg: GroundingResult):
+        """The masks of the oldest instruction with this text that has none yet (its result comes later)."""
+        now = time.monotonic()
+        with self.lock:
+            waiting = next((entry for entry in self.sent.get(msg.instruction, ()) if entry[1] is None), None)
+            if waiting is None:
+                self.unmatched_objects += 1
+            else:
+                waiting[1] = now
 
     def _on_result(self, msg: GroundingResult):
         now = time.monotonic()
@@ -99,9 +113,11 @@ class Camera(Node):
             if not pending:
                 self.unmatched += 1
                 return
-            sent_at = pending.popleft()
+            sent_at, masks_at = pending.popleft()
             frame_age = (self.get_clock().now() - rclpy.time.Time.from_msg(msg.header.stamp)).nanoseconds / 1e9
-            self.results.append({"latency": now - sent_at, "success": msg.success, "code": msg.error_code,
+            mask_latency = None if masks_at is None else masks_at - sent_at
+            self.results.append({"latency": now - sent_at, "mask_latency": mask_latency,
+                                 "node_mask_seconds": msg.mask_seconds, "success": msg.success, "code": msg.error_code,
                                  "error": msg.error, "stamp": (msg.header.stamp.sec, msg.header.stamp.nanosec),
                                  "frame_age_at_result": frame_age, "cached": msg.frame_cached,
                                  "received_at": now})
@@ -184,6 +200,8 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
     results = camera.results
     ok = [r for r in results if r["success"]]
     latencies = [r["latency"] * 1e3 for r in ok]
+    mask_latencies = [r["mask_latency"] * 1e3 for r in ok if r["mask_latency"] is not None]
+    node_mask = [r["node_mask_seconds"] * 1e3 for r in ok if r["node_mask_seconds"] > 0]
     grounded_frames = {r["stamp"] for r in ok}
     window = min(60.0, args.duration / 3)
     first = [m for t, m in memory if t <= window]
@@ -196,6 +214,10 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
         "error_examples": sorted({r["error"] for r in results if not r["success"]})[:5],
         "latency_ms": {"p50": percentile(latencies, 50), "p95": percentile(latencies, 95),
                        "p99": percentile(latencies, 99), "max": max(latencies, default=float("nan"))},
+        "mask_latency_ms": {"p50": percentile(mask_latencies, 50), "p95": percentile(mask_latencies, 95),
+                            "p99": percentile(mask_latencies, 99), "max": max(mask_latencies, default=float("nan"))},
+        "masks_received": len(mask_latencies), "unmatched_objects": camera.unmatched_objects,
+        "node_mask_seconds_ms_p50": percentile(node_mask, 50),
         "frame_age_at_result_ms": {"p50": percentile([r["frame_age_at_result"] * 1e3 for r in ok], 50),
                                    "max": max((r["frame_age_at_result"] * 1e3 for r in ok), default=float("nan"))},
         "frames_published": camera.published_frames, "frames_grounded": len(grounded_frames),
@@ -211,7 +233,7 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
 
 
 def print_report(s: dict) -> None:
-    lat, age, rss = s["latency_ms"], s["frame_age_at_result_ms"], s["rss_mib"]
+    lat, mask, age, rss = s["latency_ms"], s["mask_latency_ms"], s["frame_age_at_result_ms"], s["rss_mib"]
     print(f"soak: {s['duration_s']:.0f} s, camera {s['fps']:.0f} Hz 640x480 rgb8 + 16UC1 depth + camera_info, "
           f"instructions {s['instruction_rate_hz']:.1f} Hz")
     rows = [
@@ -220,7 +242,11 @@ def print_report(s: dict) -> None:
         ("lost (no result)", s["lost"]),
         ("successes", s["successes"]),
         ("errors", ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"),
+        ("masks received (~/objects)", s["masks_received"]),
+        ("time to mask p50 / p95 / p99 / max ms",
+         f"{mask['p50']:.0f} / {mask['p95']:.0f} / {mask['p99']:.0f} / {mask['max']:.0f}"),
         ("latency p50 / p95 / p99 / max ms", f"{lat['p50']:.0f} / {lat['p95']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f}"),
+        ("node's mask_seconds p50 ms", f"{s['node_mask_seconds_ms_p50']:.0f}"),
         ("frame age at result p50 / max ms", f"{age['p50']:.0f} / {age['max']:.0f}"),
         ("frames published", s["frames_published"]),
         ("frames grounded", s["frames_grounded"]),

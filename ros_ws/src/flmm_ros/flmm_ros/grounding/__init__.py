@@ -11,6 +11,7 @@ The names in `__all__` are the public API. They are loaded on first use, so that
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
@@ -27,6 +28,17 @@ _EXPORTS = {
     "TrackingUpdate": "tracking_config",
 }
 __all__ = sorted(_EXPORTS)
+
+
+class _TorchaoImportNoise(logging.Filter):
+    """transformers imports torchao whenever it is installed (for `quantization`), and torchao 0.18's import logs two
+    deprecation warnings about its Enum classes through torch's pytree logger in every process; drop just those."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "is an Enum subclass and is now natively supported" not in record.getMessage()
+
+
+logging.getLogger("torch.utils._pytree").addFilter(_TorchaoImportNoise())
 
 if TYPE_CHECKING:   # what type checkers and editors see; at run time `__getattr__` imports on first use
     from .config import PipelineConfig
