@@ -41,6 +41,36 @@ def test_pipeline_benchmark_smoke(tmp_path):
     assert {"vision", "sam_encoder", "phrase_pass"} <= set(result["stage_ms"]["naive"])
     assert result["coarse_max_abs_diff"] < 1e-3              # both ways compute the same masks
     assert re.search(r"total .* \d+\.\d+x", out)
+    # Time to mask vs time to answer: both answer lengths really generated, the masks before the answer.
+    timing = result["answer_timing"]
+    assert set(timing) == {"cached_8", "new_8", "cached_48", "new_48"}
+    for key, row in timing.items():
+        assert row["answer_tokens"] == int(key.split("_")[1]) and 0 < row["mask_ms"] < row["answer_ms"]
+    assert "to mask ms" in out
+
+
+def test_quantization_benchmark_quick(tmp_path):
+    out = run("bench/quantization.py", "--quick", "--json", str(tmp_path / "q.json"))
+    result = json.loads((tmp_path / "q.json").read_text())
+    memory = {row["option"]: row["lmm_weights_gib"] for row in result["memory_llava15_7b"]}
+    assert 13 < memory["none"] < 13.5 and memory["int4"] < memory["int8"] < memory["none"] / 1.8
+    for deviation in result["deviation"]["random-l3-w64"].values():
+        assert 0 < deviation["maps_max_abs_diff"] < 0.05 and 0 <= deviation["mask_iou_min"] <= 1
+    assert "int4" in out
+
+
+def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
+    """bench/gpu_check.sh --smoke: every step of the GPU run, small and on the CPU, tables in one folder."""
+    result = subprocess.run(["bash", "bench/gpu_check.sh", "--smoke", str(tmp_path)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
+    assert [name for name, *_ in steps] == ["environment", "pipeline_random-small_float32", "refiner_tiny_fp32",
+                                            "gpu_tests"]
+    assert all(status == "ok" for _, status, _ in steps)
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "device: CPU only" in summary and "to mask ms" in summary and "onnxruntime" in summary
+    assert json.loads((tmp_path / "pipeline_random-small_float32.json").read_text())["total_ms"]["naive"] > 0
 
 
 def test_tracking_benchmark_smoke(tmp_path):
@@ -53,7 +83,7 @@ def test_tracking_benchmark_smoke(tmp_path):
         assert run_["total_ms"] > 0
         if run_["backend"] != "re-ground":
             assert run_["lost_at_end"] == 0 and run_["stage_ms"]["sam_decoder"] > 0 and run_["speedup"] > 0
-    assert re.search(r"track, onnxruntime .* \d+\.\dx faster", out)
+    assert re.search(r"track, onnxruntime .* \d+\.\dx \|", out)
 
 
 @pytest.mark.ros
@@ -65,3 +95,7 @@ def test_soak_smoke(tmp_path):
     assert summary["frames_published"] > summary["frames_grounded"] > 0
     assert summary["node_alive_at_end"]
     assert "latency p50 / p95 / p99" in out
+    # Every success published its masks on ~/objects before its result.
+    assert summary["masks_received"] == summary["successes"] and summary["unmatched_objects"] == 0
+    assert summary["mask_latency_ms"]["p50"] <= summary["latency_ms"]["p50"]
+    assert "time to mask p50" in out
