@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
+from .settings import from_settings, setting
 from .types import GroundingError
 
 TRACK_STATES = ("tracking", "lost")
@@ -13,53 +14,49 @@ LOST_REASONS = ("empty", "too_small", "left_view", "low_confidence", "area_jump"
                 "duplicate")
 
 
-def _setting(default, description: str, choices: tuple = ()):
-    return field(default=default, metadata={"description": description, "choices": choices})
-
-
 @dataclass
 class TrackerConfig:
     """How objects are tracked and when one counts as lost; the names are meant as ROS parameter names.
 
     Every field's description (and choices) is in its metadata: `TrackerConfig.descriptions()`."""
-    backend: str = _setting("auto", "SAM runtime for tracking; auto = the pipeline's, but ONNX Runtime instead of "
+    backend: str = setting("auto", "SAM runtime for tracking; auto = the pipeline's, but ONNX Runtime instead of "
                             "PyTorch on a CPU (about 3x faster)", ("auto", "torch", "onnxruntime", "tensorrt"))
-    threads: int = _setting(1, "ONNX Runtime threads on a CPU (0 = its default, one per core); 1 leaves the other "
+    threads: int = setting(1, "ONNX Runtime threads on a CPU (0 = its default, one per core); 1 leaves the other "
                             "cores to instructions")
-    mask_threshold: float = _setting(0.5, "foreground probability threshold of the tracked masks")
-    box_margin: float = _setting(0.1, "the box prompt is the last mask's box grown by this fraction of its size on "
+    mask_threshold: float = setting(0.5, "foreground probability threshold of the tracked masks")
+    box_margin: float = setting(0.1, "the box prompt is the last mask's box grown by this fraction of its size on "
                                  "every side (room for motion)")
-    search_margin: float = _setting(0.5, "the new mask is cut to the last mask's box grown by this fraction of its "
+    search_margin: float = setting(0.5, "the new mask is cut to the last mask's box grown by this fraction of its "
                                     "size on every side (objects move little between frames)")
-    motion: str = _setting("template", "template: before prompting, move the last mask to where its pixels went "
+    motion: str = setting("template", "template: before prompting, move the last mask to where its pixels went "
                            "(masked template matching); none: prompt where it was", ("template", "none"))
-    dense_prompt: str = _setting("mask", "the dense prompt: mask = the recent masks as +-8 logits; logits = the "
+    dense_prompt: str = setting("mask", "the dense prompt: mask = the recent masks as +-8 logits; logits = the "
                                  "decoder's own low-res logits of the last frame", ("mask", "logits"))
-    memory: float = _setting(0.8, "weight of the older masks in the dense prompt: prompt = this x (the previous "
+    memory: float = setting(0.8, "weight of the older masks in the dense prompt: prompt = this x (the previous "
                              "prompt, moved with the object) + (1 - this) x the new mask; 0 = the new mask alone. "
                              "Keeps one frame's error from becoming the next frame's prompt")
-    clean: bool = _setting(True, "drop the parts of a new mask that do not overlap the last one (blobs on other "
+    clean: bool = setting(True, "drop the parts of a new mask that do not overlap the last one (blobs on other "
                            "objects) and fill its holes")
-    min_area: float = _setting(0.0005, "lost when the mask covers less than this fraction of the image (hidden or "
+    min_area: float = setting(0.0005, "lost when the mask covers less than this fraction of the image (hidden or "
                                "left the view)")
-    min_confidence: float = _setting(0.3, "lost when the decoder's predicted IoU of the new mask is below this")
-    max_area_change: float = _setting(2.0, "lost when the mask's area grows or shrinks by more than this factor "
+    min_confidence: float = setting(0.3, "lost when the decoder's predicted IoU of the new mask is below this")
+    max_area_change: float = setting(2.0, "lost when the mask's area grows or shrinks by more than this factor "
                                       "from the previous frame; a lost object is re-found only up to this factor of "
                                       "its largest area")
-    min_colour_similarity: float = _setting(0.75, "lost when the colour histogram of the mask's pixels (4x4x4 RGB "
+    min_colour_similarity: float = setting(0.75, "lost when the colour histogram of the mask's pixels (4x4x4 RGB "
                                             "bins) matches the object's at grounding less than this (Bhattacharyya "
                                             "coefficient, 1 = the same colours)")
-    min_similarity: float = _setting(0.0, "lost when the cosine similarity of SAM's image embedding averaged under "
+    min_similarity: float = setting(0.0, "lost when the cosine similarity of SAM's image embedding averaged under "
                                      "the mask to the object's at grounding is below this (0 = off: on the generated "
                                      "sequences it turned away more right masks than wrong ones)")
-    min_refound_similarity: float = _setting(0.8, "the same for a lost object found again (by its last prompt or "
+    min_refound_similarity: float = setting(0.8, "the same for a lost object found again (by its last prompt or "
                                              "by re-grounding): re-identifying needs more evidence than following")
-    max_overlap: float = _setting(0.5, "two tracks whose masks overlap by more than this IoU hold one object: the "
+    max_overlap: float = setting(0.5, "two tracks whose masks overlap by more than this IoU hold one object: the "
                                   "less confident one is lost")
-    recover: bool = _setting(True, "while lost, try the last good prompt on every frame (one decoder pass)")
-    regrounding: str = _setting("auto", "auto: ground a lost object's phrase again with the LMM; it keeps its track "
+    recover: bool = setting(True, "while lost, try the last good prompt on every frame (one decoder pass)")
+    regrounding: str = setting("auto", "auto: ground a lost object's phrase again with the LMM; it keeps its track "
                                 "id when the new mask passes the lost rule", ("auto", "off"))
-    reground_every: int = _setting(5, "frames between re-grounding attempts while an object is lost")
+    reground_every: int = setting(5, "frames between re-grounding attempts while an object is lost")
 
     @classmethod
     def descriptions(cls) -> dict[str, str]:
@@ -67,13 +64,7 @@ class TrackerConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> TrackerConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise GroundingError(f"unknown tracker settings {unknown}; known: {sorted(known)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        return from_settings(cls, values, "tracker")
 
     def validate(self) -> None:
         for f in fields(self):
