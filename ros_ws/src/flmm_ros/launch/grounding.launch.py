@@ -72,7 +72,8 @@ def generate_launch_description():
         DeclareLaunchArgument('mask_head', default_value='',
                               description='F-LMM mask-head checkpoint (empty: from params_file).'),
         DeclareLaunchArgument('backend', default_value='',
-                              description='SAM refiner backend torch | onnxruntime | tensorrt (empty: from params_file).'),
+                              description='SAM refiner + mask head runtime auto | torch | onnxruntime | tensorrt '
+                                          '(empty: from params_file).'),
         DeclareLaunchArgument('device', default_value='', description='cpu | cuda | cuda:N (empty: from params_file).'),
         DeclareLaunchArgument('use_3d', default_value='',
                               description='true | false: 3D from depth + camera_info (empty: from params_file).'),

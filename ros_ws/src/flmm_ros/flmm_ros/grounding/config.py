@@ -1,23 +1,18 @@
 """Pipeline configuration: one flat dataclass; each field carries its default, description and choices."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
 from .quantization import QUANTIZATIONS, check_quantization
+from .settings import from_settings, setting
 from .types import GroundingError
 
 # "auto" is F-LMM's setting: its configs load the LMM in bfloat16 (on GPUs); on a CPU we keep float32.
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 PHRASE_MODES = ("instruction", "reasoning")
-
-
-def setting(default, description: str, choices: tuple[str, ...] = ()):
-    """A PipelineConfig field whose description and choices are the one source for the ROS parameter table,
-    config/grounding.yaml and the README (tests tie them together)."""
-    return field(default=default, metadata={"description": description, "choices": tuple(choices)})
 
 
 @dataclass
@@ -32,7 +27,10 @@ class PipelineConfig:
     sam_type: str = setting("vit_l", "SAM size of sam_checkpoint.", ("vit_b", "vit_l", "vit_h"))
     prompt_template: str = setting("", "LMM chat template: vicuna | mistral | a format string with {input}; "
                                        "empty = the model's own.")
-    backend: str = setting("torch", "SAM refiner backend.", BACKENDS)
+    backend: str = setting("auto", "Runtime of the SAM refiner and the U-Net mask head. auto = ONNX Runtime for both "
+                                   "on a CPU, PyTorch on CUDA; onnxruntime / tensorrt name SAM's runtime (the mask "
+                                   "head runs on ONNX Runtime whenever SAM does on a CPU); torch = PyTorch for both.",
+                           BACKENDS)
     engine_dir: str = setting("", "Cache directory for SAM ONNX files and TensorRT plans (empty = engines/cache).")
     device: str = setting("cpu", "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...")
     dtype: str = setting("auto", "LMM dtype. auto = bfloat16 on CUDA with SAM in float32 (as F-LMM ran), "
@@ -51,13 +49,7 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "PipelineConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise GroundingError(f"unknown pipeline settings {unknown}; known: {sorted(known)}")
-        cfg = cls(**values)
-        cfg.validate()
-        return cfg
+        return from_settings(cls, values, "pipeline")
 
     def to_dict(self) -> dict:
         return asdict(self)

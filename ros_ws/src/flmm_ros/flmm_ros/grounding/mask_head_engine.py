@@ -4,7 +4,7 @@
 to 64) followed by the U-Net body (zero padding to a multiple of 8, encoder, decoder, crop, `conv_seg`).
 The preparation stays in torch: it is cheap and it is where the clear errors for bad maps are raised. The
 body is exported to ONNX once per set of weights and prepared-input size (64x64 for LLaVA-1.5) and cached
-by content like the SAM graphs (`sam_onnx._cached_export`): new weights give a new export, the same
+by content like the SAM graphs (`onnx_cache.cached_export`): new weights give a new export, the same
 weights reuse the file. The number of phrases is a dynamic axis.
 
 The engine snapshots the weights when a graph is exported: it serves inference only. Training, and
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mask_head import UNetHead
-from .onnx_runtime import cpu_session
+from .onnx_runtime import cpu_session, session_options
 from .onnx_cache import OPSET, cached_export, module_fingerprint
 from .types import GroundingError
 
@@ -91,6 +91,7 @@ class MaskHeadEngine:
     def __init__(self, head: UNetHead, cache_dir: str | os.PathLike):
         if not isinstance(head, UNetHead):
             raise GroundingError(f"MaskHeadEngine needs a UNetHead, got {type(head).__name__}")
+        session_options()      # OnnxRuntimeMissing now, not at the first instruction
         self.head = head
         self.cache_dir = Path(cache_dir)
         self._sessions: dict[tuple[int, int], object] = {}

@@ -6,9 +6,12 @@
 
 The F-LMM path per instruction: phrases -> one teacher-forced LMM pass over the cached image prefix
 (phrase-row attention + hidden states) -> U-Net mask head -> crop padding -> SAM refiner.
+With `backend: auto` on a CPU, the SAM encoder / decoder and the U-Net run on ONNX Runtime (inference only:
+whenever gradients are on, as in training, the U-Net runs in PyTorch).
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -25,11 +28,15 @@ from .bundle import load_components
 from .config import PipelineConfig
 from .head import GroundingHead
 from .lmm import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
+from .mask_head_engine import MaskHeadEngine
+from .onnx_cache import default_cache_dir
+from .onnx_runtime import OnnxRuntimeMissing
 from .sam.refiner import SamImageEncoding, SamRefiner
-from .sam.backends import make_refiner_backend
+from .sam.backends import make_refiner_backend, resolve_backend
 from .types import GroundedObject, GroundingError, GroundingResult
 
 MIN_IMAGE_SIDE = 8
+log = logging.getLogger(__name__)
 MAX_INSTRUCTION_CHARS = 1000
 
 
@@ -130,11 +137,13 @@ class GroundingPipeline:
     `head_logits` (the training and evaluation tools' entry points) do not take that lock.
     """
 
-    def __init__(self, lmm: LMMAdapter, head: GroundingHead, refiner: SamRefiner | None, config: PipelineConfig):
+    def __init__(self, lmm: LMMAdapter, head: GroundingHead, refiner: SamRefiner | None, config: PipelineConfig,
+                 mask_head_engine: MaskHeadEngine | None = None):
         self.lmm = lmm
         self.head = head
         self.refiner = refiner
         self.config = config
+        self.mask_head_engine = mask_head_engine   # the U-Net on ONNX Runtime (None: PyTorch)
         self._lock = threading.Lock()    # the per-frame KV cache is extended and cropped in place
 
     @classmethod
@@ -149,7 +158,19 @@ class GroundingPipeline:
                                            precision="fp16" if cfg.dtype in ("float16", "bfloat16") else "fp32",
                                            cache_dir=cfg.engine_dir or None)
             refiner = SamRefiner(head.sam, backend)
-        return cls(lmm, head, refiner, cfg)
+        return cls(lmm, head, refiner, cfg, cls._mask_head_engine(cfg, head))
+
+    @staticmethod
+    def _mask_head_engine(cfg: PipelineConfig, head: GroundingHead) -> MaskHeadEngine | None:
+        """The U-Net on ONNX Runtime when the backend means ONNX Runtime on a CPU (warns and uses PyTorch when
+        onnxruntime is not installed), else None."""
+        if torch.device(cfg.device).type != "cpu" or resolve_backend(cfg.backend, cfg.device) == "torch":
+            return None
+        try:
+            return MaskHeadEngine(head.mask_head, cfg.engine_dir or default_cache_dir())
+        except OnnxRuntimeMissing as e:
+            log.warning("mask head runs on PyTorch: %s", e)
+            return None
 
     @property
     def head_device(self) -> torch.device:
@@ -261,7 +282,10 @@ class GroundingPipeline:
         """Mask head -> crop padding -> SAM refiner. Differentiable (the training tool calls this)."""
         clock = clock or _StageClock(None, self.config.device)
         with clock.stage("mask_head"):
-            coarse = self.head.mask_head(lmm_out.maps.to(self.head_device).float())[:, 0]
+            maps = lmm_out.maps.to(self.head_device).float()
+            # The engine is inference only: its weights are a snapshot, and it has no gradients.
+            use_engine = self.mask_head_engine is not None and not torch.is_grad_enabled()
+            coarse = (self.mask_head_engine if use_engine else self.head.mask_head)(maps)[:, 0]
             coarse = self.lmm.crop_to_image(coarse, prepared)
         refined = tokens = None
         if self.refiner is not None and sam is not None:

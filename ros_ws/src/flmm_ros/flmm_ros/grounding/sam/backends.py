@@ -1,5 +1,8 @@
 """Runtimes for SAM's image encoder and F-LMM's prompt decoder, behind one small interface.
 
+- 'auto' (the default): 'onnxruntime' on a CPU (6.7x / 13.8x faster than PyTorch for the tiny SAM's encoder /
+  decoder, BENCHMARKS.md), 'torch' on CUDA (fp16 kernels and CUDA graphs, no export step; 'tensorrt' is
+  chosen by name, its first build takes minutes). Falls back to 'torch' when onnxruntime is missing.
 - 'torch': `sam.image_encoder` + `SamPromptDecoder` on the model itself (decode is differentiable; training
   uses it). fp16 runs the encoder under autocast.
 - 'onnxruntime': the two ONNX graphs of `sam_onnx.py` (exported once per set of weights, cached), on the
@@ -22,6 +25,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from ..onnx_cache import default_cache_dir
+from ..onnx_runtime import session_options
 from ..types import GroundingError
 from .onnx_export import (
     DECODER_INPUTS,
@@ -36,7 +40,7 @@ from .prompt_decoder import SamPromptDecoder
 from .shapes import SamShapes
 from .tensorrt import TensorRTBackend, tensorrt_unavailable_reason
 
-BACKENDS = ("torch", "onnxruntime", "tensorrt")
+BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
 _FALLBACKS = {"tensorrt": ("tensorrt", "onnxruntime", "torch"), "onnxruntime": ("onnxruntime", "torch"),
               "torch": ("torch",)}
 
@@ -56,6 +60,13 @@ class RefinerBackend(Protocol):
 
 class BackendUnavailable(RuntimeError):
     """This backend cannot run here (package missing, no GPU); `make_refiner_backend` may fall back."""
+
+
+def resolve_backend(name: str, device: torch.device | str) -> str:
+    """The backend `name` stands for on `device`: 'auto' is 'onnxruntime' on a CPU and 'torch' elsewhere."""
+    if name != "auto":
+        return name
+    return "onnxruntime" if torch.device(device).type == "cpu" else "torch"
 
 
 class TorchBackend:
@@ -108,9 +119,11 @@ class OnnxRuntimeBackend:
         import onnxruntime as ort
         self.device, providers = onnxruntime_placement(device)
         self.models = models
+        self.precision = models.precision     # of the encoder graph, like TorchBackend.precision
         self.shapes = shapes
-        self.encoder = ort.InferenceSession(str(models.encoder), providers=providers)
-        self.decoder = ort.InferenceSession(str(models.decoder), providers=providers)
+        options = session_options()       # torch's thread count, no spinning threads (onnx_runtime.py)
+        self.encoder = ort.InferenceSession(str(models.encoder), sess_options=options, providers=providers)
+        self.decoder = ort.InferenceSession(str(models.decoder), sess_options=options, providers=providers)
         embed = (1, shapes.embed_dim, *shapes.embedding_hw)
         self.encoder_outputs = {ENCODER_OUTPUT: embed}
         self.decoder_outputs = {DECODER_OUTPUTS[0]: (1, 1, *shapes.mask_hw), DECODER_OUTPUTS[1]: (1, 1)}
@@ -162,12 +175,13 @@ _MAKERS = {"torch": _make_torch, "onnxruntime": _make_onnxruntime, "tensorrt": _
 
 def make_refiner_backend(name: str, sam: Sam, *, device="cpu", precision: str = "fp32", cache_dir=None,
                          fallback: bool = True, logger: logging.Logger | None = None) -> RefinerBackend:
-    """The backend `name` for `sam`. When it cannot run here (no `tensorrt`, no GPU, no onnxruntime):
-    with `fallback`, warn and take the next of tensorrt -> onnxruntime -> torch; without, raise
-    GroundingError with the reason. Errors of a backend that can run (a failed build) always raise."""
+    """The backend `name` for `sam` ('auto': see `resolve_backend`). When it cannot run here (no `tensorrt`, no
+    GPU, no onnxruntime): with `fallback`, warn and take the next of tensorrt -> onnxruntime -> torch; without,
+    raise GroundingError with the reason. Errors of a backend that can run (a failed build) always raise."""
     logger = logger or log
     if name not in BACKENDS:
         raise GroundingError(f"unknown refiner backend {name!r}: use one of {list(BACKENDS)}")
+    requested, name = name, resolve_backend(name, device)
     if precision not in PRECISIONS:
         raise GroundingError(f"unknown refiner precision {precision!r}: use one of {list(PRECISIONS)}")
     device = torch.device(device)
@@ -185,9 +199,9 @@ def make_refiner_backend(name: str, sam: Sam, *, device="cpu", precision: str = 
                 logger.warning("SAM refiner backend %r is unavailable (%s); falling back", candidate, e)
             continue
         if candidate != name:
-            logger.warning("SAM refiner runs on %r instead of the requested %r", candidate, name)
+            logger.warning("SAM refiner runs on %r instead of the requested %r", candidate, requested)
         return backend
-    raise GroundingError(f"SAM refiner backend {name!r} is unavailable: {'; '.join(reasons)}")
+    raise GroundingError(f"SAM refiner backend {requested!r} is unavailable: {'; '.join(reasons)}")
 
 
 # Minimum agreement with PyTorch FP32 (random inputs; masks binarised at logit 0).
