@@ -88,8 +88,8 @@ class ObjectTracker:
         self.pipeline, self.config = pipeline, cfg
         device = torch.device(pipeline.config.device)
         name = pipeline.config.backend if cfg.backend == "auto" else cfg.backend
-        if cfg.backend == "auto" and name == "torch" and device.type == "cpu":
-            name = "onnxruntime"
+        if cfg.backend == "auto" and name in ("auto", "torch"):     # ONNX Runtime is ~3x faster on a CPU
+            name = "onnxruntime" if device.type == "cpu" else "torch"
         precision = "fp16" if pipeline.config.dtype != "float32" else "fp32"
         self.backend = make_refiner_backend(name, pipeline.head.sam, device=device, precision=precision,
                                             cache_dir=pipeline.config.engine_dir or None)
@@ -381,8 +381,7 @@ class ObjectTracker:
             h, w = track.image_hw
             return TrackedObject(track.track_id, track.phrase, "lost", np.zeros((h, w), np.uint8), (0, 0, 0, 0),
                                  0.0, confidence, appearance, track.reason, track.frames_lost, track.age)
-        box = mask_to_box(mask)
-        box = tuple(int(v) for v in box.tolist()) if box is not None else (0, 0, 0, 0)
+        box = tuple(int(v) for v in track.box.tolist())     # the box of `mask` (set with it)
         return TrackedObject(track.track_id, track.phrase, "tracking", mask.to(torch.uint8).mul(255).cpu().numpy(),
                              box, score, confidence, appearance, "", 0, track.age, regrounded)
 
