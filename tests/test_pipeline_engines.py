@@ -90,3 +90,21 @@ def test_explicit_backends_and_devices(bundle, tmp_path):
     tiny_sam = make(bundle, tmp_path, refine=False)
     assert tiny_sam.refiner is None and tiny_sam.mask_head_engine is not None
     assert make_refiner_backend("auto", tiny_sam.head.sam, cache_dir=tmp_path).name == "onnxruntime"
+
+
+def test_objects_keep_their_box_and_mean_foreground_probability(bundle, tmp_path):
+    """The published box is that of every mask pixel and the score their mean probability, as np.nonzero and
+    a masked mean give them."""
+    pipe = make(bundle, tmp_path)
+    g = torch.Generator().manual_seed(1)
+    probs = [torch.rand(30, 40, generator=g), torch.zeros(30, 40), torch.rand(30, 40, generator=g) ** 8]
+    for prob in probs:
+        obj = pipe._object("the mug", prob)
+        fg = prob > pipe.config.mask_threshold
+        ys, xs = np.nonzero(fg.numpy())
+        if ys.size == 0:
+            assert obj.box == (0, 0, 0, 0) and obj.score == 0.0 and not obj.mask.any()
+            continue
+        assert obj.box == (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+        assert obj.score == pytest.approx(float(prob[fg].mean()), abs=1e-6)
+        assert (obj.mask == fg.numpy() * 255).all()

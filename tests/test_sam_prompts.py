@@ -60,6 +60,22 @@ def test_box_prompts_are_flmms_mask2box_of_the_coarse_mask_at_image_size(sam):
     assert mask_to_box(torch.zeros(4, 4, dtype=torch.bool)) is None
 
 
+def test_mask_to_box_is_the_box_of_every_foreground_pixel():
+    """mask2box over all foreground pixels (as np.nonzero lists them), for any mask shape."""
+    g = torch.Generator().manual_seed(0)
+    masks = [torch.rand(37, 53, generator=g) > t for t in (0.5, 0.99, 0.9999)]
+    masks += [torch.ones(5, 7, dtype=torch.bool), torch.eye(6, dtype=torch.bool).flip(0)]
+    single = torch.zeros(9, 11, dtype=torch.bool)
+    single[8, 0] = True
+    for mask in [*masks, single]:
+        ys, xs = np.nonzero(mask.numpy())
+        if ys.size == 0:
+            assert mask_to_box(mask) is None
+            continue
+        expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+        assert mask_to_box(mask).tolist() == [float(v) for v in expected]
+
+
 @pytest.mark.parametrize("low, pad", [(2.0, -1.0), (-5.0, -5.0)])
 def test_dense_prompts_pad_with_the_lower_of_minus_one_and_the_lowest_logit(sam, low, pad):
     """F-LMM's generate_prompt_masks: the square input's padding gets min(-1, min logit); gradients flow."""

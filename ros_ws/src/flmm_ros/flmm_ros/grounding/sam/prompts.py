@@ -17,13 +17,25 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
+from ..devices import to_device
+
 
 def mask_to_box(mask: torch.Tensor) -> torch.Tensor | None:
     """[x0, y0, x1 + 1, y1 + 1] of a boolean (H, W) mask (F-LMM's mask2box), None if empty."""
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    if ys.numel() == 0:
+    rows, cols = mask.any(dim=1), mask.any(dim=0)      # cheaper than listing every pixel with nonzero
+    if not bool(rows.any()):
         return None
-    return torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+    return torch.stack([first_true(cols), first_true(rows), last_true(cols) + 1, last_true(rows) + 1]).float()
+
+
+def first_true(flags: torch.Tensor) -> torch.Tensor:
+    """Index of the first True of a 1-D boolean tensor that has one."""
+    return flags.to(torch.uint8).argmax()
+
+
+def last_true(flags: torch.Tensor) -> torch.Tensor:
+    """Index of the last True of a 1-D boolean tensor that has one."""
+    return flags.numel() - 1 - flags.flip(0).to(torch.uint8).argmax()
 
 
 class SamPromptGeometry:
@@ -47,7 +59,7 @@ class SamPromptGeometry:
     def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
         """RGB uint8 (H, W, 3) -> normalised, padded (1, 3, S, S) float32 and the resized size."""
         resized = self.transform.apply_image(image)
-        x = torch.as_tensor(resized, device=self.device).permute(2, 0, 1)[None].float()
+        x = to_device(torch.from_numpy(np.ascontiguousarray(resized)), self.device).permute(2, 0, 1)[None].float()
         return self.sam.preprocess(x), tuple(resized.shape[:2])
 
     def dense_prompts(self, coarse: torch.Tensor, input_hw: tuple[int, int]) -> torch.Tensor:
