@@ -107,7 +107,7 @@ def reground_step(pipe, phrases, image, depth) -> dict[str, float]:
 def bench(config: str, device: str, dtype: str, counts: list[int], threads: list[int], repeats: int,
           warmup: int) -> dict:
     """Every way on every frame in turn (interleaved: a change of machine load hits all of them alike)."""
-    pipe = build(config, device, dtype)[0]
+    pipe = build(config, device, dtype, "auto")[0]       # the pipeline as the node runs it by default
     results = {"config": config, "device": device, "size": SIZE, "repeats": repeats, "runs": []}
     for count in counts:
         seq, frames, depths = scene_frames(repeats + warmup + 1, count)
