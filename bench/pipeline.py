@@ -68,7 +68,7 @@ RANDOM_CONFIGS = {
 }
 
 
-def random_pipeline(name: str, device: str, dtype: str) -> GroundingPipeline:
+def random_pipeline(name: str, device: str, dtype: str, backend: str) -> GroundingPipeline:
     """A LLaVA-1.5-shaped pipeline with random weights, built on the target device."""
     (v_width, v_depth, v_heads, side, patch), (t_width, t_layers, t_heads, t_mlp), sam = RANDOM_CONFIGS[name]
     tokenizer = word_tokenizer()
@@ -79,25 +79,28 @@ def random_pipeline(name: str, device: str, dtype: str) -> GroundingPipeline:
     config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_layer=-2,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
                          image_seq_length=(side // patch) ** 2)
-    cfg = PipelineConfig(model="random", device=device, dtype=dtype, answer=False)
+    cfg = PipelineConfig(model="random", device=device, dtype=dtype, answer=False, backend=backend)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlavaForConditionalGeneration(config).to(cfg.torch_dtype)
         lmm = LlavaAdapter(model, tokenizer)
         head = GroundingHead(lmm.mask_head_channels, t_width, t_layers, sam).eval()
-    backend = make_refiner_backend("torch", head.sam, device=device, precision="fp16" if dtype != "float32" else "fp32")
-    return GroundingPipeline(lmm, head, SamRefiner(head.sam, backend), cfg)
+    sam_backend = make_refiner_backend(backend, head.sam, device=device,
+                                       precision="fp16" if dtype != "float32" else "fp32")
+    # As GroundingPipeline.from_config does: the U-Net on ONNX Runtime when the backend means it (a CPU).
+    return GroundingPipeline(lmm, head, SamRefiner(head.sam, sam_backend), cfg,
+                             GroundingPipeline._mask_head_engine(cfg, head))
 
 
-def build(name: str, device: str, dtype: str) -> tuple[GroundingPipeline, SamRefiner, np.ndarray]:
-    """The pipeline, a naive fp32 torch SAM refiner beside it, and a 640x480 scene."""
+def build(name: str, device: str, dtype: str, backend: str) -> tuple[GroundingPipeline, SamRefiner, np.ndarray]:
+    """The pipeline (SAM and the U-Net on `backend`), a naive fp32 torch SAM refiner beside it, and a 640x480 scene."""
     if name == "tabletop-tiny":
         pipe = GroundingPipeline.from_config(PipelineConfig(model=str(EMBEDDED), device=device, dtype="float32",
-                                                            answer=False))   # the tables report it in float32
+                                                            answer=False, backend=backend))   # tables: float32
     else:
-        pipe = random_pipeline(name, device, dtype)
+        pipe = random_pipeline(name, device, dtype, backend)
     sam32 = copy.deepcopy(pipe.head.sam).float()
-    naive_refiner = SamRefiner(sam32, TorchBackend(sam32, torch.device(device), "fp32"))
+    naive_refiner = SamRefiner(sam32, TorchBackend(sam32, torch.device(device), "fp32", cuda_graphs=False))
     image = generate_scene(2000016, (480, 640)).image
     return pipe, naive_refiner, image
 
@@ -212,9 +215,9 @@ def timed(call, sync) -> tuple[float, dict[str, float]]:
 
 
 # ---- memory -------------------------------------------------------------------------------------
-def cpu_memory_worker(name: str, way: str, dtype: str) -> None:
+def cpu_memory_worker(name: str, way: str, dtype: str, backend: str) -> None:
     """Fresh process: load, warm up, reset the RSS high-water mark, run once, print the peak above it."""
-    call = ways(*build(name, "cpu", dtype))[way]
+    call = ways(*build(name, "cpu", dtype, backend))[way]
     call()
     Path("/proc/self/clear_refs").write_text("5")
     base = rss_kib("VmRSS")
@@ -222,16 +225,17 @@ def cpu_memory_worker(name: str, way: str, dtype: str) -> None:
     print(json.dumps({"peak_mib": (rss_kib("VmHWM") - base) / 1024, "total_mib": rss_kib("VmHWM") / 1024}))
 
 
-def cpu_peak_mib(name: str, way: str, dtype: str) -> dict[str, float]:
-    out = subprocess.run([sys.executable, __file__, "--memory-worker", name, way, dtype], check=True,
+def cpu_peak_mib(name: str, way: str, dtype: str, backend: str) -> dict[str, float]:
+    out = subprocess.run([sys.executable, __file__, "--memory-worker", name, way, dtype, backend], check=True,
                          capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # ---- the benchmark -----------------------------------------------------------------------------
-def bench(name: str, device: str, dtype: str, repeats: int, warmup: int, answer_repeats: int) -> dict:
-    pipe, refiner, image = build(name, device, dtype)
+def bench(name: str, device: str, dtype: str, repeats: int, warmup: int, answer_repeats: int,
+          backend: str = "auto") -> dict:
+    pipe, refiner, image = build(name, device, dtype, backend)
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     calls = ways(pipe, refiner, image)
@@ -259,7 +263,7 @@ def bench(name: str, device: str, dtype: str, repeats: int, warmup: int, answer_
                 for stage, seconds in parts.items():
                     stages[way].setdefault(stage, []).append(seconds)
     if not cuda:
-        peaks = {way: cpu_peak_mib(name, way, dtype) for way in WAYS}
+        peaks = {way: cpu_peak_mib(name, way, dtype, backend) for way in WAYS}
     answers = answer_timing(pipe, image, answer_repeats, min(warmup, 1), sync) if answer_repeats else {}
     weights_mib = sum(p.numel() * p.element_size() for p in [*pipe.lmm.model.parameters(), *pipe.head.parameters()])
     return {"config": name, "device": device, "dtype": dtype if name != "tabletop-tiny" else "float32",
@@ -267,12 +271,15 @@ def bench(name: str, device: str, dtype: str, repeats: int, warmup: int, answer_
             "total_ms": {w: statistics.median(totals[w]) * 1e3 for w in WAYS},
             "stage_ms": {w: {s: statistics.median(v) * 1e3 for s, v in stages[w].items()} for w in WAYS},
             "peak_mib": peaks, "weights_mib": weights_mib / 2**20, "coarse_max_abs_diff": coarse_diff,
-            "answer_timing": answers}
+            "answer_timing": answers,
+            "backends": {"sam": pipe.refiner.backend.name, "requested": backend,
+                         "mask_head": "onnxruntime" if pipe.mask_head_engine else "torch"}}
 
 
 def print_table(r: dict) -> None:
     print(f"\n{r['config']} on {r['device']} ({r['dtype']} LMM), {r['tokens']} prefix tokens, "
-          f"median of {r['repeats']}, weights {r['weights_mib']:.0f} MiB")
+          f"median of {r['repeats']}, weights {r['weights_mib']:.0f} MiB; ours: SAM on {r['backends']['sam']}, "
+          f"mask head on {r['backends']['mask_head']} (backend {r['backends']['requested']}); naive: torch")
     header = f"{'stage':<14} {'ours new ms':>11} {'ours cached ms':>14} {'naive ms':>9} {'cached vs naive':>15}"
     print(header)
     print("-" * len(header))
@@ -314,7 +321,10 @@ def main() -> None:
     parser.add_argument("--answer-repeats", type=int, default=5,
                         help="runs per answer length for time-to-mask vs time-to-answer (0: skip)")
     parser.add_argument("--json", help="also write the results here")
-    parser.add_argument("--memory-worker", nargs=3, metavar=("CONFIG", "WAY", "DTYPE"), help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="auto", help="our SAM and mask-head runtime (auto: ONNX Runtime on a "
+                        "CPU, PyTorch on CUDA; the naive way always runs PyTorch)")
+    parser.add_argument("--memory-worker", nargs=4, metavar=("CONFIG", "WAY", "DTYPE", "BACKEND"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_worker:
         cpu_memory_worker(*args.memory_worker)
@@ -324,7 +334,7 @@ def main() -> None:
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
     print(f"torch {torch.__version__}, {gpu}, {torch.get_num_threads()} CPU threads; instruction {INSTRUCTION!r}")
-    result = bench(args.config, args.device, dtype, args.repeats, args.warmup, args.answer_repeats)
+    result = bench(args.config, args.device, dtype, args.repeats, args.warmup, args.answer_repeats, args.backend)
     result["answer_repeats"] = args.answer_repeats
     print_table(result)
     if args.json:

@@ -42,7 +42,9 @@ def timed(fn, device: torch.device, repeats: int) -> float:
 def make_backends(sam, args, device):
     """(name, backend, seconds to make) for the baseline and every other backend that runs here."""
     start = time.perf_counter()
-    made = [("torch fp32", TorchBackend(sam, device, "fp32"), time.perf_counter() - start)]
+    made = [("torch fp32", TorchBackend(sam, device, "fp32", cuda_graphs=False), time.perf_counter() - start)]
+    if device.type == "cuda":   # the same decoder replayed from CUDA graphs (the pipeline's torch backend)
+        made.append(("torch fp32 + CUDA graphs", TorchBackend(sam, device, "fp32"), 0.0))
     for name in ("onnxruntime", "tensorrt"):
         start = time.perf_counter()
         try:

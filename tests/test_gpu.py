@@ -71,3 +71,29 @@ def test_int8_weights_load_onto_the_gpu_and_ground(bundle):
     assert type(weight).__name__ == "Int8Tensor" and weight.device.type == "cuda"
     result = pipe.run(image(), "pick the red mug")
     assert result.objects and result.objects[0].mask.shape == (48, 80)
+
+
+def test_sam_decoder_cuda_graphs_replay_the_eager_decoder():
+    from flmm_ros.grounding.sam.backends import TorchBackend
+    from flmm_ros.grounding.sam.models import TINY_TEST_SAM, build_sam
+    torch.manual_seed(0)
+    sam = build_sam(TINY_TEST_SAM).eval()
+    with torch.no_grad():   # SAM zero-initialises some embeddings; random values exercise every path
+        for p in [*sam.prompt_encoder.parameters(), *sam.mask_decoder.parameters()]:
+            p.normal_(0, 0.2)
+    device = torch.device("cuda")
+    graphed, eager = TorchBackend(sam, device, "fp32"), TorchBackend(sam, device, "fp32", cuda_graphs=False)
+    embedding = graphed.encode(torch.randn(1, 3, 256, 256))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for count in (1, 3, 8, 3, 1):
+            inputs = (embedding, torch.randn(1, 1, 64, 64, generator=g), torch.tensor([[20.0, 30.0, 200.0, 180.0]]),
+                      torch.randn(1, count, 32, generator=g))
+            for got, expected in zip(graphed.decode(*inputs), eager.decode(*inputs)):
+                assert (got - expected).abs().max().item() <= 1e-5
+    assert graphed.graphed.disabled_reason is None, graphed.graphed.disabled_reason
+    assert (graphed.graphed.captured, graphed.graphed.replays) == (3, 5)
+    with torch.enable_grad():                      # training: eager, differentiable
+        tokens = torch.randn(1, 2, 32, device=device, requires_grad=True)
+        low_res, _ = graphed.decode(embedding, inputs[1], inputs[2], tokens)
+        assert low_res.requires_grad and graphed.graphed.replays == 5

@@ -36,6 +36,7 @@ from .onnx_export import (
     SamOnnxModels,
     export_sam_onnx,
 )
+from .cuda_graphs import GraphedDecoder
 from .prompt_decoder import SamPromptDecoder
 from .shapes import SamShapes
 from .tensorrt import TensorRTBackend, tensorrt_unavailable_reason
@@ -70,15 +71,17 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 class TorchBackend:
-    """The model itself, on `device` (moved there)."""
+    """The model itself, on `device` (moved there). On CUDA, gradient-free decodes replay CUDA graphs
+    (cuda_graphs.py; `cuda_graphs=False` runs them eagerly)."""
     name = "torch"
 
-    def __init__(self, sam: Sam, device: torch.device, precision: str) -> None:
+    def __init__(self, sam: Sam, device: torch.device, precision: str, cuda_graphs: bool = True) -> None:
         self.sam = sam.to(device)
-        self.device = device
+        self.device = torch.device(device)
         self.precision = precision
         self.shapes = SamShapes(sam)
         self.decoder = SamPromptDecoder(sam)
+        self.graphed = GraphedDecoder(self.decoder, self.device) if cuda_graphs and self.device.type == "cuda" else None
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         self.shapes.check_image(image)
@@ -89,8 +92,8 @@ class TorchBackend:
 
     def decode(self, image_embeddings, mask_input, box, text_tokens):
         self.shapes.check_decoder_inputs(image_embeddings, mask_input, box, text_tokens)
-        inputs = (image_embeddings, mask_input, box, text_tokens)
-        return self.decoder(*(t.to(self.device, torch.float32) for t in inputs))
+        inputs = tuple(t.to(self.device, torch.float32) for t in (image_embeddings, mask_input, box, text_tokens))
+        return (self.graphed or self.decoder)(*inputs)
 
 
 def onnxruntime_placement(device: torch.device) -> tuple[torch.device, list]:

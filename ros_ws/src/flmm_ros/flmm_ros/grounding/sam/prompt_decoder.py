@@ -31,7 +31,9 @@ class SamPromptDecoder(nn.Module):
         pe = self.prompt_encoder
         input_h, input_w = pe.input_image_size
         # Corners are (x, y): x over the input width, y over the height; +0.5 = pixel centre, as SAM does.
-        corners = (box.reshape(-1, 2, 2) + 0.5) / box.new_tensor([float(input_w), float(input_h)])
+        # Divided by Python numbers, not a new tensor: no host-to-device copy (CUDA graphs cannot capture one).
+        corners = box.reshape(-1, 2, 2) + 0.5
+        corners = torch.stack([corners[..., 0] / float(input_w), corners[..., 1] / float(input_h)], dim=-1)
         corner_tokens = pe.pe_layer._pe_encoding(corners.to(torch.float))
         corner_tokens = corner_tokens + torch.cat([pe.point_embeddings[i].weight for i in _BOX_CORNER_EMBEDDINGS])
         sparse = torch.cat([corner_tokens, text_tokens], dim=1)
