@@ -48,6 +48,7 @@ from flmm_ros.grounding.pipeline import GroundingLogits, GroundingPipeline, _Sta
 from flmm_ros.grounding.sam.refiner import SamRefiner
 from flmm_ros.grounding.sam.backends import TorchBackend, make_refiner_backend
 from flmm_ros.grounding.sam.models import TINY_TEST_SAM
+from flmm_ros.grounding.sam.sdpa import use_sdpa
 from flmm_ros.grounding.testing import word_tokenizer
 from flmm_ros.tabletop.scenes import generate_scene
 
@@ -101,6 +102,7 @@ def build(name: str, device: str, dtype: str, backend: str) -> tuple[GroundingPi
         pipe = random_pipeline(name, device, dtype, backend)
     sam32 = copy.deepcopy(pipe.head.sam).float()
     naive_refiner = SamRefiner(sam32, TorchBackend(sam32, torch.device(device), "fp32", cuda_graphs=False))
+    use_sdpa(sam32.image_encoder, False)        # F-LMM's SAM as published: segment-anything's own attention
     image = generate_scene(2000016, (480, 640)).image
     return pipe, naive_refiner, image
 

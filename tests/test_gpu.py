@@ -97,3 +97,20 @@ def test_sam_decoder_cuda_graphs_replay_the_eager_decoder():
         tokens = torch.randn(1, 2, 32, device=device, requires_grad=True)
         low_res, _ = graphed.decode(embedding, inputs[1], inputs[2], tokens)
         assert low_res.requires_grad and graphed.graphed.replays == 5
+
+
+def test_sam_encoder_on_cuda_runs_sdpa_with_segment_anythings_embeddings():
+    import copy
+
+    from flmm_ros.grounding.sam.backends import TorchBackend
+    from flmm_ros.grounding.sam.models import TINY_TEST_SAM, build_sam
+    from flmm_ros.grounding.sam.sdpa import SdpaAttention
+    torch.manual_seed(0)
+    sam = build_sam(TINY_TEST_SAM).eval()
+    reference = copy.deepcopy(sam).cuda()
+    backend = TorchBackend(sam, torch.device("cuda"), "fp32")
+    assert any(isinstance(m, SdpaAttention) for m in sam.image_encoder.modules())
+    image = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        expected = reference.image_encoder(image.cuda())
+    assert (backend.encode(image) - expected).abs().max().item() <= 1e-3

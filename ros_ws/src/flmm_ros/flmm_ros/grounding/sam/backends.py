@@ -38,6 +38,7 @@ from .onnx_export import (
 )
 from .cuda_graphs import GraphedDecoder
 from .prompt_decoder import SamPromptDecoder
+from .sdpa import use_sdpa
 from .shapes import SamShapes
 from .tensorrt import TensorRTBackend, tensorrt_unavailable_reason
 
@@ -71,8 +72,8 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 class TorchBackend:
-    """The model itself, on `device` (moved there). On CUDA, gradient-free decodes replay CUDA graphs
-    (cuda_graphs.py; `cuda_graphs=False` runs them eagerly)."""
+    """The model itself, on `device` (moved there). On CUDA the image encoder's attention runs on SDPA (sdpa.py)
+    and gradient-free decodes replay CUDA graphs (cuda_graphs.py; `cuda_graphs=False` runs them eagerly)."""
     name = "torch"
 
     def __init__(self, sam: Sam, device: torch.device, precision: str, cuda_graphs: bool = True) -> None:
@@ -82,6 +83,8 @@ class TorchBackend:
         self.shapes = SamShapes(sam)
         self.decoder = SamPromptDecoder(sam)
         self.graphed = GraphedDecoder(self.decoder, self.device) if cuda_graphs and self.device.type == "cuda" else None
+        if self.device.type == "cuda":
+            use_sdpa(sam.image_encoder)
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         self.shapes.check_image(image)
