@@ -3,7 +3,9 @@
 #   1. bench/pipeline.py with LLaVA-1.5-7B + SAM ViT-L shapes (random weights), fp16 and bf16: ours on a new and on a
 #      cached frame against the naive F-LMM way, time-to-mask vs time-to-answer;
 #   2. bench/refiner.py for SAM ViT-L (torch fp32 against every backend that runs there);
-#   3. the GPU-only tests (tests/test_gpu.py, tests/test_sam_tensorrt.py);
+#   3. bench/tracking.py in the same 7B + SAM ViT-L configuration: a tracking update per frame against re-grounding
+#      every frame (#17);
+#   4. the GPU-only tests (tests/test_gpu.py, tests/test_sam_tensorrt.py);
 # and writes every table, the JSON results, the environment and SUMMARY.md (device named) to one folder.
 #
 #   bash bench/gpu_check.sh [OUT_DIR]                 # on the GPU machine (default OUT_DIR: out/gpu_check)
@@ -95,6 +97,9 @@ for dtype in $DTYPES; do
 done
 step "refiner_${SAM}_${PRECISION}" 120 "$PYTHON" bench/refiner.py --sam-type "$SAM" --device "$DEVICE" \
   --precision "$PRECISION" --repeats "$REPEATS" --cache-dir "$OUT/engine_cache"
+step "tracking_${PIPELINE_CONFIG}" "$STEP_LIMIT" "$PYTHON" bench/tracking.py --config "$PIPELINE_CONFIG" \
+  --device "$DEVICE" --objects 1,2 --threads 1 --repeats "$REPEATS" --warmup "$WARMUP" \
+  --json "$OUT/tracking_${PIPELINE_CONFIG}.json"
 step gpu_tests 180 "$PYTHON" -m pytest -q -rs tests/test_gpu.py tests/test_sam_tensorrt.py \
   --junitxml="$OUT/gpu_tests.xml" -p no:cacheprovider
 
@@ -106,7 +111,7 @@ step gpu_tests 180 "$PYTHON" -m pytest -q -rs tests/test_gpu.py tests/test_sam_t
   echo "| step | status | seconds |"
   echo "|---|---|---|"
   awk -F'\t' '{printf "| %s | %s | %s |\n", $1, $2, $3}' "$OUT/steps.tsv"
-  for f in "$OUT"/pipeline_*.txt "$OUT"/refiner_*.txt "$OUT"/gpu_tests.txt; do
+  for f in "$OUT"/pipeline_*.txt "$OUT"/refiner_*.txt "$OUT"/tracking_*.txt "$OUT"/gpu_tests.txt; do
     [ -f "$f" ] || continue
     echo
     echo "## $(basename "$f" .txt)"

@@ -66,7 +66,7 @@ def test_gpu_check_script_runs_end_to_end_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     steps = [line.split("\t") for line in (tmp_path / "steps.tsv").read_text().splitlines()]
     assert [name for name, *_ in steps] == ["environment", "pipeline_random-small_float32", "refiner_tiny_fp32",
-                                            "gpu_tests"]
+                                            "tracking_random-small", "gpu_tests"]
     assert all(status == "ok" for _, status, _ in steps)
     summary = (tmp_path / "SUMMARY.md").read_text()
     assert "device: CPU only" in summary and "to mask ms" in summary and "onnxruntime" in summary
