@@ -27,10 +27,11 @@ from . import phrases as phrase_rules
 from .bundle import load_components
 from .config import PipelineConfig
 from .head import GroundingHead
-from .lmm import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
+from .lmm import GROUNDING_PROMPT, LlavaAdapter, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
 from .mask_head_engine import MaskHeadEngine
 from .onnx_cache import default_cache_dir
 from .onnx_runtime import OnnxRuntimeMissing
+from .sam.prompts import mask_to_box
 from .sam.refiner import SamImageEncoding, SamRefiner
 from .sam.backends import make_refiner_backend, resolve_backend
 from .types import GroundedObject, GroundingError, GroundingResult
@@ -158,19 +159,24 @@ class GroundingPipeline:
                                            precision="fp16" if cfg.dtype in ("float16", "bfloat16") else "fp32",
                                            cache_dir=cfg.engine_dir or None)
             refiner = SamRefiner(head.sam, backend)
-        return cls(lmm, head, refiner, cfg, cls._mask_head_engine(cfg, head))
+        return cls(lmm, head, refiner, cfg, cls._mask_head_engine(cfg, head, lmm))
 
     @staticmethod
-    def _mask_head_engine(cfg: PipelineConfig, head: GroundingHead) -> MaskHeadEngine | None:
+    def _mask_head_engine(cfg: PipelineConfig, head: GroundingHead, lmm: LMMAdapter | None = None
+                          ) -> MaskHeadEngine | None:
         """The U-Net on ONNX Runtime when the backend means ONNX Runtime on a CPU (warns and uses PyTorch when
-        onnxruntime is not installed), else None."""
+        onnxruntime is not installed), else None. With a fixed grid of image tokens (LLaVA-1.5) its graph is
+        exported or loaded now, not at the first instruction."""
         if torch.device(cfg.device).type != "cpu" or resolve_backend(cfg.backend, cfg.device) == "torch":
             return None
         try:
-            return MaskHeadEngine(head.mask_head, cfg.engine_dir or default_cache_dir())
+            engine = MaskHeadEngine(head.mask_head, cfg.engine_dir or default_cache_dir())
         except OnnxRuntimeMissing as e:
             log.warning("mask head runs on PyTorch: %s", e)
             return None
+        if isinstance(lmm, LlavaAdapter):   # LLaVA-1.5: always a grid x grid map (LLaVA-NeXT's size varies)
+            engine(torch.full((1, head.mask_head.in_channels, lmm.grid, lmm.grid), 1.0 / lmm.grid ** 2))
+        return engine
 
     @property
     def head_device(self) -> torch.device:
@@ -307,8 +313,8 @@ class GroundingPipeline:
         mask = fg.to(torch.uint8).mul(255).cpu().numpy()
         # Kept for tracking: the phrase's prompt tokens, so a tracker never needs the LMM again.
         kept = None if tokens is None else tokens.detach().float().cpu().numpy()
-        ys, xs = np.nonzero(mask)
-        if ys.size == 0:
+        box = mask_to_box(fg)
+        if box is None:
             return GroundedObject(phrase, mask, (0, 0, 0, 0), 0.0, kept)
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        return GroundedObject(phrase, mask, box, float(prob[fg].mean()), kept)
+        score = prob.masked_fill(~fg, 0).sum() / fg.sum()   # mean foreground probability
+        return GroundedObject(phrase, mask, tuple(int(v) for v in box.tolist()), float(score), kept)
