@@ -296,3 +296,28 @@ def test_ctrl_c_as_soon_as_the_node_speaks_exits_quietly(tmp_path, bundle):
     finally:
         node.close()
 
+
+
+def test_the_node_ends_when_a_killed_ros2_launch_leaves_it_behind(tmp_path):
+    """A `ros2 launch` killed with SIGTERM/SIGKILL does not stop its processes; the node notices and ends."""
+    import os
+    import subprocess
+    import sys
+    fake_launch = tmp_path / 'ros2'    # named like the CLI: the node only ties itself to `ros2 launch`
+    fake_launch.write_text(f'''#!{sys.executable}
+import subprocess, sys, time
+node = subprocess.Popen([sys.executable, '-m', 'flmm_ros.ros.node'])
+print(node.pid, flush=True)
+time.sleep(3)
+import os; os._exit(0)   # dies like a killed launch: no signal reaches the node
+''')
+    fake_launch.chmod(0o755)
+    env = dict(os.environ, ROS_DOMAIN_ID='97', ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+    launch = subprocess.Popen([str(fake_launch), 'launch', 'flmm_ros', 'grounding.launch.py'], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    node_pid = int(launch.stdout.readline())
+    launch.wait(timeout=60)
+    deadline = time.monotonic() + 120
+    while Path(f'/proc/{node_pid}').exists() and Path(f'/proc/{node_pid}/stat').read_text().split()[2] != 'Z':
+        assert time.monotonic() < deadline, 'the node outlived its launch'
+        time.sleep(0.2)

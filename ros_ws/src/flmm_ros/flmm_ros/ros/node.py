@@ -14,12 +14,15 @@ Exit status: 0 after a signal or a clean end, 1 when the model could not be load
 """
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import sys
 import threading
 import time
+from pathlib import Path
 
+PR_SET_PDEATHSIG = 1          # linux/prctl.h
 SHUTDOWN_TIMEOUT_S = 3.0      # ros2 launch escalates to SIGTERM after 5 s and SIGKILL after 10 s
 ACTION_FLUSH_S = 0.3          # action results go out as service responses, which have no ack to wait for
 
@@ -40,10 +43,31 @@ def main(args: list[str] | None = None) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, on_signal)
+    _end_with_launch()
     try:
         return _run(argv, stop, node_started)
     except _Interrupted:
         return 0
+
+
+def _end_with_launch() -> None:
+    """Under `ros2 launch`, ask the kernel to send SIGTERM when the launch process dies. Launch forwards SIGINT
+    to its processes, but a launch that is itself killed (SIGTERM from systemd or a container runtime, SIGKILL)
+    would leave this node running as an orphan, serving a camera nobody listens to (Linux only)."""
+    parent = os.getppid()
+    try:
+        cmdline = Path(f'/proc/{parent}/cmdline').read_bytes().split(b'\0')
+    except OSError:
+        return
+    if not any(part.endswith(b'ros2') for part in cmdline) or b'launch' not in cmdline:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:   # the launch already died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) -> int:
