@@ -4,8 +4,10 @@ Starts `flmm_grounding` (a subprocess on an isolated DDS domain, the embedded de
 --model), publishes image + depth + camera_info with one stamp per frame at --fps, and an instruction
 every 1/--rate s, cycling through a few, for --duration seconds. Then waits for the last results and
 prints: instructions sent vs results received (must be equal), successes and errors by code, latency
-percentiles measured here: publish to masks (`~/objects`, published before the answer is generated) and
-publish to result (after the answer), frames published vs frames grounded (the node keeps only
+percentiles measured here: publish to the masks' arrival (`~/objects`, published before the answer is
+generated) and to the result's arrival (after the answer), both at the middleware's reception time (so the
+order in which this process's executor serves its callbacks does not count), and publish to the result
+callback ("latency", as before), frames published vs frames grounded (the node keeps only
 the latest frame: the rest are dropped by design), the age of the frame each result used, and the
 node's resident memory over time (first minute vs last minute).
 
@@ -24,7 +26,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, defaultdict, deque
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +60,16 @@ class Camera(Node):
         self.depth_pub = self.create_publisher(Image, "depth", camera_qos)
         self.info_pub = self.create_publisher(CameraInfo, "camera_info", camera_qos)
         self.instruction_pub = self.create_publisher(String, "instruction", RELIABLE)
-        self.create_subscription(GroundingResult, "/flmm_grounding/result", self._on_result, RELIABLE)
         self.create_subscription(GroundingResult, "/flmm_grounding/objects", self._on_objects, RELIABLE)
+        self.create_subscription(GroundingResult, "/flmm_grounding/result", self._on_result, RELIABLE)
         self.create_subscription(String, "/flmm_grounding/status", self._on_status, LATCHED)
         self.depth, self.info = depth_and_info()
         self.lock = threading.Lock()
         self.published_frames = 0
-        # instruction -> [send time, time its masks arrived on ~/objects or None], oldest first
-        self.sent: dict[str, deque] = defaultdict(deque)
+        # instruction -> its sends, oldest first: {"sent": monotonic time, "sent_ns": wall-clock ns, "objects": seconds
+        # from sending to its masks' arrival on ~/objects, "result": its result record, "failed": True when the result
+        # was an error (no masks will come)}
+        self.sent: dict[str, list[dict]] = defaultdict(list)
         self.sent_count = 0
         self.results: list[dict] = []
         self.unmatched = 0
@@ -92,42 +96,55 @@ class Camera(Node):
             return
         text = INSTRUCTIONS[self.sent_count % len(INSTRUCTIONS)]
         with self.lock:
-            self.sent[text].append([time.monotonic(), None])
+            self.sent[text].append({"sent": time.monotonic(), "sent_ns": time.time_ns(), "objects": None,
+                                    "result": None, "failed": False})
             self.sent_count += 1
         self.instruction_pub.publish(String(data=text))
 
-    def _on_objects(self, msg: GroundingResult):
-        """The masks of the oldest instruction with this text that has none yet (its result comes later)."""
-        now = time.monotonic()
-        with self.lock:
-            waiting = next((entry for entry in self.sent.get(msg.instruction, ()) if entry[1] is None), None)
-            if waiting is None:
-                self.unmatched_objects += 1
-            else:
-                waiting[1] = now
+    @staticmethod
+    def _since(entry: dict, info) -> float:
+        """Seconds from sending `entry` to the middleware's reception of a message (`MessageInfo`), so that the
+        executor's turn order (busy publishing camera frames) does not count; the callback's time without one."""
+        received = info.get("received_timestamp", 0) if info else 0
+        return (received - entry["sent_ns"]) / 1e9 if received > 0 else time.monotonic() - entry["sent"]
 
-    def _on_result(self, msg: GroundingResult):
+    def _on_objects(self, msg: GroundingResult, info):
+        """The masks of the oldest send of this text that has none and did not fail. Each topic arrives in order,
+        but the two topics are not ordered with each other, so the result may already be there."""
+        with self.lock:
+            entry = next((e for e in self.sent.get(msg.instruction, ()) if e["objects"] is None and not e["failed"]),
+                         None)
+            if entry is None:
+                self.unmatched_objects += 1
+                return
+            entry["objects"] = self._since(entry, info)
+            if entry["result"] is not None:
+                entry["result"]["mask_latency"] = entry["objects"]
+
+    def _on_result(self, msg: GroundingResult, info):
         now = time.monotonic()
         with self.lock:
-            pending = self.sent.get(msg.instruction)
-            if not pending:
+            entry = next((e for e in self.sent.get(msg.instruction, ()) if e["result"] is None), None)
+            if entry is None:
                 self.unmatched += 1
                 return
-            sent_at, masks_at = pending.popleft()
+            sent_at = entry["sent"]
+            entry["failed"] = not msg.success
             frame_age = (self.get_clock().now() - rclpy.time.Time.from_msg(msg.header.stamp)).nanoseconds / 1e9
-            mask_latency = None if masks_at is None else masks_at - sent_at
-            self.results.append({"latency": now - sent_at, "mask_latency": mask_latency,
-                                 "node_mask_seconds": msg.mask_seconds, "success": msg.success, "code": msg.error_code,
-                                 "error": msg.error, "stamp": (msg.header.stamp.sec, msg.header.stamp.nanosec),
-                                 "frame_age_at_result": frame_age, "cached": msg.frame_cached,
-                                 "received_at": now})
+            entry["result"] = record = {
+                "latency": now - sent_at, "arrival_latency": self._since(entry, info),
+                "mask_latency": entry["objects"], "node_mask_seconds": msg.mask_seconds,
+                "success": msg.success, "code": msg.error_code, "error": msg.error,
+                "stamp": (msg.header.stamp.sec, msg.header.stamp.nanosec), "frame_age_at_result": frame_age,
+                "cached": msg.frame_cached, "received_at": now}
+            self.results.append(record)
 
     def _on_status(self, msg: String):
         self.statuses.append(msg.data)
 
     def outstanding(self) -> int:
         with self.lock:
-            return sum(len(q) for q in self.sent.values())
+            return sum(e["result"] is None for sends in self.sent.values() for e in sends)
 
 
 def depth_and_info() -> tuple[Image, CameraInfo]:
@@ -201,6 +218,8 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
     ok = [r for r in results if r["success"]]
     latencies = [r["latency"] * 1e3 for r in ok]
     mask_latencies = [r["mask_latency"] * 1e3 for r in ok if r["mask_latency"] is not None]
+    arrivals = [r["arrival_latency"] * 1e3 for r in ok]
+    ahead = [(r["arrival_latency"] - r["mask_latency"]) * 1e3 for r in ok if r["mask_latency"] is not None]
     node_mask = [r["node_mask_seconds"] * 1e3 for r in ok if r["node_mask_seconds"] > 0]
     grounded_frames = {r["stamp"] for r in ok}
     window = min(60.0, args.duration / 3)
@@ -216,7 +235,10 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
                        "p99": percentile(latencies, 99), "max": max(latencies, default=float("nan"))},
         "mask_latency_ms": {"p50": percentile(mask_latencies, 50), "p95": percentile(mask_latencies, 95),
                             "p99": percentile(mask_latencies, 99), "max": max(mask_latencies, default=float("nan"))},
+        "result_arrival_ms": {"p50": percentile(arrivals, 50), "p95": percentile(arrivals, 95),
+                              "p99": percentile(arrivals, 99), "max": max(arrivals, default=float("nan"))},
         "masks_received": len(mask_latencies), "unmatched_objects": camera.unmatched_objects,
+        "masks_ahead_of_result_ms_p50": percentile(ahead, 50), "masks_after_their_result": sum(a < 0 for a in ahead),
         "node_mask_seconds_ms_p50": percentile(node_mask, 50),
         "frame_age_at_result_ms": {"p50": percentile([r["frame_age_at_result"] * 1e3 for r in ok], 50),
                                    "max": max((r["frame_age_at_result"] * 1e3 for r in ok), default=float("nan"))},
@@ -234,6 +256,7 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
 
 def print_report(s: dict) -> None:
     lat, mask, age, rss = s["latency_ms"], s["mask_latency_ms"], s["frame_age_at_result_ms"], s["rss_mib"]
+    arrival = s["result_arrival_ms"]
     print(f"soak: {s['duration_s']:.0f} s, camera {s['fps']:.0f} Hz 640x480 rgb8 + 16UC1 depth + camera_info, "
           f"instructions {s['instruction_rate_hz']:.1f} Hz")
     rows = [
@@ -245,7 +268,11 @@ def print_report(s: dict) -> None:
         ("masks received (~/objects)", s["masks_received"]),
         ("time to mask p50 / p95 / p99 / max ms",
          f"{mask['p50']:.0f} / {mask['p95']:.0f} / {mask['p99']:.0f} / {mask['max']:.0f}"),
+        ("time to result p50 / p95 / p99 / max ms",
+         f"{arrival['p50']:.0f} / {arrival['p95']:.0f} / {arrival['p99']:.0f} / {arrival['max']:.0f}"),
         ("latency p50 / p95 / p99 / max ms", f"{lat['p50']:.0f} / {lat['p95']:.0f} / {lat['p99']:.0f} / {lat['max']:.0f}"),
+        ("masks ahead of their result p50 ms", f"{s['masks_ahead_of_result_ms_p50']:.0f}"
+         f" ({s['masks_after_their_result']} arrived after it)"),
         ("node's mask_seconds p50 ms", f"{s['node_mask_seconds_ms_p50']:.0f}"),
         ("frame age at result p50 / max ms", f"{age['p50']:.0f} / {age['max']:.0f}"),
         ("frames published", s["frames_published"]),
