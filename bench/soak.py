@@ -31,9 +31,11 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
-from flmm_msgs.msg import GroundingResult
+from flmm_msgs.msg import GroundingResult, TrackedObjects
+from rcl_interfaces.srv import SetParameters
 from rclpy.context import Context
 from rclpy.node import Node
+from rclpy.parameter import Parameter
 from rclpy.qos import DurabilityPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import String
@@ -63,6 +65,9 @@ class Camera(Node):
         self.create_subscription(GroundingResult, "/flmm_grounding/objects", self._on_objects, RELIABLE)
         self.create_subscription(GroundingResult, "/flmm_grounding/result", self._on_result, RELIABLE)
         self.create_subscription(String, "/flmm_grounding/status", self._on_status, LATCHED)
+        self.create_subscription(TrackedObjects, "/flmm_grounding/tracks", self._on_tracks, RELIABLE)
+        self.tracking_since: float | None = None     # monotonic time tracking was switched on (--track)
+        self.track_updates: list[float] = []          # seconds per tracking update (sum of its stages)
         self.depth, self.info = depth_and_info()
         self.lock = threading.Lock()
         self.published_frames = 0
@@ -97,7 +102,7 @@ class Camera(Node):
         text = INSTRUCTIONS[self.sent_count % len(INSTRUCTIONS)]
         with self.lock:
             self.sent[text].append({"sent": time.monotonic(), "sent_ns": time.time_ns(), "objects": None,
-                                    "result": None, "failed": False})
+                                    "result": None, "failed": False, "tracking": self.tracking_since is not None})
             self.sent_count += 1
         self.instruction_pub.publish(String(data=text))
 
@@ -136,8 +141,12 @@ class Camera(Node):
                 "mask_latency": entry["objects"], "node_mask_seconds": msg.mask_seconds,
                 "success": msg.success, "code": msg.error_code, "error": msg.error,
                 "stamp": (msg.header.stamp.sec, msg.header.stamp.nanosec), "frame_age_at_result": frame_age,
-                "cached": msg.frame_cached, "received_at": now}
+                "cached": msg.frame_cached, "received_at": now, "tracking": entry["tracking"]}
             self.results.append(record)
+
+    def _on_tracks(self, msg: TrackedObjects):
+        if msg.objects:
+            self.track_updates.append(sum(msg.stage_seconds))
 
     def _on_status(self, msg: String):
         self.statuses.append(msg.data)
@@ -197,6 +206,9 @@ def run(args: argparse.Namespace) -> dict:
         camera.streaming = True
         while (elapsed := time.monotonic() - t0) < args.duration:
             memory.append((elapsed, node.rss_mb()))
+            if args.track and camera.tracking_since is None and elapsed >= args.duration / 2:
+                set_parameter(camera, "track_instructions", True)   # second half: every instruction tracks
+                camera.tracking_since = time.monotonic()
             time.sleep(min(args.memory_every, max(0.0, args.duration - elapsed)))
         camera.streaming = False
         drain_deadline = time.monotonic() + args.drain_timeout
@@ -210,6 +222,36 @@ def run(args: argparse.Namespace) -> dict:
         camera.destroy_node()
         node.close()
     return summarise(camera, memory, args, alive, work, exit_code)
+
+
+def set_parameter(node: Node, name: str, value) -> None:
+    """What `ros2 param set /flmm_grounding <name> <value>` does."""
+    client = node.create_client(SetParameters, "/flmm_grounding/set_parameters")
+    if not client.wait_for_service(timeout_sec=30):
+        raise RuntimeError("no /flmm_grounding/set_parameters service")
+    future = client.call_async(SetParameters.Request(parameters=[Parameter(name, value=value).to_parameter_msg()]))
+    deadline = time.monotonic() + 30
+    while not future.done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"setting {name} timed out")
+        time.sleep(0.05)
+    if not future.result().results[0].successful:
+        raise RuntimeError(f"setting {name}: {future.result().results[0].reason}")
+
+
+def tracking_comparison(results: list[dict], updates: list[float]) -> dict:
+    """Time to mask without and with tracking running (halves of one run), and what one tracking update costs:
+    tracking delays an instruction by at most one update when the difference stays below it."""
+    def masks(tracking: bool) -> list[float]:
+        return [r["mask_latency"] * 1e3 for r in results
+                if r["success"] and r["mask_latency"] is not None and r["tracking"] == tracking]
+    without, with_tracking = masks(False), masks(True)
+    return {"mask_ms_without_tracking_p50": percentile(without, 50),
+            "mask_ms_with_tracking_p50": percentile(with_tracking, 50),
+            "mask_ms_without_tracking_p95": percentile(without, 95),
+            "mask_ms_with_tracking_p95": percentile(with_tracking, 95),
+            "tracking_updates": len(updates), "tracking_update_ms_p50": percentile([u * 1e3 for u in updates], 50),
+            "tracking_update_ms_p95": percentile([u * 1e3 for u in updates], 95)}
 
 
 def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bool, work: Path,
@@ -251,6 +293,7 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
         "rss_slope_mib_per_min": rss_slope(memory, after=window),
         "node_alive_at_end": alive, "node_exit_code_after_sigint": exit_code, "node_log": str(work / "node.log"),
         "rss_trace": [(round(t, 1), round(m, 1)) for t, m in memory],
+        "tracking": tracking_comparison(results, camera.track_updates) if args.track else None,
     }
 
 
@@ -284,6 +327,16 @@ def print_report(s: dict) -> None:
         ("node alive at end", s["node_alive_at_end"]),
         ("node exit code after SIGINT", s["node_exit_code_after_sigint"]),
     ]
+    if s["tracking"]:
+        t = s["tracking"]
+        rows += [
+            ("time to mask p50 / p95 ms, no tracking", f"{t['mask_ms_without_tracking_p50']:.0f} / "
+                                                        f"{t['mask_ms_without_tracking_p95']:.0f}"),
+            ("time to mask p50 / p95 ms, tracking", f"{t['mask_ms_with_tracking_p50']:.0f} / "
+                                                     f"{t['mask_ms_with_tracking_p95']:.0f}"),
+            ("tracking updates, p50 / p95 ms", f"{t['tracking_updates']}, {t['tracking_update_ms_p50']:.1f} / "
+                                               f"{t['tracking_update_ms_p95']:.1f}"),
+        ]
     for name, value in rows:
         print(f"{name:<38} {value}")
     for example in s["error_examples"]:
@@ -300,6 +353,9 @@ def main() -> int:
                         help="the node's input QoS (the camera publishes best effort for SENSOR_DATA / "
                              "BEST_EFFORT, reliably otherwise)")
     parser.add_argument("--max-queued", type=int, default=2)
+    parser.add_argument("--track", action="store_true",
+                        help="second half: every instruction also starts tracking (track_instructions), to measure "
+                             "what tracking costs the instructions")
     parser.add_argument("--memory-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--startup-timeout", type=float, default=120.0)
     parser.add_argument("--drain-timeout", type=float, default=60.0)

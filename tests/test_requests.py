@@ -125,3 +125,15 @@ def test_refusal_codes_are_the_message_error_codes():
     assert (BUSY, PREEMPTED, CANCELLED, SHUTDOWN, INACTIVE) == (
         GroundingResult.ERROR_BUSY, GroundingResult.ERROR_PREEMPTED, GroundingResult.ERROR_CANCELLED,
         GroundingResult.ERROR_SHUTDOWN, GroundingResult.ERROR_INACTIVE)
+
+
+def test_wait_idle_returns_when_nothing_runs_or_waits():
+    queue = RequestQueue('queue', max_queued=1)
+    assert queue.wait_idle(timeout=0)
+    running = Request('a')
+    queue.submit(running)
+    assert not queue.wait_idle(timeout=0)          # waiting counts as busy
+    queue.take(timeout=0)
+    assert not queue.wait_idle(timeout=0)          # running too
+    threading.Timer(0.05, queue.finish, args=(running,)).start()
+    assert queue.wait_idle(timeout=60)

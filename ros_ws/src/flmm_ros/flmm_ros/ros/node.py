@@ -120,17 +120,19 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
 
     worker_done = node.stop_serving(SHUTDOWN_TIMEOUT_S)
     time.sleep(ACTION_FLUSH_S)
-    executor.shutdown(timeout_sec=1.0)
-    spinner.join(timeout=1.0)
     failed = node.failure is not None
-    node.destroy_node()
-    rclpy.try_shutdown()
     if not worker_done:
-        # The worker is inside a model load or a stage that cannot be interrupted. Everything is answered and
-        # ROS is down; skip interpreter finalisation, which would abort on the native threads still running.
+        # The worker or the tracking thread is inside a model load or a stage that cannot be interrupted.
+        # Everything is answered; tearing ROS down under a running thread can hang or abort, and interpreter
+        # finalisation would abort on the native threads, so end the process here.
+        node.get_logger().info('a worker thread is still busy (e.g. loading the model); exiting without it')
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1 if failed else 0)
+    executor.shutdown(timeout_sec=1.0)
+    spinner.join(timeout=1.0)
+    node.destroy_node()
+    rclpy.try_shutdown()
     return 1 if failed else 0
 
 

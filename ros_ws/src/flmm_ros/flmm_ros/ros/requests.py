@@ -133,6 +133,12 @@ class RequestQueue:
                 self._running = None
             self._condition.notify_all()
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request runs or waits (True), or `timeout` s pass (False); closed counts as idle."""
+        with self._condition:
+            return self._condition.wait_for(lambda: self._closed or (self._running is None and not self._waiting),
+                                            timeout)
+
     def remove(self, request: Request) -> bool:
         """Drop a waiting request (e.g. cancelled before it ran); False if it is not waiting."""
         with self._condition:

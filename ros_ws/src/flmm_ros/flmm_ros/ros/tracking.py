@@ -4,8 +4,8 @@
 One thread takes the newest camera frame whenever it is free (frames that came meanwhile are skipped, never
 queued), updates every track, adds 3D from the depth of that frame's stamp and publishes flmm_msgs/
 TrackedObjects, the overlay and markers with the track ids. State changes (lost, found again, stopped) go to
-~/status. The tracker's SAM runs outside the pipeline's lock, so tracking never waits for an instruction and
-an instruction waits at most for one re-grounding (which needs the LMM).
+~/status. An update never starts while an instruction is served (instructions first), so an instruction waits
+at most for the one update already running when it came; the tracker's SAM runs outside the pipeline's lock.
 """
 from __future__ import annotations
 
@@ -91,6 +91,11 @@ class TrackingServer:
             frame = self.frames.wait_newer(max(seq, self._tracked_seq), timeout=1.0)
             if frame is None or self._tracker is not tracker or not tracker.tracks:
                 continue
+            # Instructions first: an update never starts while one is served, so an instruction waits at most
+            # for the one update already running when it came (the 2 cores are not split between them).
+            if not self.queue.wait_idle(timeout=1.0):
+                continue
+            frame = self.frames.latest
             seq = frame.seq
             try:
                 self._track_frame(tracker, frame)
