@@ -144,7 +144,7 @@ class UNetHead(nn.Module):
         if n == 0 or h == 0 or w == 0:
             raise GroundingError(f"mask head got empty attention maps {tuple(maps.shape)}")
         if self.normalize_input:
-            lo, hi = maps.min().item(), maps.max().item()
+            lo, hi = torch.stack(torch.aminmax(maps.detach())).tolist()   # one device round trip, not two
             if not (math.isfinite(lo) and math.isfinite(hi)):
                 raise GroundingError("attention maps contain NaN or infinite values")
             if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
