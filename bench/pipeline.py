@@ -15,6 +15,7 @@ tokens, EOS suppressed so that each answer really has that many), on a cached an
     python bench/pipeline.py                               # embedded tabletop-tiny on this CPU
     python bench/pipeline.py --config llava15-7b --device cuda   # LLaVA-1.5-7B + SAM ViT-L shapes, fp16
     python bench/pipeline.py --config random-small --repeats 2   # smoke (CI)
+    OMP_NUM_THREADS=1 python bench/pipeline.py --clock cpu       # CPU time, on a machine other jobs share
 
 Random weights cost the same as real ones, so the 7B-shaped row needs no download. Peak memory is
 the allocator's peak on CUDA, and on CPU the RSS high-water mark of a fresh process per method
@@ -39,6 +40,7 @@ import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from flmm_ros.grounding import phrases as phrase_rules
+from flmm_ros.grounding import pipeline as pipeline_module
 from flmm_ros.grounding.attention import eager_phrase_attention, enable_phrase_attention
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.head import GroundingHead
@@ -59,6 +61,8 @@ EMBEDDED = ROOT / "ros_ws/src/flmm_ros/models/tabletop_tiny"
 INSTRUCTION = "pick the red mug"
 STAGES = ("vision", "lmm_prefix", "phrase_pass", "mask_head", "sam_encoder", "sam_decoder", "post")
 WAYS = ("ours_new", "ours_cached", "naive")
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock_now = time.perf_counter     # what every time here is read with (--clock)
 ANSWER_TOKENS = (8, 48)
 
 # Random-weight configurations: LLaVA-1.5 (CLIP ViT tower, Llama) sizes and the SAM size.
@@ -191,11 +195,11 @@ def answer_timing(pipe: GroundingPipeline, image: np.ndarray, repeats: int, warm
                 for kind, source in (("cached", frame), ("new", image)):
                     marks, generated[0] = {}, 0
                     sync()
-                    start = time.perf_counter()
+                    start = clock_now()
                     pipe.run(source, INSTRUCTION, on_objects=lambda _r: (sync(), marks.setdefault(
-                        "mask", time.perf_counter())))
+                        "mask", clock_now())))
                     sync()
-                    done = time.perf_counter()
+                    done = clock_now()
                     if i >= warmup:
                         row = samples.setdefault(f"{kind}_{tokens}", {"mask": [], "answer": [], "tokens": []})
                         row["mask"].append(marks["mask"] - start)
@@ -208,12 +212,27 @@ def answer_timing(pipe: GroundingPipeline, image: np.ndarray, repeats: int, warm
                   "answer_tokens": statistics.median(v["tokens"])} for key, v in samples.items()}
 
 
+class _CpuTime:
+    """Stands in for the `time` module inside the pipeline, so that its stage clock reads CPU time."""
+    perf_counter = staticmethod(time.process_time)
+
+
+def use_clock(name: str) -> None:
+    """Read every time here, and the pipeline's stage times, with the clock `name` (CLOCKS)."""
+    global clock_now
+    clock_now = CLOCKS[name]
+    if name == "cpu":
+        if torch.get_num_threads() != 1:
+            sys.exit("--clock cpu adds up the CPU time of every thread: run it with OMP_NUM_THREADS=1")
+        pipeline_module.time = _CpuTime
+
+
 def timed(call, sync) -> tuple[float, dict[str, float]]:
     sync()
-    t = time.perf_counter()
+    t = clock_now()
     stages = call()
     sync()
-    return time.perf_counter() - t, stages
+    return clock_now() - t, stages
 
 
 # ---- memory -------------------------------------------------------------------------------------
@@ -323,11 +342,15 @@ def main() -> None:
     parser.add_argument("--answer-repeats", type=int, default=5,
                         help="runs per answer length for time-to-mask vs time-to-answer (0: skip)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--clock", default="wall", choices=list(CLOCKS),
+                        help="wall: elapsed time; cpu: this process's CPU time (with OMP_NUM_THREADS=1 and nothing else "
+                             "running it equals wall time, and other jobs on the machine barely change it)")
     parser.add_argument("--backend", default="auto", help="our SAM and mask-head runtime (auto: ONNX Runtime on a "
                         "CPU, PyTorch on CUDA; the naive way always runs PyTorch)")
     parser.add_argument("--memory-worker", nargs=4, metavar=("CONFIG", "WAY", "DTYPE", "BACKEND"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    use_clock(args.clock)
     if args.memory_worker:
         cpu_memory_worker(*args.memory_worker)
         return
@@ -335,9 +358,11 @@ def main() -> None:
         sys.exit(f"--device {args.device}: CUDA is not available on this machine")
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     gpu = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "CPU"
-    print(f"torch {torch.__version__}, {gpu}, {torch.get_num_threads()} CPU threads; instruction {INSTRUCTION!r}")
+    print(f"torch {torch.__version__}, {gpu}, {torch.get_num_threads()} CPU threads, {args.clock} clock; "
+          f"instruction {INSTRUCTION!r}; load average {os.getloadavg()[0]:.1f}")
     result = bench(args.config, args.device, dtype, args.repeats, args.warmup, args.answer_repeats, args.backend)
     result["answer_repeats"] = args.answer_repeats
+    result["clock"], result["threads"], result["load_average"] = args.clock, torch.get_num_threads(), os.getloadavg()
     print_table(result)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
