@@ -191,7 +191,9 @@ def answer_timing(pipe: GroundingPipeline, image: np.ndarray, repeats: int, warm
     try:
         for i in range(warmup + repeats):
             for tokens in ANSWER_TOKENS:                  # interleaved, like the three ways
-                pipe.config = replace(base, answer=True, max_new_tokens=tokens)
+                # The LMM's own free answer, generated token by token (not one worded from the masks).
+                free = {"answer_source": "lmm"} if hasattr(base, "answer_source") else {}
+                pipe.config = replace(base, answer=True, max_new_tokens=tokens, **free)
                 for kind, source in (("cached", frame), ("new", image)):
                     marks, generated[0] = {}, 0
                     sync()
