@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from . import track_cues as cues
+from .onnx_runtime import session_options
 from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_image
 from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend, mask_to_box
 from .tracking_config import LOST_REASONS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
@@ -390,9 +391,8 @@ def _limit_threads(backend: OnnxRuntimeBackend, threads: int) -> None:
     """Re-open the backend's CPU sessions with `threads` intra-op threads (ONNX Runtime's default is one per
     core, which would compete with the thread serving instructions)."""
     import onnxruntime as ort
-    options = ort.SessionOptions()
+    options = session_options()   # no spinning threads: they would take the cores instructions need
     options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
     for name in ("encoder", "decoder"):
         path = getattr(backend.models, name)
         setattr(backend, name, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))

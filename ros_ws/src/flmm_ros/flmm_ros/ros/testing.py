@@ -210,6 +210,19 @@ def wait_result(handle, timeout: float = ANSWER_TIMEOUT):
     return response.status, response.result.result
 
 
+_DOMAINS_IN_USE: set[int] = set()
+MAX_DOMAIN_ID = 232      # Fast DDS's ports leave room for domains 0..232
+
+
+def _free_domain_id() -> int:
+    """A DDS domain no other GroundingProcess of this test run uses (several are alive at once: a module's node
+    and a test's own). Random among the rest, so that separate runs on one machine rarely meet either."""
+    free = sorted(set(range(1, MAX_DOMAIN_ID + 1)) - _DOMAINS_IN_USE)
+    domain = random.choice(free)
+    _DOMAINS_IN_USE.add(domain)
+    return domain
+
+
 class GroundingProcess:
     """The node as a subprocess (`--params-file` with `overrides`) plus a probe talking to it in an isolated
     DDS domain. `env` adds environment variables for the node. Other nodes (e.g. a benchmark's camera) can join
@@ -217,7 +230,7 @@ class GroundingProcess:
 
     def __init__(self, tmp: Path, bundle: Path | str | None, overrides: dict, namespace: str = '',
                  camera_qos: QoSProfile = RELIABLE, env: dict | None = None):
-        self.domain_id = random.randint(1, 100)
+        self.domain_id = _free_domain_id()
         params = yaml.safe_load(CONFIG.read_text())
         node_key = next(iter(params))
         if bundle:   # else the params file's model (empty: the embedded one)
@@ -297,6 +310,7 @@ class GroundingProcess:
         self.executor.shutdown()
         self.probe.destroy_node()
         rclpy.try_shutdown(context=self.context)
+        _DOMAINS_IN_USE.discard(self.domain_id)
 
 
 SENSOR_DATA = qos_profile_sensor_data
