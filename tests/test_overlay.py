@@ -112,3 +112,56 @@ def test_label_image_values_and_draw_order(scene):
     expected[80:90, 40:120] = 3
     np.testing.assert_array_equal(labels, expected)
     assert not label_image([], (HEIGHT, WIDTH)).any()
+
+
+# ---- the caption strip (grounded conversation) -------------------------------------------------------------
+from flmm_ros.overlay import (  # noqa: E402
+    CAPTION_BACKGROUND_RGB, CAPTION_TEXT_RGB, caption_layout, caption_strip, draw_grounded_answer)
+
+ANSWER = "the red mug is next to the bowl, on the left."
+
+
+def spanned_objects():
+    red = rectangle_object("the red mug", 20, 60, 60, 100)
+    bowl = rectangle_object("the bowl", 100, 70, 140, 110)
+    red.answer_span = (0, len("the red mug"))
+    bowl.answer_span = (ANSWER.index("the bowl"), ANSWER.index("the bowl") + len("the bowl"))
+    return [red, bowl]
+
+
+def test_the_phrases_words_take_their_objects_colours_and_the_rest_is_black():
+    placed = caption_layout(ANSWER, spanned_objects(), 600)
+    colour_of = {text: rgb for text, rgb, _, _ in placed}
+    assert [text for text, *_ in placed] == ["the", "red", "mug", "is", "next", "to", "the", "bowl", ",", "on",
+                                             "the", "left."]
+    assert [rgb for _, rgb, _, _ in placed[:3]] == [object_colour(0)] * 3
+    assert placed[6][1] == placed[7][1] == object_colour(1)        # "the bowl" ...
+    assert colour_of[","] == colour_of["is"] == colour_of["left."] == CAPTION_TEXT_RGB   # ... its comma is not
+    assert placed[8][2] > placed[7][2] and placed[8][3] == placed[7][3]   # the comma right after "bowl"
+
+
+def test_the_strip_draws_each_word_in_its_colour_and_wraps_to_the_width():
+    objects = spanned_objects()
+    strip = caption_strip(ANSWER, objects, 600)
+    assert strip.dtype == np.uint8 and strip.shape[1] == 600
+    for text, rgb, x, y in caption_layout(ANSWER, objects, 600):
+        ink = strip[y - 10:y + 2, x:x + 6 * len(text)].reshape(-1, 3)
+        ink = ink[(ink != CAPTION_BACKGROUND_RGB).any(axis=1)]
+        closest = min((object_colour(0), object_colour(1), CAPTION_TEXT_RGB),
+                      key=lambda c: np.abs(ink.astype(int) - c).sum(axis=1).min())
+        assert closest == rgb, text
+    narrow = caption_strip(ANSWER, objects, 120)
+    assert narrow.shape[0] > strip.shape[0]                         # more lines
+    lines = {y for *_, y in caption_layout(ANSWER, objects, 120)}
+    assert len(lines) >= 3 and all(x + 1 < 120 for _, _, x, _ in caption_layout(ANSWER, objects, 120))
+
+
+def test_grounded_answer_is_the_overlay_over_its_caption(scene):
+    image, _ = scene
+    objects = spanned_objects()
+    out = draw_grounded_answer(image, ANSWER, objects)
+    np.testing.assert_array_equal(out[:HEIGHT], draw_overlay(image, objects))
+    np.testing.assert_array_equal(out[HEIGHT:], caption_strip(ANSWER, objects, WIDTH))
+    plain = caption_strip(ANSWER, [rectangle_object("x", 0, 0, 4, 4)], 600)   # no spans: all black text
+    ink = plain[(plain != CAPTION_BACKGROUND_RGB).any(axis=2)]
+    assert ink.min() < 50 and (ink[:, 0] == ink[:, 1]).all() and (ink[:, 1] == ink[:, 2]).all()

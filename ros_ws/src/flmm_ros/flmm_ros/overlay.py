@@ -1,6 +1,7 @@
 """Pictures of a grounding result: an RGB overlay for RViz and a mono8 label image (no ROS)."""
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import cv2
@@ -77,3 +78,67 @@ def label_image(objects: Sequence[GroundedObject], shape: Sequence[int]) -> np.n
     for index, obj in enumerate(objects):
         labels[_foreground(obj, height, width)] = index + 1
     return labels
+
+
+# The caption strip under an overlay (grounded conversation): the answer, each grounded phrase's words in its
+# object's colour. OpenCV's Hershey fonts draw ASCII only; other characters come out as '?'.
+CAPTION_FONT, CAPTION_SCALE, CAPTION_THICKNESS = cv2.FONT_HERSHEY_SIMPLEX, 0.5, 1
+CAPTION_MARGIN, CAPTION_LINE_GAP = 6, 6
+CAPTION_TEXT_RGB, CAPTION_BACKGROUND_RGB = (0, 0, 0), (255, 255, 255)
+
+
+def caption_layout(answer: str, objects: Sequence[GroundedObject], width: int,
+                   colours: Sequence[int] | None = None) -> list[tuple[str, tuple[int, int, int], int, int]]:
+    """Where the caption's words go: (word, RGB, x, baseline y) per word, wrapped to `width`. A word takes the
+    colour of the object whose `answer_span` holds its first character (black when none does)."""
+    colours = list(range(len(objects))) if colours is None else list(colours)
+    owner = [None] * len(answer)
+    for index, obj in zip(colours, objects, strict=True):
+        if obj.answer_span is not None:
+            start, end = obj.answer_span
+            for i in range(max(0, start), min(len(answer), end)):
+                owner[i] = object_colour(index)
+    (_, text_h), baseline = cv2.getTextSize("Ag", CAPTION_FONT, CAPTION_SCALE, CAPTION_THICKNESS)
+    line_h = text_h + baseline + CAPTION_LINE_GAP
+    space = cv2.getTextSize(" ", CAPTION_FONT, CAPTION_SCALE, CAPTION_THICKNESS)[0][0]
+    x, y, placed = CAPTION_MARGIN, CAPTION_MARGIN + text_h, []
+    for match in re.finditer(r"\S+", answer):
+        # A word split between a phrase and plain text ("mug," after "the red mug") is drawn in two pieces.
+        pieces, start = [], match.start()
+        for i in range(match.start() + 1, match.end() + 1):
+            if i == match.end() or owner[i] != owner[start]:
+                pieces.append((answer[start:i], owner[start] or CAPTION_TEXT_RGB))
+                start = i
+        word_w = sum(cv2.getTextSize(p, CAPTION_FONT, CAPTION_SCALE, CAPTION_THICKNESS)[0][0] for p, _ in pieces)
+        if x > CAPTION_MARGIN and x + word_w > width - CAPTION_MARGIN:
+            x, y = CAPTION_MARGIN, y + line_h
+        for text, rgb in pieces:
+            placed.append((text, rgb, x, y))
+            x += cv2.getTextSize(text, CAPTION_FONT, CAPTION_SCALE, CAPTION_THICKNESS)[0][0]
+        x += space
+    return placed
+
+
+def caption_strip(answer: str, objects: Sequence[GroundedObject], width: int,
+                  colours: Sequence[int] | None = None) -> np.ndarray:
+    """A white (h, width, 3) uint8 strip with the answer in black and each grounded phrase's words in its object's
+    colour, underlined (`caption_layout`); h fits the wrapped text."""
+    placed = caption_layout(answer, objects, width, colours)
+    _, baseline = cv2.getTextSize("Ag", CAPTION_FONT, CAPTION_SCALE, CAPTION_THICKNESS)
+    bottom = max((y for *_, y in placed), default=0) + baseline + CAPTION_MARGIN
+    strip = np.empty((max(bottom, 2 * CAPTION_MARGIN), width, 3), np.uint8)
+    strip[:] = CAPTION_BACKGROUND_RGB
+    for text, rgb, x, y in placed:
+        cv2.putText(strip, text, (x, y), CAPTION_FONT, CAPTION_SCALE, rgb, CAPTION_THICKNESS, cv2.LINE_AA)
+        if rgb != CAPTION_TEXT_RGB:     # a grounded phrase is underlined too, so thin letters still show it
+            text_w = cv2.getTextSize(text, CAPTION_FONT, CAPTION_SCALE, CAPTION_THICKNESS)[0][0]
+            cv2.line(strip, (x, y + 3), (x + text_w, y + 3), rgb, 2)
+    return strip
+
+
+def draw_grounded_answer(rgb: np.ndarray, answer: str, objects: Sequence[GroundedObject], alpha: float = 0.45,
+                         colours: Sequence[int] | None = None) -> np.ndarray:
+    """`draw_overlay` with the caption strip under it: "[the red mug] is next to [the blue bowl]", each phrase
+    in its mask's colour. The result is taller than `rgb` by the strip's height."""
+    overlay = draw_overlay(rgb, objects, alpha, colours)
+    return np.vstack([overlay, caption_strip(answer, objects, rgb.shape[1], colours)])
