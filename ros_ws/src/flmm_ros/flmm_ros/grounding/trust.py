@@ -1,0 +1,175 @@
+"""Answers a robot can trust (issue #18), as a mixin of GroundingPipeline's instruction mode:
+
+- presence (presence.py): each phrase gets a calibrated probability that it names something in view; below
+  `presence_threshold` its object is `found=False` with an empty mask, and the result lists it in `not_found`;
+- instances (instances.py): with `instances: auto`, a plural phrase ("all the mugs") gives one object per instance;
+- the answer (answers.py): with `answer_source: grounded`, what it says about the objects follows the above.
+
+The calibration comes from the model bundle (`presence` in flmm_bundle.yaml); a plain LMM uses the LMM's own
+yes / no (`PresenceCalibration.lmm_only`). A bundle may also hold a head trained for plural phrases
+(plural_head.py), which then grounds them before they are split into instances.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import answers
+from .bundle import is_bundle, read_bundle_spec
+from .instances import InstanceSplitter, is_plural, singular_probe
+from .plural_head import load_plural_head, plural_head_path
+from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
+from .types import GroundedObject, GroundingResult
+
+log = logging.getLogger(__name__)
+ANSWER_BRANCHES = 2       # alternatives tried at each branching step of a constrained answer
+
+
+def presence_calibration_of(model: str) -> PresenceCalibration:
+    """The bundle's presence calibration, or the LMM-only fallback (a plain LMM, or a bundle without one)."""
+    if is_bundle(model):
+        spec = read_bundle_spec(model).get("presence")
+        if spec:
+            return PresenceCalibration.from_spec(spec)
+        log.info("%s has no presence calibration: presence is the LMM's own yes / no", Path(model).name)
+    return PresenceCalibration.lmm_only()
+
+
+def absent(obj: GroundedObject, presence: float) -> GroundedObject:
+    """The object of a phrase judged absent: kept, but with nothing a robot could act on."""
+    return replace(obj, mask=np.zeros_like(obj.mask), box=(0, 0, 0, 0), score=0.0, found=False, presence=presence,
+                   instance=0)
+
+
+def _one(logits, k: int):
+    """Phrase k's part of GroundingLogits (what presence features read), as a one-phrase GroundingLogits."""
+    pick = (lambda t: None if t is None else t[k:k + 1])
+    lmm = logits.lmm
+    if lmm is not None:
+        lmm = replace(lmm, maps=lmm.maps[k:k + 1], hidden_states=lmm.hidden_states[k:k + 1],
+                      token_logprobs=None if lmm.token_logprobs is None else lmm.token_logprobs[k:k + 1])
+    return replace(logits, coarse=logits.coarse[k:k + 1], refined=pick(logits.refined), iou=pick(logits.iou),
+                   tokens=None if logits.tokens is None else logits.tokens[k:k + 1], lmm=lmm)
+
+
+def not_found(phrases: list[str], objects: list[GroundedObject]) -> list[str]:
+    """The phrases with no found object, in phrase order."""
+    found = {o.phrase for o in objects if o.found}
+    return [p for p in phrases if p not in found]
+
+
+class TrustMixin:
+    """Presence decisions, instance splitting and the grounded answer for GroundingPipeline. Uses its LMM,
+    refiner and config under its lock; the judge (calibration + yes / no ids) is made on first use."""
+
+    _presence_judge: PresenceJudge | None = None
+    _plural: object | None = None      # a GroundingPipeline on the plural head, sharing the LMM (plural_head.py)
+
+    def load_trust_parts(self) -> None:
+        """Read the bundle's presence calibration and plural head now (errors at load time, not mid-instruction)."""
+        self.presence_judge
+        path = plural_head_path(self.config.model)
+        if path is not None and self.refiner is not None:
+            head = load_plural_head(self.head, path)
+            self._plural = type(self)(self.lmm, head, self._refiner(self.config, head), self.config,
+                                      self._mask_head_engine(self.config, head, self.lmm))
+
+    @property
+    def presence_judge(self) -> PresenceJudge:
+        if self._presence_judge is None:
+            self._presence_judge = PresenceJudge(self.lmm, presence_calibration_of(self.config.model))
+        return self._presence_judge
+
+    def set_presence_calibration(self, calibration: PresenceCalibration) -> None:
+        """Use this calibration from the next instruction (the calibration tool scores candidates this way)."""
+        self._presence_judge = PresenceJudge(self.lmm, calibration)
+
+    def _trusted_objects(self, frame, phrases: list[str], logits, objects: list[GroundedObject]
+                         ) -> list[GroundedObject]:
+        """Presence decision per phrase; plural phrases split into instances (see the module docstring)."""
+        cfg, judge = self.config, self.presence_judge
+        values = self.presence_features(frame, phrases, logits) if judge.enabled else [{} for _ in phrases]
+        out = []
+        for k, obj in enumerate(objects):
+            presence = judge.probability(values[k])
+            if presence < cfg.presence_threshold:
+                out.append(absent(obj, presence))
+            elif cfg.instances == "auto" and is_plural(phrases[k]) and logits.refined is not None \
+                    and frame.sam is not None:
+                out += self._instances(frame, logits, k, obj, presence)
+            else:
+                out.append(replace(obj, presence=presence))
+        return out
+
+    def presence_features(self, frame, phrases: list[str], logits, judge: PresenceJudge | None = None
+                          ) -> list[dict[str, float | None]]:
+        """The presence features of each phrase. A plural phrase is there when one instance is, so its features
+        are those of its singular probe ("all the mugs" -> "the mug"), grounded in one more pass: the LMM knows
+        singular phrases, and the calibration is one for all."""
+        judge = judge or self.presence_judge
+        thr, hw = self.config.mask_threshold, frame.image_hw
+        values = [None] * len(phrases)
+        singular = [k for k, p in enumerate(phrases) if not is_plural(p)]
+        if len(singular) == len(phrases):
+            return judge.features(frame.lmm, phrases, logits, hw, thr)
+        for k in singular:
+            values[k] = judge.features(frame.lmm, [phrases[k]], _one(logits, k), hw, thr)[0]
+        plural = [k for k in range(len(phrases)) if k not in singular]
+        probes = [singular_probe(phrases[k]) for k in plural]
+        for k, v in zip(plural, judge.features(frame.lmm, probes, self.ground_logits(frame, probes), hw, thr)):
+            values[k] = v
+        return values
+
+    def _instances(self, frame, logits, k: int, obj: GroundedObject, presence: float) -> list[GroundedObject]:
+        grounder, index = self, k
+        if self._plural is not None:   # the plural head grounds the phrase again from the same LMM pass
+            grounder, index = self._plural, 0
+            logits = grounder.head_logits(_one(logits, k).lmm, frame.lmm.prepared, frame.sam)
+        splitter = InstanceSplitter(grounder.refiner, self.config.max_instances, self.config.mask_threshold)
+        found = splitter.split(frame.sam, logits.coarse[index], logits.refined[index].float().sigmoid(),
+                               logits.tokens[index], getattr(frame, "image", None))
+        if not found:   # the phrase's mask held no object-sized instance
+            return [absent(obj, presence)]
+        out = []
+        for i, instance in enumerate(found, start=1):
+            ys, xs = np.nonzero(instance.mask)
+            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            out.append(replace(obj, mask=instance.mask.astype(np.uint8) * 255, box=box, score=instance.score,
+                               presence=presence, instance=i))
+        return out
+
+    def _trusted_answer(self, frame, instruction: str, phrases: list[str], objects: list[GroundedObject]) -> str:
+        """The spoken answer: the LMM's own (`answer_source: lmm`) or one that follows the objects (answers.py)."""
+        if self.config.answer_source == "lmm":
+            return self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
+        return answers.grounded_answer(instruction, phrases, objects,
+                                       lambda prefix, banned: self._constrained(frame, instruction, prefix, banned))
+
+    def _constrained(self, frame, instruction: str, prefix: str, banned: list[str]) -> str:
+        """The LMM's answer after a forced `prefix`; or, with `banned` words, its most likely answer that never uses
+        one. Decoding token by token with the words removed can leave the sentence the LMM began ("there is no"
+        -> "there is yes", "is in the middle" -> "is in the right"), so where a ban bites, the search also
+        branches at the first step and at the two steps before, and keeps the likeliest whole answer."""
+        lmm, limit = self.lmm, self.config.max_new_tokens
+        if prefix or not banned:
+            return f"{prefix} {lmm.generate(frame.lmm, instruction, limit, prefix)}".strip()
+        spellings = tuple(v for w in banned for v in (w, w.capitalize(), f" {w}", f" {w.capitalize()}"))
+        banned_ids = answer_token_ids(lmm.tokenizer, spellings)
+        best = lmm.generate_scored(frame.lmm, instruction, limit, [], banned_ids, ANSWER_BRANCHES)
+        if best.conflict is not None:
+            first = best
+            for step in sorted({0, first.conflict - 2, first.conflict - 1} & set(range(first.conflict))):
+                for token in first.alternatives[step]:
+                    other = lmm.generate_scored(frame.lmm, instruction, limit, first.ids[:step] + [token], banned_ids,
+                                                ANSWER_BRANCHES)
+                    if other.logprob > best.logprob:
+                        best = other
+        return lmm.tokenizer.decode(best.ids, skip_special_tokens=True).strip()
+
+    @staticmethod
+    def _with_not_found(result: GroundingResult) -> GroundingResult:
+        result.not_found = not_found(result.phrases, result.objects)
+        return result

@@ -1,0 +1,115 @@
+"""All instances of a plural phrase (grounding/instances.py): the plural rules and the SAM-prompted splitting."""
+import numpy as np
+import pytest
+import torch
+from flmm_ros.grounding.instances import (
+    InstanceSplitter,
+    is_plural,
+    seed_regions,
+    singular,
+    singular_probe,
+)
+
+
+@pytest.mark.parametrize("phrase, plural, probe", [
+    ("the mugs", True, "the mug"), ("all the balls", True, "the ball"), ("both boxes", True, "the box"),
+    ("every red object", True, "the red object"), ("the two mugs", True, "the mug"),
+    ("all the red mugs on the left", True, "the red mug on the left"), ("the glasses", True, "the glass"),
+    ("the boxes next to the bowl", True, "the box next to the bowl"), ("mugs", True, "the mug"),
+    ("the red mug", False, None), ("the glass", False, None), ("the mug on the left", False, None),
+    ("the box next to the bowls", False, None), ("the left mug", False, None), ("the bus", False, None),
+    ("this", False, None),
+])
+def test_plural_and_quantified_phrases_and_their_single_instance(phrase, plural, probe):
+    assert is_plural(phrase) == plural
+    if plural:
+        assert singular_probe(phrase) == probe
+
+
+@pytest.mark.parametrize("word, one", [("boxes", "box"), ("batteries", "battery"), ("knives", "knife"),
+                                       ("glasses", "glass"), ("dishes", "dish"), ("bottles", "bottle"),
+                                       ("mug", "mug")])
+def test_singular_nouns(word, one):
+    assert singular(word) == one
+
+
+def disc(h, w, cy, cx, r):
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+class BoxPickingSam:
+    """Stands in for SAM's decoder: for each box prompt, the object that fills most of the box."""
+
+    def __init__(self, objects):
+        self.objects = objects
+        self.calls = 0
+
+    def refine_scored(self, sam, dense, tokens, boxes):
+        assert len(dense) == len(tokens) == len(boxes)
+        self.calls += len(boxes)
+        out = []
+        for x0, y0, x1, y1 in boxes.int().tolist():
+            inside = [o[y0:y1, x0:x1].sum() for o in self.objects]
+            best = self.objects[int(np.argmax(inside))]
+            out.append(torch.where(torch.from_numpy(best), 10.0, -10.0))
+        return torch.stack(out), torch.full((len(boxes),), 0.9)
+
+
+def split(objects, union=None, image=None):
+    union = np.any(objects, axis=0) if union is None else union
+    sam = BoxPickingSam(objects)
+    splitter = InstanceSplitter(sam, max_instances=8, mask_threshold=0.5)
+    prob = torch.from_numpy(union.astype(np.float32))
+    found = splitter.split("encoding", torch.zeros(16, 16), prob, torch.zeros(2, 8), image)
+    return found, sam
+
+
+def ious(found, objects):
+    return [[(f.mask & o).sum() / (f.mask | o).sum() for o in objects] for f in found]
+
+
+def test_touching_objects_in_one_connected_mask_come_apart():
+    h, w = 96, 160
+    objects = [disc(h, w, 48, 40, 22), disc(h, w, 50, 78, 20), disc(h, w, 46, 116, 22)]
+    objects = [objects[0] & ~objects[1], objects[1] & ~objects[2], objects[2]]    # occluding each other
+    union = np.any(objects, axis=0)
+    import cv2
+    assert cv2.connectedComponents(union.astype(np.uint8))[0] == 2      # background + one blob
+    found, _ = split(objects)
+    assert len(found) == 3
+    overlap = ious(found, objects)
+    assert all(max(row) > 0.95 for row in overlap)
+    assert sorted(int(np.argmax(row)) for row in overlap) == [0, 1, 2]
+    # In reading order, left to right.
+    assert [int(np.argmax(row)) for row in overlap] == [0, 1, 2]
+
+
+def test_seeds_follow_the_camera_images_edges():
+    h, w = 80, 120
+    left, right = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    left[20:60, 20:60], right[20:60, 60:100] = True, True      # two squares side by side: one rectangle
+    image = np.zeros((h, w, 3), np.uint8)
+    image[left], image[right] = (200, 30, 30), (30, 30, 200)
+    regions = seed_regions(left | right, image, min_area=20)
+    assert len(regions) >= 2
+    for region in regions:   # no region straddles the colour edge much
+        assert min((region & left).sum(), (region & right).sum()) <= 0.1 * region.sum()
+
+
+def test_copies_and_strays_are_dropped_and_empty_masks_give_nothing():
+    h, w = 80, 120
+    big = disc(h, w, 40, 60, 30)
+    outside = disc(h, w, 10, 10, 8) & ~big
+    found, sam = split([big, outside], union=big)   # SAM may answer with something outside the phrase's mask
+    assert len(found) == 1 and ious(found, [big])[0][0] > 0.95 and sam.calls >= 1
+    assert split([np.zeros((h, w), bool)])[0] == []
+
+
+def test_at_most_max_instances():
+    h, w = 60, 300
+    objects = [disc(h, w, 30, 25 + 50 * i, 18) for i in range(6)]
+    sam = BoxPickingSam(objects)
+    found = InstanceSplitter(sam, max_instances=3, mask_threshold=0.5).split(
+        "encoding", torch.zeros(8, 8), torch.from_numpy(np.any(objects, 0).astype(np.float32)), torch.zeros(1, 8), None)
+    assert len(found) == 3

@@ -1,0 +1,57 @@
+"""The trust evaluation and presence calibration tool on tabletop scenes (tabletop/trust_eval.py)."""
+import numpy as np
+import pytest
+import yaml
+from flmm_ros.grounding.bundle import BUNDLE_FILE
+from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.pipeline import GroundingPipeline
+from flmm_ros.grounding.testing import TEST_WORDS, word_tokenizer, write_random_bundle
+from flmm_ros.tabletop import trust_eval
+
+
+def test_instance_matching_is_one_to_one_at_iou_half():
+    a = np.zeros((10, 10), bool)
+    a[:, :5] = True
+    b = ~a
+    half = np.zeros((10, 10), bool)
+    half[:, :3] = True                  # IoU 0.6 with a
+    assert trust_eval.matched([a, b], [a, b]) == 2
+    assert trust_eval.matched([a, a], [a, b]) == 1          # a copy is not a second instance
+    assert trust_eval.matched([half], [a]) == 1 and trust_eval.matched([half[:, ::-1]], [a]) == 0
+
+
+def test_touching_masks():
+    a, b = np.zeros((10, 20), bool), np.zeros((10, 20), bool)
+    a[:, :5], b[:, 6:10] = True, True
+    assert trust_eval.touching([a, b])
+    b[:] = False
+    b[:, 15:] = True
+    assert not trust_eval.touching([a, b])
+
+
+def test_roc_area_and_the_operating_point_at_five_percent_miss():
+    scores, labels = [0.9, 0.8, 0.7, 0.4, 0.3, 0.2], [1, 1, 1, 0, 0, 0]
+    assert trust_eval.roc_auc(scores, labels) == 1.0
+    assert trust_eval.roc_auc(scores, [0, 0, 0, 1, 1, 1]) == 0.0
+    point = trust_eval.operating_point([0.1 * i for i in range(100)] + [0.5] * 10, [1] * 100 + [0] * 10)
+    assert point["miss"] <= 0.05 and point["false_positive"] == 1.0
+    assert point["threshold"] == pytest.approx(0.5)
+
+
+def test_calibrate_writes_a_calibration_the_pipeline_then_uses_and_evaluate_reports_every_number(tmp_path, capsys):
+    bundle = write_random_bundle(tmp_path / "bundle", tokenizer=word_tokenizer([*TEST_WORDS, "yes", "no"]))
+    trust_eval.main(["calibrate", "--model", str(bundle), "--split", "val", "--count", "2", "--write"])
+    spec = yaml.safe_load((bundle / BUNDLE_FILE).read_text())["presence"]
+    assert spec["question"] in trust_eval.QUESTIONS and "auc" in spec["metrics"] and "val scenes" in spec["source"]
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle)))
+    assert pipe.presence_judge.calibration.calibrated
+    out = tmp_path / "scores.json"
+    trust_eval.main(["evaluate", "--model", str(bundle), "--count", "2", "--answer-scenes", "1", "--json", str(out)])
+    import json
+    scores = json.loads(out.read_text())
+    assert {"presence", "instances", "agreement", "answer_accuracy", "referring"} <= set(scores)
+    presence = scores["presence"]
+    assert presence["present"] > 0 and presence["absent"] > 0 and 0 <= presence["false_positive_rate"] <= 1
+    assert set(scores["instances"]) == {"all", "touching", "apart"}
+    assert {"instruction", "presence question", "all"} <= set(scores["agreement"])
+    assert set(scores["answer_accuracy"]) == {"grounded", "lmm"}
