@@ -4,7 +4,9 @@
 #   2. pre-train the tiny SAM on generated scenes (box, point, dense-mask and kind prompts), (1 and 2 in parallel)
 #   3. train F-LMM's grounding head (mask head + text projection + SAM prompt encoder/decoder) on the frozen
 #      LMM, and the same recipe on an untrained copy of the LMM (the control row),          (in parallel)
-#   4. evaluate on 500 held-out scenes (+ whole-image baseline, LMM answer accuracy); write the model card.
+#   3b. go on training the head with plural phrases (instance scenes), fit the presence calibration (#18),
+#   4. evaluate on 500 held-out scenes (+ whole-image baseline, LMM answer accuracy, absent targets, instances,
+#      answer agreement); write the model card.
 # One torch thread per job: on 2 cores, two jobs with more threads each slow each other down many times.
 # Deterministic seeds; each step resumes from its checkpoint if interrupted. Work files go to out/tabletop_build/.
 set -eo pipefail
@@ -38,5 +40,16 @@ wait $head_pid
 wait $random_pid
 echo "[build] grounding heads trained after $(( $(date +%s) - start )) s"
 
+# Plural phrases (#18): the head goes on with instance scenes (union targets) among ordinary ones, then the presence
+# calibration is fitted on validation scenes and stored in the bundle.
+python -m flmm_ros.tabletop.head_cli train --lmm "$BUNDLE" --sam-arch "$WORK/sam/sam_arch.yaml" --mask-head-base 32 \
+    --train-count 4000 --group-count 1500 --val-count 40 --epochs 1 --batch-size 4 --lr 1e-4 --eval-every 250 \
+    --save-every 100 --threads 1 --out "$WORK/head_plural" --bundle-out "$BUNDLE" > "$WORK/head_plural.log" 2>&1
+python -m flmm_ros.tabletop.trust_eval calibrate --model "$BUNDLE" --split val --count 600 --write \
+    > "$WORK/calibrate.log" 2>&1
+echo "[build] plural phrases and presence calibration after $(( $(date +%s) - start )) s"
+
+python -m flmm_ros.tabletop.trust_eval evaluate --model "$BUNDLE" --split test --count 500 --json "$WORK/trust.json" \
+    > "$WORK/trust.log" 2>&1
 python -m flmm_ros.tabletop.model_card card --bundle "$BUNDLE" --random-bundle "$WORK/random_lmm_bundle" \
-    --work "$WORK" --count 500 --build-seconds $(( $(date +%s) - start ))
+    --work "$WORK" --count 500 --build-seconds $(( $(date +%s) - start )) --trust-json "$WORK/trust.json"

@@ -218,6 +218,8 @@ def test_masks_come_before_the_answer_is_generated(pipe, monkeypatch):
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(pipe.lmm, "generate", recording_generate)
+    monkeypatch.setattr(pipe.config, "answer_source", "lmm")    # the LMM's free answer (a command's grounded one
+    # is worded from the masks, test_trust.py)
 
     def on_objects(partial):
         events.append("objects")
@@ -237,3 +239,20 @@ def test_reasoning_mode_hands_over_the_masks_with_their_answer(bundle):
     early = []
     result = pipe.run(image(7), "what can hold soup?", on_objects=early.append)
     assert len(early) == 1 and early[0].answer == result.answer and early[0].answer.startswith("It is")
+
+
+def test_on_objects_may_use_the_pipeline_from_another_thread(pipe):
+    """The node starts tracking from on_objects, and the tracker's re-grounding takes the pipeline's lock in its
+    own thread: the callback must run outside that lock, or the two threads wait for each other for ever."""
+    import threading
+    frame = pipe.encode(image(8))
+    grounded = []
+
+    def on_objects(partial):
+        helper = threading.Thread(target=lambda: grounded.append(pipe.ground(frame, ["the ball"])))
+        helper.start()
+        helper.join(timeout=120)
+        assert not helper.is_alive(), "the pipeline's lock was held while on_objects ran"
+
+    pipe.run(frame, "pick the mug", on_objects=on_objects)
+    assert len(grounded) == 1 and grounded[0][0].phrase == "the ball"

@@ -207,3 +207,72 @@ def test_splits_are_disjoint_seed_ranges():
         split_seeds("holdout", 1)
     with pytest.raises(ValueError):
         generate_scene(0, (32, 32))
+
+
+# --- expressions that name nothing, plural expressions, instance scenes (issue #18) ---
+
+def test_absent_expressions_name_nothing_in_their_scene():
+    from flmm_ros.tabletop.language import ABSENT_REASONS, FAR_DISTANCE
+    reasons = set()
+    for seed in range(150):
+        scene = generate_scene(seed, (240, 320))
+        objs = scene.objects
+        assert scene.absent, seed
+        for a in scene.absent:
+            reasons.add(a.reason)
+            words = a.expression.split()
+            if a.reason == "colour and kind":
+                assert not any(o.colour == words[1] and o.kind == words[2] for o in objs), a
+            elif a.reason == "kind":
+                assert not any(o.kind == words[1] for o in objs), a
+            elif a.reason == "colour":
+                assert not any(o.colour == words[1] for o in objs), a
+            elif a.reason == "plural":
+                kind = {v: k for k, v in PLURALS.items()}[words[-1]]
+                assert not any(o.kind == kind for o in objs), a
+            else:
+                m = re.fullmatch(r"the (\w+) next to (the .+)", a.expression)
+                (anchor,) = _resolve(scene, m[2])
+                same = _candidates(scene, m[1])
+                assert same and all(_dist(o, anchor) >= FAR_DISTANCE for o in same), a
+    assert reasons == set(ABSENT_REASONS)
+
+
+def test_group_expressions_name_every_object_of_their_kind_or_colour():
+    found = set()
+    for seed in range(150):
+        scene = generate_scene(seed, (240, 320))
+        for g in scene.groups:
+            words = g.expression.split()
+            named = [i for i, o in enumerate(scene.objects)
+                     if (o.kind in (words[-1], {v: k for k, v in PLURALS.items()}.get(words[-1])))
+                     or (words[-1] in ("object", "objects") and o.colour == words[-2])]
+            if words[-1] not in ("object", "objects") and words[-2] in COLOURS:   # "the red mugs"
+                named = [i for i in named if scene.objects[i].colour == words[-2]]
+            assert g.targets == tuple(named) and len(named) >= 2, (seed, g)
+            found.add(" ".join(w if w not in COLOURS + KINDS + tuple(PLURALS.values()) else "X" for w in words))
+    assert {"the X", "all the X", "every X", "both X", "all the X objects", "every X object", "the X X"} <= found
+
+
+def test_instance_scenes_hold_two_to_four_objects_of_the_named_kind_some_touching():
+    from flmm_ros.tabletop.scenes import INSTANCE_COUNTS, generate_instance_scene
+    counts, touching = [], 0
+    for seed in range(60):
+        scene, kind = generate_instance_scene(seed, (240, 320))
+        again, _ = generate_instance_scene(seed, (240, 320))
+        assert np.array_equal(scene.image, again.image)
+        named = [o for o in scene.objects if o.kind == kind]
+        counts.append(len(named))
+        assert len(scene.objects) > len(named)            # and an object of another kind
+        cover = np.sum([o.mask for o in scene.objects], axis=0)
+        assert cover.max() <= 1                            # exact, disjoint instance masks
+        grown = [np.pad(o.mask, 2)[:-4, 2:-2] | np.pad(o.mask, 2)[4:, 2:-2] | np.pad(o.mask, 2)[2:-2, :-4]
+                 | np.pad(o.mask, 2)[2:-2, 4:] for o in named]
+        touching += any((grown[a] & named[b].mask).any() for a in range(len(named)) for b in range(len(named))
+                        if a != b)
+        if len(named) >= 2:
+            assert any(set(g.targets) == {i for i, o in enumerate(scene.objects) if o.kind == kind}
+                       for g in scene.groups)
+    assert set(counts) >= set(INSTANCE_COUNTS) and sum(c in INSTANCE_COUNTS for c in counts) >= 0.95 * len(counts)
+    assert touching >= 0.3 * len(counts)
+    assert not np.array_equal(generate_instance_scene(0, (240, 320))[0].image, generate_scene(0, (240, 320)).image)

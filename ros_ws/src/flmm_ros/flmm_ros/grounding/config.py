@@ -12,7 +12,9 @@ from .types import GroundingError
 # "auto" is F-LMM's setting: its configs load the LMM in bfloat16 (on GPUs); on a CPU we keep float32.
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("auto", "torch", "onnxruntime", "tensorrt")
-PHRASE_MODES = ("instruction", "reasoning")
+INSTANCE_MODES = ("auto", "off")
+ANSWER_SOURCES = ("grounded", "lmm")
+PHRASE_MODES = ("instruction", "reasoning", "conversation")
 
 
 @dataclass
@@ -42,10 +44,26 @@ class PipelineConfig:
     max_new_tokens: int = setting(24, "Most tokens generated for the spoken answer (reasoning mode generates "
                                       "F-LMM's 16 after 'It is').")
     phrase_mode: str = setting("instruction", "instruction: ground the objects named in the instruction; "
-                                              "reasoning: ground the answer (F-LMM's recipe).", PHRASE_MODES)
+                                              "reasoning: ground the answer (F-LMM's recipe); conversation: answer "
+                                              "freely and ground every noun phrase of the answer from its own "
+                                              "tokens, each object with its character span in the answer (raise "
+                                              "max_new_tokens for long answers).",
+                               PHRASE_MODES)
     mask_threshold: float = setting(0.5, "Foreground probability above which a pixel belongs to a published "
                                          "mask, in (0, 1).")
     refine: bool = setting(True, "Refine the mask head's coarse masks with SAM (false: publish the coarse masks).")
+    presence_threshold: float = setting(0.5, "Instruction mode: presence probability (calibrated, presence.py) below "
+                                             "which a phrase is judged absent: its object gets found=false and an "
+                                             "empty mask, and the result lists it in not_found. In [0, 1); 0 = "
+                                             "never absent (F-LMM).")
+    instances: str = setting("auto", "Instruction mode: auto = a plural or quantified phrase ('all the mugs', "
+                                     "'both boxes') gives one object per instance (needs the refiner); off = one "
+                                     "mask per phrase (F-LMM).", INSTANCE_MODES)
+    max_instances: int = setting(8, "Most instances returned for one plural phrase.")
+    answer_source: str = setting("grounded", "Instruction mode: grounded = the spoken answer states what the "
+                                             "grounding found (absent phrases, places from the masks, yes/no and "
+                                             "counts), the LMM wording the rest; lmm = the LMM's free answer "
+                                             "(F-LMM).", ANSWER_SOURCES)
 
     @classmethod
     def from_dict(cls, values: dict) -> "PipelineConfig":
@@ -68,6 +86,14 @@ class PipelineConfig:
             raise GroundingError(f"mask_threshold must be a probability in (0, 1), got {self.mask_threshold}")
         if self.max_new_tokens < 1:
             raise GroundingError("max_new_tokens must be at least 1")
+        if not 0.0 <= self.presence_threshold < 1.0:
+            raise GroundingError(f"presence_threshold must be a probability in [0, 1), got {self.presence_threshold}")
+        if self.instances not in INSTANCE_MODES:
+            raise GroundingError(f"instances {self.instances!r} is not one of {list(INSTANCE_MODES)}")
+        if self.max_instances < 1:
+            raise GroundingError("max_instances must be at least 1")
+        if self.answer_source not in ANSWER_SOURCES:
+            raise GroundingError(f"answer_source {self.answer_source!r} is not one of {list(ANSWER_SOURCES)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise GroundingError(f"device {self.device!r} requested but CUDA is not available")
 

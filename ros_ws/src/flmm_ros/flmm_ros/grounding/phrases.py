@@ -66,7 +66,8 @@ LEADING_FILLERS = _phrases(
     "try to", "go and", "go", "help me", "let's", "quickly", "carefully", "gently", "slowly")
 TRAILING_FILLERS = _phrases(
     "please", "for me", "thanks", "thank you", "now", "right now", "quickly", "carefully", "gently",
-    "slowly", "up", "is", "are", "located", "is located", ",")
+    "slowly", "up", "is", "are", "located", "is located", ",", "are there", "is there", "do you see",
+    "can you see", "in the image", "in the picture", "in the scene", "in view")
 SELECT_VERBS = _phrases(
     "pick up", "pick out", "pick", "grab", "grasp", "take", "take out", "get", "get me", "fetch",
     "find", "locate", "show", "show me", "show me where", "tell me where", "point at", "point to",
@@ -74,7 +75,8 @@ SELECT_VERBS = _phrases(
     "look for", "search for", "see", "bring me", "hand me", "give me", "pass me", "lift", "hold",
     "touch", "open", "close", "reach for", "go to", "track", "focus on", "clean", "wipe",
     "where is", "where are", "where's", "which is", "what is", "what's", "is there", "are there",
-    "do you see")
+    "do you see", "can you see", "how many", "count", "what colour is", "what color is", "what colour are",
+    "what color are", "what is the colour of", "what is the color of", "what kind of object is")
 PLACEMENT_VERBS = _phrases(
     "put", "put down", "put back", "put away", "place", "move", "drop", "stack", "set", "set down",
     "push", "pull", "slide", "throw", "toss", "pour", "lay", "hang", "insert", "transfer", "carry",

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import phrases as phrase_rules
+from .answer_grounding import AnswerGroundingMixin
 from .bundle import load_components
 from .config import PipelineConfig
 from .head import GroundingHead
@@ -34,6 +35,7 @@ from .onnx_runtime import OnnxRuntimeMissing
 from .sam.prompts import mask_to_box
 from .sam.refiner import SamImageEncoding, SamRefiner
 from .sam.backends import make_refiner_backend, resolve_backend
+from .trust import TrustMixin
 from .types import GroundedObject, GroundingError, GroundingResult
 
 MIN_IMAGE_SIDE = 8
@@ -49,6 +51,7 @@ class FrameEncoding:
     sam: SamImageEncoding | None
     timings: dict[str, float] = field(default_factory=dict)
     uses: int = 0                    # instructions served so far (0 = fresh)
+    image: np.ndarray | None = field(default=None, repr=False)  # the RGB frame (region input crops it)
 
 
 @dataclass
@@ -57,6 +60,8 @@ class GroundingLogits:
     coarse: torch.Tensor             # (P, h, w)
     refined: torch.Tensor | None     # (P, H, W)
     tokens: list[torch.Tensor] | None = None  # per phrase, its SAM prompt tokens (T, C) (None: no refiner)
+    iou: torch.Tensor | None = None  # (P,) SAM's predicted IoU of each refined mask (None: no refiner)
+    lmm: PhrasePass | None = None    # the LMM pass they came from (attention, token log-probs: presence.py)
 
 
 def validate_image(image) -> np.ndarray:
@@ -129,13 +134,14 @@ class _StageClock:
             timings[self.name] = timings.get(self.name, 0.0) + time.perf_counter() - self.start
 
 
-class GroundingPipeline:
+class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
     """F-LMM end to end: a frozen LMM adapter, the trained grounding head and the SAM refiner (or none).
 
-    `encode` runs the per-frame parts once; `answer`, `ground` and `run` serve any number of instructions on
-    that FrameEncoding. Thread-safe: one lock serialises every use of the LMM (its per-frame KV cache is
-    extended and cropped in place), so threads may share a pipeline and its frames. `ground_logits` and
-    `head_logits` (the training and evaluation tools' entry points) do not take that lock.
+    `encode` runs the per-frame parts once; `answer`, `ground` and `run` (and `ask_region`, `ground_answer` from
+    AnswerGroundingMixin) serve any number of instructions on that FrameEncoding. Thread-safe: one lock
+    serialises every use of the LMM (its per-frame KV cache is extended and cropped in place), so threads may
+    share a pipeline and its frames. `ground_logits` and `head_logits` (the training and evaluation tools' entry
+    points) do not take that lock.
     """
 
     def __init__(self, lmm: LMMAdapter, head: GroundingHead, refiner: SamRefiner | None, config: PipelineConfig,
@@ -153,13 +159,19 @@ class GroundingPipeline:
         if isinstance(config, PipelineConfig):
             cfg.validate()                        # from_dict has validated already
         lmm, head = load_components(cfg)
-        refiner = None
-        if cfg.refine:
-            backend = make_refiner_backend(cfg.backend, head.sam, device=cfg.device,
-                                           precision="fp16" if cfg.dtype in ("float16", "bfloat16") else "fp32",
-                                           cache_dir=cfg.engine_dir or None)
-            refiner = SamRefiner(head.sam, backend)
-        return cls(lmm, head, refiner, cfg, cls._mask_head_engine(cfg, head, lmm))
+        pipe = cls(lmm, head, cls._refiner(cfg, head), cfg, cls._mask_head_engine(cfg, head, lmm))
+        pipe.load_trust_parts()     # the bundle's presence calibration and plural head, read and checked now (trust.py)
+        return pipe
+
+    @staticmethod
+    def _refiner(cfg: PipelineConfig, head: GroundingHead) -> SamRefiner | None:
+        """SAM refiner of the head on the configured backend, or None when refinement is off."""
+        if not cfg.refine:
+            return None
+        backend = make_refiner_backend(cfg.backend, head.sam, device=cfg.device,
+                                       precision="fp16" if cfg.dtype in ("float16", "bfloat16") else "fp32",
+                                       cache_dir=cfg.engine_dir or None)
+        return SamRefiner(head.sam, backend)
 
     @staticmethod
     def _mask_head_engine(cfg: PipelineConfig, head: GroundingHead, lmm: LMMAdapter | None = None
@@ -182,6 +194,9 @@ class GroundingPipeline:
     def head_device(self) -> torch.device:
         return self.head.text_proj.weight.device
 
+    def _clock(self, progress: Callable[[str], None] | None = None) -> _StageClock:
+        return _StageClock(progress, self.config.device)
+
     # ---- per frame -------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> FrameEncoding:
         image = validate_image(image)
@@ -192,7 +207,7 @@ class GroundingPipeline:
             if self.refiner is not None:
                 with clock.stage("sam_encoder"):
                     sam = self.refiner.encode(image)
-        return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings)
+        return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings, image=image)
 
     # ---- per instruction ---------------------------------------------------------------------
     def validate_instruction(self, instruction) -> str:
@@ -222,8 +237,9 @@ class GroundingPipeline:
 
         Masks first: in instruction mode the phrases are grounded before the answer is generated, and
         `on_objects(result)` receives them (answer still empty) as soon as they exist, so the time to a mask
-        never includes the answer. In reasoning mode the masks come from the answer's tokens, so it is called
-        after the answer, with it."""
+        never includes the answer. In reasoning and conversation modes the masks come from the answer's tokens,
+        so it is called after the answer, with it. In conversation mode each object is a noun phrase of the answer
+        and `answer_span` gives its characters in the answer."""
         instruction = self.validate_instruction(instruction)
         frame = image_or_frame if isinstance(image_or_frame, FrameEncoding) else self.encode(image_or_frame)
         cached = frame.uses > 0
@@ -231,24 +247,34 @@ class GroundingPipeline:
 
         def result(answer: str) -> GroundingResult:
             timings = clock.timings if cached else {**frame.timings, **clock.timings}
-            return GroundingResult(instruction, answer, phrases, objects, dict(timings), frame_cached=cached)
+            return self._with_not_found(GroundingResult(instruction, answer, phrases, objects, dict(timings),
+                                                        frame_cached=cached))
 
         with self._lock, torch.no_grad():
             frame.uses += 1
             answer = ""
+            found = None
             if self.config.phrase_mode == "reasoning":
                 answer, phrases, logits = self._run_reasoning(frame, instruction, clock)
+            elif self.config.phrase_mode == "conversation":   # answer_grounding.py
+                answer, found, logits = self._run_conversation(frame.lmm, frame.sam, instruction, clock)
+                phrases = [p.text for p in found]
             else:
                 with clock.stage("phrases"):
                     phrases = phrase_rules.phrases_from_instruction(instruction)
                 logits = self.ground_logits(frame, phrases, clock)
             with clock.stage("post"):
-                objects = self._objects(phrases, logits, frame.image_hw)
-            if on_objects is not None:
-                on_objects(result(answer))
-            if self.config.phrase_mode != "reasoning" and self.config.answer:
-                with clock.stage("answer"):
-                    answer = self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
+                objects = (self._answer_objects(found, logits, frame.image_hw) if found is not None
+                           else self._objects(phrases, logits, frame.image_hw))
+                if self.config.phrase_mode == "instruction":   # presence, instances: trust.py
+                    objects = self._trusted_objects(frame, phrases, logits, objects)
+        # Outside the lock: the callback may start work that needs the pipeline itself (the node starts tracking,
+        # whose re-grounding takes this lock); holding it here would deadlock that.
+        if on_objects is not None:
+            on_objects(result(answer))
+        if self.config.phrase_mode == "instruction" and self.config.answer:
+            with self._lock, torch.no_grad(), clock.stage("answer"):
+                answer = self._trusted_answer(frame, instruction, phrases, objects)
         return result(answer)
 
     def reasoning_logits(self, frame: FrameEncoding, question: str,
@@ -293,12 +319,12 @@ class GroundingPipeline:
             use_engine = self.mask_head_engine is not None and not torch.is_grad_enabled()
             coarse = (self.mask_head_engine if use_engine else self.head.mask_head)(maps)[:, 0]
             coarse = self.lmm.crop_to_image(coarse, prepared)
-        refined = tokens = None
+        refined = tokens = iou = None
         if self.refiner is not None and sam is not None:
             with clock.stage("sam_decoder"):
                 tokens = [self.head.text_embeddings(h.to(self.head_device).float()) for h in lmm_out.hidden_states]
-                refined = self.refiner.refine(sam, coarse, tokens)
-        return GroundingLogits(coarse, refined, tokens)
+                refined, iou = self.refiner.refine_scored(sam, coarse, tokens)
+        return GroundingLogits(coarse, refined, tokens, iou, lmm_out)
 
     def _objects(self, phrases: list[str], logits: GroundingLogits,
                  image_hw: tuple[int, int]) -> list[GroundedObject]:

@@ -17,17 +17,22 @@ from __future__ import annotations
 import sys
 
 from ..grounding.training import evaluate, train
-from .samples import tabletop_samples
+from .samples import mixed_samples, tabletop_samples
 
 TRAIN_SCENES, EVAL_SCENES = 2000, 500
 
 
 def train_main(argv: list[str] | None = None) -> dict:
-    args = train.build_parser(__doc__).parse_args(argv)
+    parser = train.build_parser(__doc__)
+    parser.add_argument("--group-count", type=int, default=0,
+                        help="also this many instance scenes with plural phrases (union targets), interleaved")
+    args = parser.parse_args(argv)
 
     def scenes() -> train.Sources:
         n_train = args.train_count or TRAIN_SCENES
-        return (tabletop_samples(args.train_split, n_train), n_train,
+        source = mixed_samples(args.train_split, n_train, args.group_count) if args.group_count \
+            else tabletop_samples(args.train_split, n_train)
+        return (source, n_train + args.group_count,
                 tabletop_samples(args.val_split, args.val_count, expression="first"), args.val_count)
 
     return train.run(args, "tabletop", scenes)

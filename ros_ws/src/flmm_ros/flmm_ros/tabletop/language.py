@@ -13,6 +13,13 @@ produces an expression when it picks out exactly one object in the scene:
 - relation:        "the ball next to the bowl"   (the only ball close to a uniquely named object)
 
 Positions left / middle / right are thirds of the image width (x of the object's centre).
+
+Two more kinds of expression test answers a robot can trust (issue #18):
+- absent (`absent_expressions`): names no object of the scene: a colour + kind pair that is not there
+  ("the green mug" beside a red mug and a green ball), a kind or a colour that is not there ("the bottle",
+  "the orange object"), or a relation no object satisfies ("the ball next to the bowl", every ball far from it);
+- groups (`group_expressions`): plural or quantified, naming every object of a kind, colour or both when
+  there are two or more ("the mugs", "all the mugs", "both mugs", "every mug", "all the red objects").
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ ORDER_GAP_X = 0.10          # left / right / middle among same-kind objects: cen
 ORDER_GAP_Y = 0.06          # front / back: gap between base lines, fraction of H
 SIZE_RATIO = 1.5            # big / small: area ratio to the next object of the same kind
 NEAR_DISTANCE = 0.30        # "next to": centre distance, fraction of min(H, W)
+FAR_DISTANCE = 0.45         # an absent "next to": every object of the kind at least this far from the anchor
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,23 @@ class QAPair:
     answer: str
     type: str               # colour | position | count | presence | kind | instruction | describe
     target: int | None = None  # index of the object the question is about, if any
+
+
+@dataclass(frozen=True)
+class AbsentExpression:
+    """An expression that names no object of its scene, and why."""
+    expression: str
+    reason: str             # one of ABSENT_REASONS
+
+
+@dataclass(frozen=True)
+class GroupExpression:
+    """A plural or quantified expression and every object it names (two or more)."""
+    expression: str
+    targets: tuple[int, ...]
+
+
+ABSENT_REASONS = ("colour and kind", "kind", "colour", "relation", "plural")
 
 
 def position_word(cx: float) -> str:
@@ -146,6 +171,70 @@ def referring_expressions(objs: list[ObjectFacts]) -> list[list[str]]:
     return exprs
 
 
+def _anchor_names(objs: list[ObjectFacts]) -> dict[int, str]:
+    """Objects nameable without another object ("the red mug", "the mug"), as relations use them."""
+    names = {}
+    for i, o in enumerate(objs):
+        if sum(p.kind == o.kind and p.colour == o.colour for p in objs) == 1:
+            names[i] = f"the {o.colour} {o.kind}"
+        if sum(p.kind == o.kind for p in objs) == 1:
+            names[i] = f"the {o.kind}"
+    return names
+
+
+def absent_expressions(objs: list[ObjectFacts], rng: np.random.Generator) -> list[AbsentExpression]:
+    """Expressions that name nothing in the scene: up to two absent colour + kind pairs (hard ones first: the
+    kind or the colour is there), an absent kind, an absent colour, a relation no object satisfies, and the plural
+    of an absent kind ("all the bottles")."""
+    present = {(o.colour, o.kind) for o in objs}
+    kinds, colours = {o.kind for o in objs}, {o.colour for o in objs}
+    out = []
+    pairs = [p for p in product(COLOURS, KINDS) if p not in present]
+    hard = [p for p in pairs if p[0] in colours or p[1] in kinds]
+    for c, k in _shuffled(hard or pairs, rng)[:2]:
+        out.append(AbsentExpression(f"the {c} {k}", "colour and kind"))
+    for k in _shuffled([k for k in KINDS if k not in kinds], rng)[:1]:
+        out.append(AbsentExpression(f"the {k}", "kind"))
+    for c in _shuffled([c for c in COLOURS if c not in colours], rng)[:1]:
+        out.append(AbsentExpression(f"the {c} object", "colour"))
+    relations = []
+    for anchor, name in _anchor_names(objs).items():
+        for k in sorted(kinds - {objs[anchor].kind}):
+            if min(_distance(o, objs[anchor]) for o in objs if o.kind == k) >= FAR_DISTANCE:
+                relations.append(f"the {k} next to {name}")
+    for expression in _shuffled(relations, rng)[:1]:
+        out.append(AbsentExpression(expression, "relation"))
+    for k in _shuffled([k for k in KINDS if k not in kinds], rng)[:1]:
+        out.append(AbsentExpression(f"{('the', 'all the')[int(rng.integers(2))]} {PLURALS[k]}", "plural"))
+    return out
+
+
+def _shuffled(items: list, rng: np.random.Generator) -> list:
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+def group_expressions(objs: list[ObjectFacts]) -> list[GroupExpression]:
+    """Every plural or quantified expression of the scene: per kind, colour, or colour + kind with two or more
+    objects ("the mugs", "all the mugs", "both mugs" for exactly two, "every mug"; "all the red objects", "every
+    red object"; "the red mugs"); each names all of them."""
+    out = []
+    for k in KINDS:
+        idx = tuple(i for i, o in enumerate(objs) if o.kind == k)
+        if len(idx) >= 2:
+            names = [f"the {PLURALS[k]}", f"all the {PLURALS[k]}", f"every {k}"]
+            names += [f"both {PLURALS[k]}"] if len(idx) == 2 else []
+            out += [GroupExpression(n, idx) for n in names]
+    for c in COLOURS:
+        idx = tuple(i for i, o in enumerate(objs) if o.colour == c)
+        if len(idx) >= 2:
+            out += [GroupExpression(f"all the {c} objects", idx), GroupExpression(f"every {c} object", idx)]
+        for k in KINDS:
+            same = tuple(i for i in idx if objs[i].kind == k)
+            if len(same) >= 2:
+                out.append(GroupExpression(f"the {c} {PLURALS[k]}", same))
+    return out
+
+
 def is_positional(expression: str) -> bool:
     words = expression.split()
     return any(w in words for w in ("left", "right", "middle", "front", "back"))
@@ -219,5 +308,5 @@ def scene_vocabulary() -> list[str]:
         words |= set(text.replace(".", " .").split())
     words |= {"the", "a", "an", "on", "in", "at", "of", "is", "are", "there", "no", "yes", "object", "objects",
               "what", "colour", "where", "how", "many", "next", "to", "and", "big", "large", "small",
-              "front", "back", "it", ".", ",", "?"}
+              "front", "back", "it", ".", ",", "?", "all", "every", "both"}
     return sorted(words)

@@ -26,6 +26,7 @@ from .lmm import load_tabletop_lmm
 from .samples import tabletop_samples
 from .train_lmm import EVAL_TYPES, eval_set
 from .train_lmm import evaluate as lmm_accuracy
+from .trust_eval import card_section
 
 LMM_TEST_SCENES = 300
 ATTENTION_TEST_SCENES = 150
@@ -82,7 +83,8 @@ def accuracy_table(acc: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
-def write_card(bundle: Path, random_bundle: Path, work: Path, count: int, build_seconds: int) -> None:
+def write_card(bundle: Path, random_bundle: Path, work: Path, count: int, build_seconds: int,
+               trust_json: Path | None = None) -> None:
     trained = scores_for(bundle, count, by_case=True)
     rows = {"tabletop-tiny (trained LMM)": {k: v for k, v in trained.items() if " | " not in k},
             "same recipe, untrained LMM": scores_for(random_bundle, count),
@@ -111,7 +113,15 @@ def write_card(bundle: Path, random_bundle: Path, work: Path, count: int, build_
                     f"grounding pass, `tabletop/attention_check.py`): the share of attention on the phrase's object "
                     f"out of the attention on it and on a look-alike (0.5 = cannot tell them apart):\n\n"
                     f"{attention_table(attention)}\n\n"
+                    f"{trust_text(trust_json)}"
                     f"Build wall time (scripts/build_tabletop_model.sh, 2-core CPU): {build_seconds} s.\n")
+
+
+def trust_text(trust_json: Path | None) -> str:
+    """The presence / instances / answers section (issue #18) from `trust_eval evaluate --json`, if given."""
+    if trust_json is None or not Path(trust_json).is_file():
+        return ""
+    return f"### Answers a robot can trust\n\n{card_section(json.loads(Path(trust_json).read_text()))}\n\n"
 
 
 def main(argv=None) -> None:
@@ -126,11 +136,13 @@ def main(argv=None) -> None:
     card.add_argument("--work", required=True, help="where quality.json goes")
     card.add_argument("--count", type=int, default=500, help="held-out test scenes")
     card.add_argument("--build-seconds", type=int, default=0)
+    card.add_argument("--trust-json", default="", help="trust_eval evaluate --json output: presence, instances, answers")
     args = parser.parse_args(argv)
     if args.command == "random-lmm":
         print(random_lmm_copy(Path(args.trained), Path(args.out)))
     else:
-        write_card(Path(args.bundle), Path(args.random_bundle), Path(args.work), args.count, args.build_seconds)
+        write_card(Path(args.bundle), Path(args.random_bundle), Path(args.work), args.count, args.build_seconds,
+                   Path(args.trust_json) if args.trust_json else None)
 
 
 if __name__ == "__main__":

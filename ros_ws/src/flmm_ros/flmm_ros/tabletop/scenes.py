@@ -9,6 +9,11 @@ least `MIN_VISIBLE` of its silhouette. Geometry is in units of min(H, W), so one
 256x256 and at 640x480.
 
 Splits are seed ranges: train seeds are below 1_000_000, val starts at 1_000_000, test at 2_000_000.
+
+Every scene also lists expressions that name nothing in it (`Scene.absent`) and plural ones that name several
+objects (`Scene.groups`), drawn from their own random stream so the scene itself is unchanged.
+`generate_instance_scene(seed, size)` makes scenes with 2-4 objects of one kind (half of them side by side,
+touching or occluding each other) and one or two objects of other kinds: the instance-separation test set.
 """
 from __future__ import annotations
 
@@ -17,13 +22,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import language
-from .language import COLOURS, ObjectFacts, QAPair
+from .language import COLOURS, AbsentExpression, GroupExpression, ObjectFacts, QAPair
 from .shapes import KIND_SIZES, KINDS, RENDERERS, Sprite
 
 SPLIT_SEED_START = {"train": 0, "val": 1_000_000, "test": 2_000_000}
 SPLIT_SIZE = 1_000_000
 MIN_VISIBLE = 0.6          # fraction of an object's silhouette that must stay visible
 MAX_OBJECTS = 5
+# Random streams of the extra expressions and of the instance scenes: seeded by (seed, stream), never by the
+# scene's own stream, so adding them changed no existing scene.
+ABSENT_STREAM, INSTANCE_STREAM = 18, 1018
+INSTANCE_COUNTS = (2, 3, 4)      # objects of the named kind in an instance scene
 
 COLOUR_RGB = {
     "red": (0.80, 0.12, 0.12),
@@ -59,6 +68,8 @@ class Scene:
     objects: tuple[SceneObject, ...]  # in drawing order: back to front
     questions: tuple[QAPair, ...]
     description: str
+    absent: tuple[AbsentExpression, ...] = ()   # expressions naming nothing in the scene
+    groups: tuple[GroupExpression, ...] = ()    # plural expressions, each naming two or more objects
 
     def referring_pairs(self) -> list[tuple[str, np.ndarray]]:
         """(expression, visible mask) for every expression of every object."""
@@ -117,9 +128,15 @@ def _background(rng: np.random.Generator, h: int, w: int, horizon: int) -> np.nd
 
 
 def _sample_object(rng: np.random.Generator, kind: str, colour: str, h: int, w: int,
-                   horizon: int, light_x: float) -> _Placed | None:
+                   horizon: int, light_x: float, beside: _Placed | None = None) -> _Placed | None:
+    """An object at a random place, or, with `beside`, standing next to that one (touching or overlapping it)."""
     s = min(h, w)
-    depth = rng.uniform(0.0, 1.0)            # 0 = table's back edge, 1 = the image's bottom
+    if beside is None:
+        depth = rng.uniform(0.0, 1.0)            # 0 = table's back edge, 1 = the image's bottom
+    else:
+        depth = float((beside.base_y - horizon) / (h - horizon) / 0.84 - 0.12 / 0.84 + rng.uniform(-0.08, 0.08))
+        if not 0.0 < depth < 1.0:    # not clipped: two objects on one line would cover each other unchecked
+            return None
     base_y = horizon + (0.12 + 0.84 * depth) * (h - horizon)
     scale = rng.uniform(0.85, 1.25) * (0.8 + 0.4 * depth) * s
     bw, bh = KIND_SIZES[kind]
@@ -132,7 +149,14 @@ def _sample_object(rng: np.random.Generator, kind: str, colour: str, h: int, w: 
     lo, hi = ax + margin, w - (sw - ax) - margin
     if hi <= lo:
         return None
-    x0 = int(round(rng.uniform(lo, hi) - ax))
+    if beside is None:
+        x0 = int(round(rng.uniform(lo, hi) - ax))
+    else:   # centre one sprite width (70-100 %) to either side of the other's centre
+        bx = beside.x0 + beside.sprite.anchor[0]
+        x = bx + rng.choice([-1, 1]) * rng.uniform(0.7, 1.0) * 0.5 * (sw + beside.sprite.mask.shape[1])
+        if not lo <= x <= hi:
+            return None
+        x0 = int(round(x - ax))
     y0 = int(round(base_y - ay))
     if y0 < margin or y0 + sh > h - 1:
         return None
@@ -176,6 +200,23 @@ def _layout(rng: np.random.Generator, h: int, w: int, horizon: int, light_x: flo
     return sorted(placed, key=lambda p: p.base_y)   # back to front
 
 
+def _instance_layout(rng: np.random.Generator, h: int, w: int, horizon: int, light_x: float, kind: str,
+                     count: int, side_by_side: bool) -> list[_Placed]:
+    """`count` objects of `kind` (side by side: each next to one placed before) and one or two of other kinds."""
+    placed: list[_Placed] = []
+    others = [k for k in KINDS if k != kind]
+    kinds = [kind] * count + [others[i] for i in rng.integers(len(others), size=int(rng.integers(1, 3)))]
+    for n, k in enumerate(kinds):
+        colour = COLOURS[rng.integers(len(COLOURS))]
+        for _attempt in range(60):
+            beside = placed[int(rng.integers(len(placed)))] if side_by_side and 0 < n < count else None
+            cand = _sample_object(rng, k, colour, h, w, horizon, light_x, beside)
+            if cand is not None and min(_visible_fractions(placed + [cand])) >= MIN_VISIBLE:
+                placed.append(cand)
+                break
+    return sorted(placed, key=lambda p: p.base_y)
+
+
 def _draw_shadows(img: np.ndarray, placed: list[_Placed], light_x: float) -> None:
     h, w = img.shape[:2]
     for p in placed:
@@ -213,6 +254,35 @@ def generate_scene(seed: int, size: tuple[int, int] = (256, 256), colours: tuple
     light_x = float(rng.uniform(-1, 1))
     img = _background(rng, h, w, horizon)
     placed = _layout(rng, h, w, horizon, light_x, tuple(colours))
+    return _render(seed, rng, img, placed, light_x)
+
+
+def generate_instance_scene(seed: int, size: tuple[int, int] = (256, 256), kind: str | None = None,
+                            count: int | None = None, side_by_side: bool | None = None) -> tuple[Scene, str]:
+    """A scene with `count` (2-4) objects of `kind` and one or two of other kinds; (scene, kind).
+
+    Deterministic per (seed, size) like `generate_scene`, from its own random stream. `side_by_side` (half of the
+    scenes when None) places each object of the kind next to another one, touching or occluding it. An object
+    that found no free place after many tries is left out, so check the count in `scene.objects`."""
+    h, w = int(size[0]), int(size[1])
+    if h < 64 or w < 64:
+        raise ValueError(f"scene size must be at least 64x64, got {h}x{w}")
+    if kind is not None and kind not in KINDS or count is not None and count not in INSTANCE_COUNTS:
+        raise ValueError(f"kind must be one of {KINDS} and count one of {INSTANCE_COUNTS}, got {kind!r}, {count!r}")
+    rng = np.random.default_rng([seed, INSTANCE_STREAM])
+    kind = kind or KINDS[rng.integers(len(KINDS))]
+    count = count or int(rng.choice(INSTANCE_COUNTS))
+    side_by_side = bool(rng.random() < 0.5) if side_by_side is None else side_by_side
+    horizon = int(h * rng.uniform(0.22, 0.42))
+    light_x = float(rng.uniform(-1, 1))
+    img = _background(rng, h, w, horizon)
+    placed = _instance_layout(rng, h, w, horizon, light_x, kind, count, side_by_side)
+    return _render(seed, rng, img, placed, light_x), kind
+
+
+def _render(seed: int, rng: np.random.Generator, img: np.ndarray, placed: list[_Placed], light_x: float) -> Scene:
+    """Shadows, objects, lighting and noise onto the background; masks, facts and every sentence of the scene."""
+    h, w = img.shape[:2]
     _draw_shadows(img, placed, light_x)
 
     labels = np.full((h, w), -1, np.int16)
@@ -241,4 +311,6 @@ def generate_scene(seed: int, size: tuple[int, int] = (256, 256), colours: tuple
         box = (p.x0 + int(xs.min()), p.y0 + int(ys.min()), p.x0 + int(xs.max()) + 1, p.y0 + int(ys.max()) + 1)
         objects.append(SceneObject(p.kind, p.colour, mask, box, facts[k], tuple(exprs[k]), answers[k]))
     qa = language.questions(facts, exprs, answers, rng)
-    return Scene(seed, image, tuple(objects), tuple(qa), language.describe(facts))
+    extra = np.random.default_rng([seed, ABSENT_STREAM])
+    return Scene(seed, image, tuple(objects), tuple(qa), language.describe(facts),
+                 tuple(language.absent_expressions(facts, extra)), tuple(language.group_expressions(facts)))

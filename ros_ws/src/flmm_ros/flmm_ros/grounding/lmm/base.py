@@ -71,6 +71,18 @@ class PhrasePass:
     """What the grounding head needs from the LMM, per phrase."""
     maps: torch.Tensor               # (P, C, h, w) attention maps in [0, 1], C = mask-head input channels
     hidden_states: list[torch.Tensor]  # per phrase: (L, T_p, d) hidden states of its tokens (embeddings excluded)
+    # Per phrase: (T_p,) log-probability of each of its tokens given everything before it (how likely the LMM
+    # finds the phrase as its answer; presence.py reads it). None where not computed.
+    token_logprobs: list[torch.Tensor] | None = None
+
+
+@dataclass
+class ScoredAnswer:
+    """A decoded answer with its log-probability (LMMAdapter.generate_scored)."""
+    ids: list[int]                   # EOS excluded
+    logprob: float                   # under the model's own distribution, EOS included
+    conflict: int | None             # first step where a banned token would have been chosen (None: never)
+    alternatives: list[list[int]]    # per step, the next likeliest allowed tokens (empty for forced ones)
 
 
 @dataclass
@@ -217,11 +229,38 @@ class LMMAdapter(ABC):
         hidden states for the text embeddings.
         """
         ids, rows = self.phrase_tokens(frame, phrases, prompt_text, answer_prefix)
+        return self._rows_pass(frame, ids, rows)
+
+    @torch.no_grad()
+    def answer_pass(self, frame: LMMFrame, prompt_text: str, answer_ids: list[int],
+                    phrase_rows: list[list[int]]) -> PhrasePass:
+        """Grounded conversation: one teacher-forced forward of `prompt_text` followed by a generated answer's
+        own ids; phrase p is the answer tokens `phrase_rows[p]` (indices into `answer_ids`), so each phrase is
+        grounded from the rows that generated it (the causal model attends as it did while generating)."""
+        ids = self._continuation(frame, prompt_text)
+        if any(not r or min(r) < 0 or max(r) >= len(answer_ids) for r in phrase_rows):
+            raise GroundingError(f"phrase rows {phrase_rows} do not index an answer of {len(answer_ids)} tokens")
+        rows = [to_device(torch.tensor([len(ids) + i for i in r]), self.device) for r in phrase_rows]
+        return self._rows_pass(frame, ids + list(answer_ids), rows)
+
+    def _rows_pass(self, frame: LMMFrame, ids: list[int], rows: list[torch.Tensor]) -> PhrasePass:
         with capture_phrase_attention(rows, frame.image_keys) as capture:
             out = self._run_on_cache(frame, ids, output_hidden_states=True)
         hidden = torch.stack(out.hidden_states[1:])[:, 0]           # (L, T_chunk, d)
         maps = self.attention_to_maps(capture.maps(), frame.prepared)
-        return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows])
+        return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows],
+                          token_logprobs=self._token_logprobs(out.last_hidden_state[0], ids, rows))
+
+    def _token_logprobs(self, last_hidden: torch.Tensor, ids: list[int], rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """log P(ids[r] | ids[:r]) for the rows of each phrase (row r is predicted by the output at r - 1; a row 0
+        is predicted inside the cached prefix and left out)."""
+        targets = ids_tensor(ids, self.device)[0]
+        out = []
+        for r in rows:
+            r = r[r > 0]
+            logp = self.model.lm_head(last_hidden[r - 1]).float().log_softmax(-1)
+            out.append(logp.gather(-1, targets[r][:, None])[:, 0])
+        return out
 
     # ---- answering -------------------------------------------------------------------------------
     def _feed(self, frame: LMMFrame, ids: list[int], **kwargs):
@@ -232,9 +271,15 @@ class LMMAdapter(ABC):
     def _greedy(self, out) -> int:
         return int(self.model.lm_head(out.last_hidden_state[:, -1]).argmax(-1))
 
-    @torch.no_grad()
     def generate(self, frame: LMMFrame, prompt_text: str, max_new_tokens: int, answer_prefix: str = "") -> str:
         """Greedy answer to `prompt_text` about the frame (bounded tokens, stops at EOS)."""
+        ids = self.generate_ids(frame, prompt_text, max_new_tokens, answer_prefix)
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def generate_ids(self, frame: LMMFrame, prompt_text: str, max_new_tokens: int,
+                     answer_prefix: str = "") -> list[int]:
+        """The token ids of `generate`'s answer (EOS excluded)."""
         ids = self._continuation(frame, prompt_text, answer_prefix)
         before = frame.cache.get_seq_length()
         eos = self.tokenizer.eos_token_id
@@ -249,7 +294,49 @@ class LMMAdapter(ABC):
                 step = [token]
         finally:
             frame.cache.crop(before - frame.cache.get_seq_length())
-        return self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+        return generated
+
+    @torch.no_grad()
+    def generate_scored(self, frame: LMMFrame, prompt_text: str, max_new_tokens: int, prefix_ids: list[int] = (),
+                        banned_ids: list[int] | None = None, alternatives: int = 3) -> ScoredAnswer:
+        """Constrained greedy decoding (answers.py): the answer that starts with `prefix_ids`, then never chooses
+        a token of `banned_ids`. Returns it with its log-probability under the model (the unconstrained
+        distribution, prefix and EOS included) so that such answers can be ranked, the first step where a ban
+        changed the choice, and each step's `alternatives` likeliest allowed tokens (to branch from)."""
+        ids = self._continuation(frame, prompt_text)
+        banned = to_device(torch.tensor(sorted(banned_ids)), self.device) if banned_ids else None
+        before = frame.cache.get_seq_length()
+        eos = self.tokenizer.eos_token_id
+        answer = ScoredAnswer([], 0.0, None, [])
+        try:
+            out = self._feed(frame, ids + list(prefix_ids))
+            logps = self.model.lm_head(out.last_hidden_state[0, len(ids) - 1:]).float().log_softmax(-1)
+            for step, token in enumerate(prefix_ids):
+                answer.logprob += float(logps[step, token])
+                answer.alternatives.append([])
+            answer.ids, logp = list(prefix_ids), logps[-1]
+            while len(answer.ids) < max_new_tokens:
+                allowed = logp if banned is None else logp.index_fill(0, banned, float("-inf"))
+                token = int(allowed.argmax())
+                if answer.conflict is None and token != int(logp.argmax()):
+                    answer.conflict = len(answer.ids)
+                answer.logprob += float(logp[token])
+                if token == eos:
+                    break
+                answer.alternatives.append([int(t) for t in allowed.topk(alternatives + 1).indices if int(t) != token])
+                answer.ids.append(token)
+                out = self._feed(frame, [token])
+                logp = self.model.lm_head(out.last_hidden_state[0, -1]).float().log_softmax(-1)
+        finally:
+            frame.cache.crop(before - frame.cache.get_seq_length())
+        return answer
+
+    @torch.no_grad()
+    def next_token_logits(self, frame: LMMFrame, prompt_text: str, answer_prefix: str = "") -> torch.Tensor:
+        """(vocab,) float32 logits of the answer's next token after `prompt_text` (+ `answer_prefix`) about the
+        frame: one short pass over the cached prefix, no generation (the presence check reads yes / no here)."""
+        out = self._run_on_cache(frame, self._continuation(frame, prompt_text, answer_prefix))
+        return self.model.lm_head(out.last_hidden_state[:, -1])[0].float()
 
     @torch.no_grad()
     def reasoning_pass(self, frame: LMMFrame, prompt_text: str, answer_prefix: str,

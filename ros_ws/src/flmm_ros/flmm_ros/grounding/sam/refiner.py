@@ -48,11 +48,21 @@ class SamRefiner:
 
         Differentiable with the PyTorch backend (training uses it; the box prompt is detached).
         """
+        return self.refine_scored(encoding, coarse, text_tokens)[0]
+
+    def refine_scored(self, encoding: SamImageEncoding, coarse: torch.Tensor, text_tokens: list[torch.Tensor],
+                      boxes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`refine`, plus SAM's predicted IoU of each mask (N,); `boxes` (N, 4) x0, y0, x1, y1 in image pixels
+        replace the box prompts taken from the coarse logits (instance prompts: one box per seed)."""
         dense = self.prompts.dense_prompts(coarse, encoding.input_hw)
-        boxes = self.prompts.boxes(coarse, encoding.image_hw)
-        refined = []
+        if boxes is None:
+            boxes = self.prompts.boxes(coarse, encoding.image_hw)
+        else:
+            boxes = self.prompts.scale_boxes(boxes.float(), encoding.image_hw).to(dense.device)
+        refined, ious = [], []
         for i, tokens in enumerate(text_tokens):
-            low_res, _ = self.backend.decode(encoding.embedding, dense[i:i + 1], boxes[i:i + 1],
-                                             tokens[None].to(dense.dtype))
+            low_res, iou = self.backend.decode(encoding.embedding, dense[i:i + 1], boxes[i:i + 1],
+                                               tokens[None].to(dense.dtype))
             refined.append(self.prompts.postprocess(low_res.float(), encoding.input_hw, encoding.image_hw)[0, 0])
-        return torch.stack(refined)
+            ious.append(iou.reshape(()).float())
+        return torch.stack(refined), torch.stack(ious)
