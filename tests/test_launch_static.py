@@ -60,7 +60,7 @@ def declared_parameters() -> dict:
 
 
 def test_node_subscribes_to_the_spec_topics(node_topics):
-    assert node_topics == {'image', 'depth', 'camera_info', 'instruction'}
+    assert node_topics == {'image', 'depth', 'camera_info', 'instruction', 'clicked_point'}
 
 
 def test_every_launch_argument_maps_to_a_parameter_remapping_or_launch_setting(launch_tree, node_topics):

@@ -119,3 +119,15 @@ def test_client_summary_of_success_and_error():
     assert 'latency: 250 ms (frame cached) [phrase_pass 12 ms]' in text
     error = result_message('x', header(), error_code='busy', error='busy with another instruction')
     assert format_result(error) == 'error [busy]: busy with another instruction'
+
+
+def test_presence_instances_and_answer_spans_reach_the_message():
+    from flmm_ros.grounding.types import GroundedObject
+    mask = np.zeros((4, 6), np.uint8)
+    absent = GroundedObject('the green bottle', mask, (0, 0, 0, 0), 0.0, found=False, presence=0.03)
+    second = GroundedObject('all the mugs', mask, (1, 1, 3, 3), 0.9, instance=2, answer_span=(4, 16))
+    msg = result_message('pick all the mugs', Header(), answer='see all the mugs', objects=[absent, second],
+                         not_found=['the green bottle'])
+    assert msg.not_found == ['the green bottle'] and msg.success
+    assert (msg.objects[0].found, round(msg.objects[0].presence, 2), msg.objects[0].answer_start) == (False, 0.03, -1)
+    assert (msg.objects[1].instance, msg.objects[1].answer_start, msg.objects[1].answer_end) == (2, 4, 16)

@@ -25,6 +25,7 @@ TOPIC_ARGUMENTS = {
     'depth': 'depth_topic',
     'camera_info': 'camera_info_topic',
     'instruction': 'instruction_topic',
+    'clicked_point': 'clicked_point_topic',
 }
 # Launch arguments handed to the node as parameters of the same name (when not empty): name -> type.
 PARAMETER_ARGUMENTS = {
@@ -193,7 +194,8 @@ def node_command(launch_plan: LaunchPlan, python: str = sys.executable) -> list[
 def parse_cli(argv: list[str]) -> dict[str, str]:
     """`name:=value` words (as `ros2 launch` takes them) -> dict; unknown names are errors."""
     known = {*TOPIC_ARGUMENTS.values(), *PARAMETER_ARGUMENTS, *LAUNCH_ARGUMENTS}
-    arguments = {'params_file': default_params_file(), 'log_level': 'info', 'use_rviz': 'false'}
+    arguments = {'params_file': default_params_file(), 'log_level': 'info', 'use_rviz': 'false',
+                 'clicked_point_topic': '/clicked_point'}   # where RViz's Publish Point tool publishes
     for word in argv:
         name, sep, value = word.partition(':=')
         if not sep or name not in known:

@@ -65,6 +65,8 @@ def generate_launch_description():
                               description='CameraInfo of the (aligned) depth / colour image.'),
         DeclareLaunchArgument('instruction_topic', default_value='instruction',
                               description='std_msgs/String instructions.'),
+        DeclareLaunchArgument('clicked_point_topic', default_value='/clicked_point',
+                              description="geometry_msgs/PointStamped to ask about (RViz's Publish Point tool)."),
         DeclareLaunchArgument('params_file', default_value=PathJoinSubstitution([share, 'config', 'grounding.yaml']),
                               description='Node parameters (YAML).'),
         DeclareLaunchArgument('model', default_value='',

@@ -6,6 +6,8 @@
     flmm-ask "where is the ball?" --image scene.png --save-overlay overlay.png
     flmm-ask "pick the red mug" --track --follow 5    # keep tracking it; print ~/tracks for 5 s
     flmm-ask --stop-tracking                          # the ~/stop_tracking service
+    flmm-ask --point 320 240                          # what is at this pixel? (region input)
+    flmm-ask "what colour is it?" --box 280 200 380 300
 
 Exit status: 0 success, 1 the node answered with an error, 2 no answer (timeout, node not found, bad file).
 """
@@ -25,7 +27,7 @@ from rclpy.action import ActionClient
 from rclpy.node import Node
 from rclpy.qos import QoSProfile, ReliabilityPolicy
 from rclpy.task import Future
-from sensor_msgs.msg import Image
+from sensor_msgs.msg import Image, RegionOfInterest
 from std_msgs.msg import String
 from std_srvs.srv import Trigger
 
@@ -42,19 +44,39 @@ class NoAnswer(RuntimeError):
     """The node did not answer (not running, wrong name, timeout)."""
 
 
+def bracketed_answer(msg: GroundingResult) -> str:
+    """The answer with each grounded phrase in [brackets] and its object's number: "[the red mug]1 is on ..."."""
+    spans = sorted((o.answer_start, o.answer_end, k) for k, o in enumerate(msg.objects, start=1)
+                   if 0 <= o.answer_start < o.answer_end <= len(msg.answer))
+    out, at = [], 0
+    for start, end, k in spans:
+        if start < at:
+            continue
+        out += [msg.answer[at:start], f"[{msg.answer[start:end]}]{k}"]
+        at = end
+    return ''.join(out) + msg.answer[at:]
+
+
 def format_result(msg: GroundingResult) -> str:
-    """Human-readable summary of a GroundingResult."""
+    """Human-readable summary of a GroundingResult (never the mask pixels)."""
     if not msg.success:
         return f"error [{msg.error_code}]: {msg.error}"
-    lines = [f"answer: {msg.answer}" if msg.answer else "answer: (none)", f"objects: {len(msg.objects)}"]
+    answer = bracketed_answer(msg) if msg.answer else "(none)"
+    lines = [f"answer: {answer}", f"objects: {len(msg.objects)}"]
     for index, obj in enumerate(msg.objects, start=1):
+        name = f"{obj.phrase!r}" + (f" #{obj.instance}" if obj.instance else "")
+        if not obj.found:
+            lines.append(f"  {index}. {name} not found (presence {obj.presence:.2f})")
+            continue
         box = obj.box
-        line = (f"  {index}. {obj.phrase!r} score {obj.score:.2f} box x={box.x_offset} y={box.y_offset} "
+        line = (f"  {index}. {name} score {obj.score:.2f} box x={box.x_offset} y={box.y_offset} "
                 f"w={box.width} h={box.height}")
         if obj.has_pose:
             c, s = obj.centroid, obj.size
             line += f" 3D centroid ({c.x:.3f}, {c.y:.3f}, {c.z:.3f}) m size ({s.x:.3f}, {s.y:.3f}, {s.z:.3f}) m"
         lines.append(line)
+    if msg.not_found:
+        lines.append("not found: " + ", ".join(repr(p) for p in msg.not_found))
     if msg.track_ids:
         lines.append("tracking: " + ", ".join(f"#{i} {o.phrase!r}" for i, o in zip(msg.track_ids, msg.objects)))
     lines.extend(f"warning: {w}" for w in msg.warnings)
@@ -132,11 +154,16 @@ class AskClient(Node):
                 self.destroy_timer(timer)
         return next(r for r in self._results if r.instruction == instruction)
 
-    def ask_action(self, instruction: str, image: Image | None, timeout: float, track: bool = False) -> GroundingResult:
+    def ask_action(self, instruction: str, image: Image | None, timeout: float, track: bool = False,
+                   point=None, box=None) -> GroundingResult:
         deadline = time.monotonic() + timeout
         if not self.action.wait_for_server(timeout_sec=timeout):
             raise NoAnswer(f"no action server {self.grounding_node}/ground after {timeout:g} s (is the node running?)")
-        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image(), track=track)
+        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image(), track=track,
+                           point=list(point or ()))
+        if box:
+            x0, y0, x1, y1 = box
+            goal.box = RegionOfInterest(x_offset=x0, y_offset=y0, width=max(x1 - x0, 0), height=max(y1 - y0, 0))
         sent: Future = self.action.send_goal_async(
             goal, feedback_callback=lambda fb: print(f"  stage: {fb.feedback.stage}", file=sys.stderr))
         self._spin_until(sent.done, max(deadline - time.monotonic(), 0.1), 'sending the goal')
@@ -198,6 +225,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument('--follow', type=float, default=0.0, metavar='S',
                         help='after the result, print ~/tracks for S seconds (with --track)')
     parser.add_argument('--stop-tracking', action='store_true', help='stop tracking (the ~/stop_tracking service)')
+    parser.add_argument('--point', type=float, nargs=2, metavar=('X', 'Y'),
+                        help='ask about what is at this pixel (region input; the instruction is the question)')
+    parser.add_argument('--box', type=int, nargs=4, metavar=('X0', 'Y0', 'X1', 'Y1'),
+                        help='ask about what is in this box (region input)')
     parser.add_argument('--save-overlay', metavar='PNG', help='save the overlay (masks, boxes, phrases) here')
     parser.add_argument('--timeout', type=float, default=60.0, help='seconds to wait for the answer (default 60)')
     parser.add_argument('--node', default='/flmm_grounding', help='the grounding node (default /flmm_grounding)')
@@ -205,8 +236,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument('--instruction-topic', default='instruction', help='where the instruction is published (default instruction)')
     parser.add_argument('--frame-id', default='camera', help='frame_id of the --image message (default camera)')
     args = parser.parse_args(argv)
-    if not args.instruction and not args.stop_tracking:
-        parser.error('give an instruction (or --stop-tracking)')
+    if args.instruction is None and not args.stop_tracking and not (args.point or args.box):
+        parser.error('give an instruction (or --stop-tracking, --point or --box)')
     return args
 
 
@@ -219,11 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.stop_tracking:
             print(client.stop_tracking(args.timeout))
-            if not args.instruction:
+            if args.instruction is None and not (args.point or args.box):
                 return EXIT_OK
         image = load_image(args.image, args.frame_id, client.get_clock()) if args.image else None
-        if args.track or args.action:
-            result = client.ask_action(args.instruction, image, args.timeout, track=args.track)
+        if args.track or args.action or args.point or args.box:
+            result = client.ask_action(args.instruction or '', image, args.timeout, track=args.track,
+                                       point=args.point, box=args.box)
         else:
             result = client.ask_topic(args.instruction, image, args.timeout)
         print(format_result(result))

@@ -23,6 +23,7 @@ import torch
 from diagnostic_msgs.msg import DiagnosticArray
 from flmm_msgs.action import Ground
 from flmm_msgs.msg import GroundingResult as GroundingResultMsg
+from geometry_msgs.msg import PointStamped
 from rcl_interfaces.msg import ParameterDescriptor, SetParametersResult
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
@@ -36,6 +37,7 @@ from visualization_msgs.msg import MarkerArray
 from flmm_ros.grounding.pipeline import GroundingPipeline
 from flmm_ros.grounding.types import GroundingError
 from flmm_ros.ros import diagnostics, parameters
+from flmm_ros.ros.clicks import clicked_pixel
 from flmm_ros.ros.frames import FrameStore
 from flmm_ros.ros.image_conversions import is_empty_image
 from flmm_ros.ros.qos import (ACTION_SERVICE_QOS, DIAGNOSTICS_QOS, INSTRUCTION_QOS, RESULT_DEPTH, STATUS_QOS,
@@ -225,8 +227,10 @@ class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
             self, Ground, '~/ground', execute_callback=self._execute_goal, goal_callback=self._accept_goal,
             cancel_callback=self._cancel_goal, callback_group=requests, goal_service_qos_profile=ACTION_SERVICE_QOS,
             result_service_qos_profile=ACTION_SERVICE_QOS, cancel_service_qos_profile=ACTION_SERVICE_QOS)
+        clicked_sub = self.create_subscription(PointStamped, 'clicked_point', self._on_clicked_point,
+                                               INSTRUCTION_QOS, callback_group=requests)
         self._io = [self.answer_pub, self.result_pub, self.objects_pub, self.mask_pub, self.overlay_pub,
-                    self.markers_pub, image_sub, instruction_sub, action, *self._create_tracking_io()]
+                    self.markers_pub, image_sub, instruction_sub, clicked_sub, action, *self._create_tracking_io()]
         self._sync_3d_subscriptions(p['use_3d'])
 
     def _sync_3d_subscriptions(self, wanted: bool) -> None:
@@ -265,11 +269,30 @@ class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
             code = E.ERROR_SHUTDOWN if self._stop_event.is_set() else E.ERROR_INACTIVE
             self._fail(request, code, self._refusal(code))
             return
-        if not request.instruction.strip():
+        if not request.instruction.strip() and not request.is_region:   # a region may come without a question
             self._fail(request, E.ERROR_EMPTY_INSTRUCTION, 'the instruction is empty')
             return
         for refused, code in self.queue.submit(request):
             self._fail(refused, code, self._refusal(code))
+
+    def _on_clicked_point(self, msg: PointStamped) -> None:
+        """RViz's Publish Point: ask about what was clicked, on the latest frame (click to ask)."""
+        request = Request(self.params['region_question'], source='clicked_point')
+        frame, info = self.frames.latest, self._infos.latest()
+        try:
+            if frame is None or info is None:
+                missing = 'image' if frame is None else 'camera_info (needs use_3d: true)'
+                raise GroundingError(f"no {missing} received yet: a clicked point is projected into the latest "
+                                     "image with the camera's intrinsics")
+            p = msg.point
+            request.point = clicked_pixel(p.x, p.y, p.z, msg.header.frame_id, frame.image.header.frame_id,
+                                          info.k, info.width, info.height)
+        except GroundingError as error:
+            self.stats.instruction_received()
+            self._fail(request, E.ERROR_BAD_INPUT, str(error))
+            return
+        self.get_logger().debug(f"clicked point -> pixel ({request.point[0]:.0f}, {request.point[1]:.0f})")
+        self._submit(request)
 
     def _accept_goal(self, goal) -> GoalResponse:
         # Every goal is accepted and then answered with one GroundingResult (busy / inactive included), so a
@@ -281,7 +304,11 @@ class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
         done = self.executor.create_future()
         done.add_done_callback(lambda _: None)   # a done callback makes set_result wake the executor
         image = None if is_empty_image(goal.image) else goal.image
+        box = goal.box
         request = Request(goal.instruction, image=image, source='action', on_done=done.set_result, track=goal.track,
+                          point=tuple(goal.point) if len(goal.point) else None,
+                          box=(box.x_offset, box.y_offset, box.x_offset + box.width, box.y_offset + box.height)
+                          if box.width and box.height else None,
                           on_stage=lambda stage: goal_handle.publish_feedback(Ground.Feedback(stage=stage)))
         key = bytes(goal_handle.goal_id.uuid)
         with self._goals_done:

@@ -43,7 +43,10 @@ def box_message(box: Sequence[int]) -> RegionOfInterest:
 def object_message(obj: GroundedObject, header: Header, pose: Object3D | None = None,
                    pose_status: str = '') -> GroundedObjectMsg:
     """One GroundedObject; `pose_status` says why there is no pose (ignored when there is one)."""
-    msg = GroundedObjectMsg(phrase=obj.phrase, score=float(obj.score), box=box_message(obj.box),
+    start, end = obj.answer_span if obj.answer_span is not None else (-1, -1)
+    msg = GroundedObjectMsg(phrase=obj.phrase, found=bool(obj.found), presence=float(obj.presence),
+                            instance=int(obj.instance), answer_start=int(start), answer_end=int(end),
+                            score=float(obj.score), box=box_message(obj.box),
                             mask=mono_to_image(np.asarray(obj.mask, dtype=np.uint8), header),
                             pose_status='' if pose is not None else pose_status)
     return _with_pose(msg, pose, header)
@@ -79,7 +82,8 @@ def result_message(instruction: str, header: Header, *, answer: str = '',
                    pose_status: Sequence[str] = (), track_ids: Sequence[int] = (),
                    timings: Mapping[str, float] | None = None,
                    total_seconds: float = 0.0, mask_seconds: float = 0.0, frame_cached: bool = False,
-                   warnings: Sequence[str] = (), error_code: str = '', error: str = '') -> GroundingResultMsg:
+                   warnings: Sequence[str] = (), not_found: Sequence[str] = (), error_code: str = '',
+                   error: str = '') -> GroundingResultMsg:
     """One GroundingResult; success exactly when error_code is empty."""
     poses = list(poses) or [None] * len(objects)
     pose_status = list(pose_status) or [''] * len(objects)
@@ -88,7 +92,7 @@ def result_message(instruction: str, header: Header, *, answer: str = '',
         header=header, instruction=instruction, answer=answer,
         objects=[object_message(obj, header, pose, status)
                  for obj, pose, status in zip(objects, poses, pose_status, strict=True)],
-        track_ids=[int(t) for t in track_ids],
+        track_ids=[int(t) for t in track_ids], not_found=list(not_found),
         stage_names=list(timings), stage_seconds=[float(v) for v in timings.values()],
         total_seconds=float(total_seconds), mask_seconds=float(mask_seconds), frame_cached=bool(frame_cached),
         warnings=list(warnings),

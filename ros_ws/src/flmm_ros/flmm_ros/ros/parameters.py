@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.region import PROMPTINGS as REGION_PROMPTINGS
 from flmm_ros.grounding.tracking_config import TrackerConfig
 from flmm_ros.grounding.types import GroundingError
 
@@ -63,6 +64,14 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec('diagnostics_period', 1.0, "Seconds between /diagnostics messages (diagnostic_updater's 1 Hz)."),
     ParamSpec('output_qos', 'DEFAULT',
               "QoS of the published outputs (keep-last 5): " + " | ".join(QOS_PRESETS) + ".", QOS_PRESETS),
+    ParamSpec('region_prompting', 'crop',
+              "Region input (a clicked point or a goal's point/box): how the LMM is shown the region without "
+              "retraining it: crop (a crop around it; best on the embedded model), highlight (the rest of the image "
+              "dimmed), marker (an ellipse drawn around it), none (the whole image).", REGION_PROMPTINGS,
+              runtime=True),
+    ParamSpec('region_question', '',
+              "The question asked about a clicked point (~/clicked_point); empty = the model's own default.",
+              runtime=True),
     ParamSpec('track_instructions', False,
               "Every successful instruction from the instruction topic also starts tracking its objects (~/tracks); "
               "action goals ask for it with their `track` field.", runtime=True),

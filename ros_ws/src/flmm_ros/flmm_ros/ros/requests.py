@@ -29,11 +29,14 @@ class Request:
 
     def __init__(self, instruction: str, image: Any = None, source: str = 'topic',
                  on_stage: Callable[[str], None] | None = None, on_done: Callable[[Any], None] | None = None,
-                 track: bool = False):
+                 track: bool = False, point: tuple[float, float] | None = None,
+                 box: tuple[int, int, int, int] | None = None):
         self.instruction = instruction
         self.image = image
         self.source = source
         self.track = track          # keep following the grounded objects afterwards
+        self.point = point          # region input: a pixel (x, y) and/or a box (x0, y0, x1, y1) to ask about
+        self.box = box
         self.on_stage = on_stage
         self.on_done = on_done
         self.received = time.monotonic()
@@ -41,6 +44,10 @@ class Request:
         self._done = threading.Event()
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
+
+    @property
+    def is_region(self) -> bool:
+        return self.point is not None or self.box is not None
 
     def complete(self, result: Any) -> bool:
         """Deliver the result; only the first call counts (exactly one result per request): True if it did."""

@@ -19,7 +19,12 @@ from flmm_ros.grounding.pipeline import FrameEncoding
 from flmm_ros.grounding.types import GroundingCancelled, GroundingError
 from flmm_ros.overlay import draw_overlay, label_image
 from flmm_ros.ros.frames import Frame
-from flmm_ros.ros.image_conversions import image_to_depth, image_to_rgb, mono_to_image, rgb_to_image
+from flmm_ros.ros.image_conversions import (
+    image_to_depth,
+    image_to_rgb,
+    mono_to_image,
+    rgb_to_image,
+)
 from flmm_ros.ros.messages import marker_array, result_message
 from flmm_ros.ros.requests import CANCELLED, Request
 from flmm_ros.ros.stamp_sync import stamp_ns
@@ -91,11 +96,18 @@ class InstructionServer:
                                               timings=timings,
                                               total_seconds=early['mask_seconds'],
                                               mask_seconds=early['mask_seconds'],
-                                              frame_cached=partial.frame_cached, warnings=warnings)
+                                              frame_cached=partial.frame_cached, warnings=warnings,
+                                              not_found=partial.not_found)
                 self._publish_masks(rgb, partial.objects, early['poses'], header)
                 self.objects_pub.publish(early['msg'])
 
-            result = self.pipeline.run(encoding, request.instruction, progress=progress, on_objects=on_objects)
+            if request.is_region:   # click to ask: SAM's region and the LMM's answer about it come together
+                question = request.instruction.strip() or self.params['region_question'] or None
+                result = self.pipeline.ask_region(encoding, question, point=request.point, box=request.box,
+                                                  prompting=self.params['region_prompting'], progress=progress)
+                on_objects(result)
+            else:
+                result = self.pipeline.run(encoding, request.instruction, progress=progress, on_objects=on_objects)
             progress('publish')
             timings = dict(result.timings)
             if 'depth_3d' in early['msg'].stage_names:
@@ -104,8 +116,8 @@ class InstructionServer:
                                  poses=early['poses'], pose_status=early['pose_status'],
                                  track_ids=early['track_ids'], timings=timings,
                                  total_seconds=request.age(), mask_seconds=early['mask_seconds'],
-                                 frame_cached=result.frame_cached, warnings=warnings)
-            self._publish_answer(result.answer)
+                                 frame_cached=result.frame_cached, warnings=warnings, not_found=result.not_found)
+            self._publish_answer(self._spoken(request, result))
             self._answer(request, msg)
             self.get_logger().debug(f"answered {request.instruction!r}: {len(result.objects)} objects, masks after "
                                     f"{early['mask_seconds'] * 1000:.0f} ms, " + ", ".join(
@@ -203,10 +215,14 @@ class InstructionServer:
     def _with_3d(self, frame: Frame, partial, depth, info) -> tuple[list, list[str], dict[str, float]]:
         """Poses (or why none) for the partial result's objects, and its timings with depth_3d added."""
         timings = dict(partial.timings)
-        poses, pose_status = [None] * len(partial.objects), [''] * len(partial.objects)
-        if self.params['use_3d'] and partial.objects:
+        poses = [None] * len(partial.objects)
+        found = [i for i, obj in enumerate(partial.objects) if obj.found]
+        pose_status = ['' if obj.found else 'not found' for obj in partial.objects]
+        if self.params['use_3d'] and found:
             start = time.perf_counter()
-            poses, pose_status = self._poses(frame, partial.objects, depth, info)
+            some, reasons = self._poses(frame, [partial.objects[i] for i in found], depth, info)
+            for i, pose, reason in zip(found, some, reasons):
+                poses[i], pose_status[i] = pose, reason
             timings['depth_3d'] = time.perf_counter() - start
         return poses, pose_status, timings
 
@@ -216,6 +232,15 @@ class InstructionServer:
             self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, objects), header))
         if self.params['use_3d']:
             self.markers_pub.publish(marker_array(objects, poses, header))
+
+    @staticmethod
+    def _spoken(request: Request, result) -> str:
+        """What ~/answer says: the answer; for a click without a question, the name of what was clicked (the
+        LMM's answer describes the picture it saw; `answer_start`/`answer_end` mark that name in it)."""
+        if request.is_region and not request.instruction.strip() and result.objects \
+                and result.objects[0].answer_span is not None:
+            return f"{result.objects[0].phrase}."
+        return result.answer
 
     def _publish_answer(self, answer: str) -> None:
         if answer:

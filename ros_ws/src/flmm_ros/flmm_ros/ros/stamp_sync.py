@@ -33,6 +33,11 @@ class StampMatcher:
             return None
         return best[1]
 
+    def latest(self) -> Any | None:
+        """The newest message kept, whatever its stamp (e.g. camera_info, which rarely changes)."""
+        with self._lock:
+            return self._items[-1][1] if self._items else None
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._items)

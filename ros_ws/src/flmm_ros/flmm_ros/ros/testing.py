@@ -181,9 +181,10 @@ class Probe(Node):
         return image.header
 
     def send_goal(self, instruction: str, image: Image | None = None, feedback: list | None = None,
-                  track: bool = False):
+                  track: bool = False, point: tuple[float, float] | None = None):
         """Send a goal; returns the rclpy future of its goal handle."""
-        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image(), track=track)
+        goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image(), track=track,
+                           point=list(point or ()))
         return self.action.send_goal_async(goal, feedback_callback=(
             (lambda fb: feedback.append(fb.feedback.stage)) if feedback is not None else None))
 
@@ -198,8 +199,8 @@ def wait_future(future, timeout: float, what: str):
 
 
 def send_goal(probe: Probe, instruction: str, image: Image | None = None, feedback: list | None = None,
-              track: bool = False):
-    handle = wait_future(probe.send_goal(instruction, image, feedback, track), 30,
+              track: bool = False, point: tuple[float, float] | None = None):
+    handle = wait_future(probe.send_goal(instruction, image, feedback, track, point), 30,
                          f"acceptance of goal {instruction!r}")
     assert handle.accepted
     return handle
