@@ -81,10 +81,10 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
     # took 2.2 s with spinning threads and 30 ms with sleeping ones. Must be set before torch loads libgomp.
     os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
     from rclpy.signals import SignalHandlerOptions
 
     from flmm_ros.grounding.types import GroundingError
+    from flmm_ros.ros.executor import SteadyExecutor
     from flmm_ros.ros.grounding_node import NODE_NAME, GroundingNode
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
@@ -111,7 +111,7 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
     if note := socket_buffer_note():
         logger.warning(note)
 
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = SteadyExecutor(num_threads=4)
     executor.add_node(node)
     spinner = threading.Thread(target=executor.spin, name='flmm-executor', daemon=True)
     spinner.start()

@@ -162,7 +162,11 @@ class Probe(Node):
         def newest_matches():
             value = self.diagnostic(key)
             return value is not None and accept(value)
-        self.wait_for(newest_matches, timeout, what)
+        try:
+            self.wait_for(newest_matches, timeout, what)
+        except AssertionError as timed_out:
+            raise AssertionError(f"{timed_out}; newest {key}: {self.diagnostic(key)!r} "
+                                 f"({len(self.outputs['diagnostics'])} diagnostics messages)") from None
         return self.diagnostic(key)
 
     def wait_frame(self, header: Header, timeout: float = 30.0) -> None:
