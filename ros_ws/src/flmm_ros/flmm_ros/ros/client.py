@@ -139,6 +139,7 @@ class AskClient(Node):
         if image is not None:
             self._spin_until(lambda: self.image_pub.get_subscription_count() > 0, timeout,
                              f"waiting for a subscriber on {self.image_pub.topic_name}")
+            image.header.stamp = self.get_clock().now().to_msg()   # taken now, not when the node was still loading
             timer = self.create_timer(IMAGE_PERIOD_S, lambda: self.image_pub.publish(image))
             self.image_pub.publish(image)
             lead_until = time.monotonic() + IMAGE_LEAD_S
@@ -159,6 +160,8 @@ class AskClient(Node):
         deadline = time.monotonic() + timeout
         if not self.action.wait_for_server(timeout_sec=timeout):
             raise NoAnswer(f"no action server {self.grounding_node}/ground after {timeout:g} s (is the node running?)")
+        if image is not None:
+            image.header.stamp = self.get_clock().now().to_msg()   # taken now, not when the node was still loading
         goal = Ground.Goal(instruction=instruction, image=image if image is not None else Image(), track=track,
                            point=list(point or ()))
         if box:
