@@ -1,6 +1,7 @@
 """The spoken answer agrees with the grounding (grounding/answers.py, and its decoding in trust.py)."""
 import numpy as np
 import pytest
+
 from flmm_ros.grounding.answers import (
     agrees,
     answer_claims,

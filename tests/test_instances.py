@@ -2,9 +2,11 @@
 import numpy as np
 import pytest
 import torch
+
 from flmm_ros.grounding.instances import (
     InstanceSplitter,
     is_plural,
+    presence_probe,
     seed_regions,
     singular,
     singular_probe,
@@ -31,6 +33,14 @@ def test_plural_and_quantified_phrases_and_their_single_instance(phrase, plural,
                                        ("mug", "mug")])
 def test_singular_nouns(word, one):
     assert singular(word) == one
+
+
+@pytest.mark.parametrize("phrase, probe", [
+    ("the red mug", "the red mug"), ("the left mug", "the mug"), ("the mug on the left", "the mug"),
+    ("the big red box", "the red box"), ("the ball next to the bowl", "the ball"), ("all the red mugs", "the red mug"),
+    ("the mugs on the left", "the mug"), ("every red object", "the red object"), ("it", "it")])
+def test_presence_is_judged_on_the_object_a_phrase_names(phrase, probe):
+    assert presence_probe(phrase) == probe
 
 
 def disc(h, w, cy, cx, r):

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.lmm import GROUNDING_PROMPT
 from flmm_ros.grounding.pipeline import GroundingPipeline

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import yaml
+
 from flmm_ros.grounding.bundle import BUNDLE_FILE
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.pipeline import GroundingPipeline
@@ -55,3 +56,12 @@ def test_calibrate_writes_a_calibration_the_pipeline_then_uses_and_evaluate_repo
     assert set(scores["instances"]) == {"all", "touching", "apart"}
     assert {"instruction", "presence question", "all"} <= set(scores["agreement"])
     assert set(scores["answer_accuracy"]) == {"grounded", "lmm"}
+
+
+@pytest.mark.parametrize("question, answer, reference, same", [
+    ("is there a red mug?", "yes, on the left", "yes", True), ("is there a red mug?", "no", "yes", False),
+    ("how many mugs are there?", "two mugs", "two", True), ("how many mugs are there?", "three", "two", False),
+    ("what colour is the mug?", "red", "red", True), ("what colour is the mug?", "red mug", "red", False)])
+def test_yes_no_and_count_answers_are_scored_by_their_claim(question, answer, reference, same):
+    from flmm_ros.tabletop.trust_eval import same_answer
+    assert same_answer(question, answer, reference) is same

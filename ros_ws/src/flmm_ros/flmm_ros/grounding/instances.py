@@ -38,6 +38,9 @@ IRREGULAR = {"people": "person", "children": "child", "mice": "mouse", "feet": "
              "tomatoes": "tomato", "potatoes": "potato", "dice": "die", "men": "man", "women": "woman"}
 NOT_PLURAL = {"this", "its", "his", "is", "was", "has", "glass", "lens", "bus", "gas", "series", "species",
               "scissors", "pliers", "tongs", "jeans", "trousers", "pants", "glasses", "headphones"}
+MODIFIERS = {"left", "right", "middle", "front", "back", "top", "bottom", "big", "large", "small", "little", "tiny",
+             "huge", "tall", "short", "leftmost", "rightmost", "nearest", "closest", "farthest", "furthest", "first",
+             "second", "third", "last", "other", "central", "centre", "center"}
 ROUNDS = 3                 # seeding rounds: the union's unexplained pixels seed the next round
 MIN_AREA = 0.0015          # an instance covers at least this fraction of the image
 MIN_INSIDE = 0.6           # and at least this fraction of it lies inside the phrase's union mask
@@ -100,6 +103,20 @@ def singular_probe(phrase: str) -> str:
     cut = next((i for i, w in enumerate(words) if w in PREPOSITIONS and i > 0), len(words))
     words[cut - 1] = singular(words[cut - 1])
     return f"the {' '.join(words)}"
+
+
+def presence_probe(phrase: str) -> str:
+    """The phrase whose presence decides this one's: the object it names, one instance of it, without place, size or
+    order words and without what follows its first preposition ("all the red mugs" -> "the red mug", "the left mug"
+    and "the mug on the left" -> "the mug", "the big box" -> "the box", "the ball next to the bowl" -> "the ball").
+    An object is there when such an object is; which of them is meant is the grounding's business. (So a relation
+    that no object satisfies is not caught: the ball is there.)"""
+    words = _words(singular_probe(phrase) if is_plural(phrase) else phrase)
+    cut = next((i for i, w in enumerate(words) if w in PREPOSITIONS and i > 0), len(words))
+    kept = [w for w in words[:cut] if w not in MODIFIERS]
+    if len(kept) < 2 or kept[0] not in ("the", "a", "an"):
+        return phrase if not is_plural(phrase) else singular_probe(phrase)
+    return " ".join(kept)
 
 
 @dataclass

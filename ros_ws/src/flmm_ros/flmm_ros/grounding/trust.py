@@ -19,7 +19,7 @@ import numpy as np
 
 from . import answers
 from .bundle import is_bundle, read_bundle_spec
-from .instances import InstanceSplitter, is_plural, singular_probe
+from .instances import InstanceSplitter, is_plural, presence_probe
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
 from .types import GroundedObject, GroundingResult
@@ -70,7 +70,7 @@ class TrustMixin:
 
     def load_trust_parts(self) -> None:
         """Read the bundle's presence calibration and plural head now (errors at load time, not mid-instruction)."""
-        self.presence_judge
+        self._presence_judge = PresenceJudge(self.lmm, presence_calibration_of(self.config.model))
         path = plural_head_path(self.config.model)
         if path is not None and self.refiner is not None:
             head = load_plural_head(self.head, path)
@@ -106,20 +106,22 @@ class TrustMixin:
 
     def presence_features(self, frame, phrases: list[str], logits, judge: PresenceJudge | None = None
                           ) -> list[dict[str, float | None]]:
-        """The presence features of each phrase. A plural phrase is there when one instance is, so its features
-        are those of its singular probe ("all the mugs" -> "the mug"), grounded in one more pass: the LMM knows
-        singular phrases, and the calibration is one for all."""
+        """The presence features of each phrase, read from the grounding of its presence probe: the phrase itself,
+        or, for a plural phrase or one with place, size or relation words, the object it names ("all the mugs",
+        "the left mug", "the ball next to the bowl" -> "the mug", "the mug", "the ball"; instances.presence_probe),
+        grounded in one more pass. The LMM knows those best, and one calibration serves all."""
         judge = judge or self.presence_judge
         thr, hw = self.config.mask_threshold, frame.image_hw
-        values = [None] * len(phrases)
-        singular = [k for k, p in enumerate(phrases) if not is_plural(p)]
-        if len(singular) == len(phrases):
+        probes = [presence_probe(p) for p in phrases]
+        if probes == list(phrases):
             return judge.features(frame.lmm, phrases, logits, hw, thr)
-        for k in singular:
-            values[k] = judge.features(frame.lmm, [phrases[k]], _one(logits, k), hw, thr)[0]
-        plural = [k for k in range(len(phrases)) if k not in singular]
-        probes = [singular_probe(phrases[k]) for k in plural]
-        for k, v in zip(plural, judge.features(frame.lmm, probes, self.ground_logits(frame, probes), hw, thr)):
+        values = [None] * len(phrases)
+        for k, (phrase, probe) in enumerate(zip(phrases, probes)):
+            if probe == phrase:
+                values[k] = judge.features(frame.lmm, [phrase], _one(logits, k), hw, thr)[0]
+        other = [k for k in range(len(phrases)) if values[k] is None]
+        asked = [probes[k] for k in other]
+        for k, v in zip(other, judge.features(frame.lmm, asked, self.ground_logits(frame, asked), hw, thr)):
             values[k] = v
         return values
 
@@ -149,13 +151,13 @@ class TrustMixin:
                                        lambda prefix, banned: self._constrained(frame, instruction, prefix, banned))
 
     def _constrained(self, frame, instruction: str, prefix: str, banned: list[str]) -> str:
-        """The LMM's answer after a forced `prefix`; or, with `banned` words, its most likely answer that never uses
+        """The LMM's answer after a forced `prefix` (the continuation); or, with `banned` words, its most likely answer that never uses
         one. Decoding token by token with the words removed can leave the sentence the LMM began ("there is no"
         -> "there is yes", "is in the middle" -> "is in the right"), so where a ban bites, the search also
         branches at the first step and at the two steps before, and keeps the likeliest whole answer."""
         lmm, limit = self.lmm, self.config.max_new_tokens
-        if prefix or not banned:
-            return f"{prefix} {lmm.generate(frame.lmm, instruction, limit, prefix)}".strip()
+        if prefix or not banned:     # the continuation only (answers.grounded_answer puts the prefix in front)
+            return lmm.generate(frame.lmm, instruction, limit, prefix)
         spellings = tuple(v for w in banned for v in (w, w.capitalize(), f" {w}", f" {w.capitalize()}"))
         banned_ids = answer_token_ids(lmm.tokenizer, spellings)
         best = lmm.generate_scored(frame.lmm, instruction, limit, [], banned_ids, ANSWER_BRANCHES)

@@ -21,7 +21,7 @@ naming every object of its kind (present, plural).
 - instances: precision and recall at IoU 0.5 on instance scenes (2-4 objects of the named kind), by whether
   two of them touch;
 - answers: agreement of the spoken answer with the published objects (answers.agrees) for the grounded answer and
-  the LMM's own, over the instructions above, "is there ...?" and "how many ...?" questions; exact-match accuracy
+  the LMM's own, over the instructions above, "is there ...?" and "how many ...?" questions; accuracy (same_answer)
   of both on the LMM's held-out questions (train_lmm.eval_set, by type);
 - single-object referring cIoU (the card's number; the first expression of each object).
 """
@@ -40,11 +40,11 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ..grounding.answers import agrees
+from ..grounding.answers import agrees, answer_claims, question_kind
 from ..grounding.bundle import BUNDLE_FILE, load_components
 from ..grounding.checkpoint import load_head
 from ..grounding.config import PipelineConfig
-from ..grounding.instances import is_plural, singular_probe
+from ..grounding.instances import is_plural, presence_probe
 from ..grounding.pipeline import GroundingPipeline
 from ..grounding.plural_head import write_plural_head
 from ..grounding.presence import (
@@ -106,7 +106,7 @@ def collect_features(pipe: GroundingPipeline, split: str, count: int) -> tuple[l
     for _, image, items in tqdm(list(presence_items(split, count)), desc="features", unit="scene"):
         frame = pipe.encode(image)
         for phrase, present, reason in items:
-            probe = singular_probe(phrase) if is_plural(phrase) else phrase
+            probe = presence_probe(phrase)
             with torch.no_grad():
                 logits = pipe.ground_logits(frame, [phrase])
                 values = pipe.presence_features(frame, [phrase], logits, judges[QUESTIONS[0]])[0]
@@ -262,8 +262,16 @@ def evaluate_instances(pipe: GroundingPipeline, split: str, count: int, tally: _
                   "recall": tally.rate(f"inst {key} | tp", f"inst {key} | gt")} for key in ("all", "touching", "apart")}
 
 
+def same_answer(question: str, answer: str, reference: str) -> bool:
+    """Whether an answer says what the reference says: for "is there"/"how many" questions the claim (yes/no, the
+    number; the grounded answer may go on after it: "yes, on the left"), otherwise the exact text."""
+    if question_kind(question) in ("presence", "count"):
+        return answer_claims(question, answer) == answer_claims(question, reference)
+    return answer == reference
+
+
 def answer_accuracy(pipe: GroundingPipeline, split: str, scenes: int) -> dict:
-    """Exact-match accuracy by question type of the grounded answer and of the LMM's own (greedy) answer."""
+    """Accuracy by question type of the grounded answer and of the LMM's own (greedy) answer (same_answer)."""
     hits, totals = defaultdict(int), defaultdict(int)
     for scene, items in tqdm(eval_set(scenes, split), desc="answers", unit="scene"):
         frame = pipe.encode(scene.image)
@@ -271,8 +279,8 @@ def answer_accuracy(pipe: GroundingPipeline, split: str, scenes: int) -> dict:
             if qtype in ("describe", "refer"):
                 continue   # not instructions about objects (the LMM's description is not grounded here)
             totals[qtype] += 1
-            hits[f"grounded | {qtype}"] += pipe.run(frame, question).answer == reference
-            hits[f"lmm | {qtype}"] += pipe.answer(frame, question) == reference
+            hits[f"grounded | {qtype}"] += same_answer(question, pipe.run(frame, question).answer, reference)
+            hits[f"lmm | {qtype}"] += same_answer(question, pipe.answer(frame, question), reference)
     return {source: {**{t: hits[f"{source} | {t}"] / totals[t] for t in totals},
                      "all": sum(hits[f"{source} | {t}"] for t in totals) / max(1, sum(totals.values()))}
             for source in ("grounded", "lmm")}
@@ -319,8 +327,9 @@ def card_section(scores: dict) -> str:
     lines += [f"| {g} | {v['n']} | {v['grounded']:.3f} | {v['lmm']:.3f} |" for g, v in agree.items()]
     if acc:
         types = [t for t in acc["grounded"] if t != "all"] + ["all"]
-        accuracy = ("**Exact-match accuracy of the spoken answer** on the LMM's held-out questions "
-                    "(`train_lmm.eval_set`, as in the LMM table; descriptions and referring turns left out):")
+        accuracy = ("**Accuracy of the spoken answer** on the LMM's held-out questions (`train_lmm.eval_set`, as "
+                    "in the LMM table; descriptions and referring turns left out; yes/no and count answers scored "
+                    "by their claim, the others by exact match: `same_answer`):")
         lines += ["", accuracy, "", "| question type | grounded answer | the LMM's own answer |", "|---|---|---|"]
         lines += [f"| {t} | {acc['grounded'][t]:.3f} | {acc['lmm'][t]:.3f} |" for t in types]
     ref = scores["referring"]["refined"]
