@@ -18,10 +18,7 @@ Rows, on the same scenes:
 """
 from __future__ import annotations
 
-import argparse
-import json
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -29,7 +26,7 @@ import torch
 from ..grounding.config import PipelineConfig
 from ..grounding.lmm import GROUNDING_PROMPT
 from ..grounding.pipeline import GroundingPipeline
-from .region_eval import EMBEDDED, SIZES, kind_and_colour
+from .region_eval import SIZES, eval_arguments, kind_and_colour, report
 from .scenes import generate_scene, split_seeds
 
 ROWS = ("answer tokens", "grounding prompt", "true description")
@@ -118,23 +115,14 @@ def table(rows: dict[str, dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", default=str(EMBEDDED))
-    parser.add_argument("--split", default="test")
-    parser.add_argument("--scenes", type=int, default=300)
-    parser.add_argument("--offset", type=int, default=0)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--json", help="write the summary and the per-scene counts here")
-    args = parser.parse_args(argv)
+    args = eval_arguments(__doc__.splitlines()[0], 64, "write the summary and the per-scene counts here"
+                          ).parse_args(argv)
     torch.set_num_threads(1)
     pipe = GroundingPipeline.from_config(PipelineConfig(model=args.bundle, phrase_mode="conversation",
                                                         max_new_tokens=args.max_new_tokens))
     scores = evaluate_conversation(pipe, args.split, args.scenes, args.offset)
     rows = summarize(scores)
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": rows, "scenes": [asdict(s) for s in scores]}, indent=1))
-
+    report(rows, table(rows), args.json, "scenes", scores)
 
 if __name__ == "__main__":
     main()

@@ -144,16 +144,29 @@ def table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def eval_arguments(description: str, max_new_tokens: int, json_help: str) -> argparse.ArgumentParser:
+    """The options the held-out evaluations share (this one and conversation_eval)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--bundle", default=str(EMBEDDED))
     parser.add_argument("--split", default="test")
     parser.add_argument("--scenes", type=int, default=300)
     parser.add_argument("--offset", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--json", help=json_help)
+    return parser
+
+
+def report(rows: dict[str, dict], table_text: str, json_path: str | None, name: str, items: list) -> None:
+    """Print the table; with --json also write the summary and every item (dataclasses) there."""
+    print(table_text)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"summary": rows, name: [asdict(i) for i in items]}, indent=1))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = eval_arguments(__doc__.splitlines()[0], 48, "write the summary and every record here")
     parser.add_argument("--promptings", default=",".join(PROMPTINGS))
     parser.add_argument("--box-promptings", default="crop")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
-    parser.add_argument("--json", help="write the summary and every record here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     pipe = GroundingPipeline.from_config(PipelineConfig(model=args.bundle, max_new_tokens=args.max_new_tokens))
@@ -161,10 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     records = evaluate_regions(pipe, args.split, args.scenes, args.offset, split_list(args.promptings),
                                split_list(args.box_promptings))
     rows = summarize(records)
-    print(table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"summary": rows, "records": [asdict(r) for r in records]}, indent=1))
-
+    report(rows, table(rows), args.json, "records", records)
 
 if __name__ == "__main__":
     main()
