@@ -218,6 +218,7 @@ def run(args: argparse.Namespace) -> dict:
         alive = node.alive()
         exit_code = node.stop(signal.SIGINT)
     finally:
+        node.stop_spinning()                 # no camera timer may run while the camera node is destroyed
         node.executor.remove_node(camera)
         camera.destroy_node()
         node.close()

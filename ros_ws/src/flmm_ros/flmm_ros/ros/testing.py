@@ -258,8 +258,20 @@ class GroundingProcess:
         self.probe = Probe(self.context, namespace, camera_qos)
         self.executor = SingleThreadedExecutor(context=self.context)
         self.executor.add_node(self.probe)
-        self._spinner = threading.Thread(target=self.executor.spin, daemon=True)
+        self._spinning = threading.Event()
+        self._spinning.set()
+        self._spinner = threading.Thread(target=self._spin, daemon=True)
         self._spinner.start()
+
+    def _spin(self):
+        while self._spinning.is_set():
+            self.executor.spin_once(timeout_sec=0.05)
+
+    def stop_spinning(self):
+        """End the spin thread and wait for it, so that no callback runs while nodes are destroyed (destroying a
+        node or the context under a running wait set aborted the process at exit now and then)."""
+        self._spinning.clear()
+        self._spinner.join(timeout=30)
 
     def wait_ready(self):
         try:
@@ -312,6 +324,7 @@ class GroundingProcess:
             except AssertionError:
                 pass
         self._log.close()
+        self.stop_spinning()
         self.executor.shutdown()
         self.probe.destroy_node()
         rclpy.try_shutdown(context=self.context)
