@@ -288,6 +288,7 @@ class InstanceSplitter:
             return False
         for other in kept:
             inter = (instance.mask & other.mask).sum()
-            if inter / (area + other.mask.sum() - inter) > MAX_OVERLAP or inter > MAX_OVERLAP * min(area, other.mask.sum()):
+            other_area = other.mask.sum()
+            if inter / (area + other_area - inter) > MAX_OVERLAP or inter > MAX_OVERLAP * min(area, other_area):
                 return False
         return True

@@ -151,8 +151,8 @@ class TrustMixin:
                                        lambda prefix, banned: self._constrained(frame, instruction, prefix, banned))
 
     def _constrained(self, frame, instruction: str, prefix: str, banned: list[str]) -> str:
-        """The LMM's answer after a forced `prefix` (the continuation); or, with `banned` words, its most likely answer that never uses
-        one. Decoding token by token with the words removed can leave the sentence the LMM began ("there is no"
+        """The LMM's continuation after a forced `prefix`; or, with `banned` words, its most likely answer that never
+        uses one. Decoding token by token with the words removed can leave the sentence the LMM began ("there is no"
         -> "there is yes", "is in the middle" -> "is in the right"), so where a ban bites, the search also
         branches at the first step and at the two steps before, and keeps the likeliest whole answer."""
         lmm, limit = self.lmm, self.config.max_new_tokens

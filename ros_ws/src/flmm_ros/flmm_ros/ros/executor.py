@@ -7,8 +7,8 @@ GIL, and real callbacks wait. Measured on the 2-core CI machine: after an instru
 for a second or two, a 30 Hz best-effort camera was counted at 2-5 frames in 2 s, for several seconds, with
 the executor thread at 100 % CPU, and instructions that take 0.1 s took 0.7-6 s. With this executor, the
 same run (bench-like script, 5 x 3 instructions on a streaming camera): 58-59 of 59 frames counted in every
-2 s window, instructions 0.04-0.15 s, the idle node at 0.055 of a core instead of 0.09. rclpy fixed this upstream after Kilted (ros2/rclpy commit 9695271e, a
-ready-task queue); the Kilted wheels do not have it.
+2 s window, instructions 0.04-0.15 s, the idle node at 0.055 of a core instead of 0.09. rclpy fixed this
+upstream after Kilted (ros2/rclpy commit 9695271e, a ready-task queue); the Kilted wheels do not have it.
 
 Here a task goes to the pool again only once its previous run has ended: a coroutine that is suspended (an
 action goal awaiting its result) is resumed on the executor's next wake-up, as before; a queued copy is never

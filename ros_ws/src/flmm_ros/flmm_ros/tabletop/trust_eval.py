@@ -323,7 +323,8 @@ def card_section(scores: dict) -> str:
     lines += [f"| {key} | {v['scenes']} | {v['precision']:.3f} | {v['recall']:.3f} |" for key, v in inst.items()]
     agreement = ("**The answer agrees with the published objects** (`answers.agrees`: the presence it states, the "
                  "number for \"how many\"):")
-    lines += ["", agreement, "", "| instructions | count | grounded answer | the LMM's own answer |", "|---|---|---|---|"]
+    lines += ["", agreement, "", "| instructions | count | grounded answer | the LMM's own answer |",
+              "|---|---|---|---|"]
     lines += [f"| {g} | {v['n']} | {v['grounded']:.3f} | {v['lmm']:.3f} |" for g, v in agree.items()]
     if acc:
         types = [t for t in acc["grounded"] if t != "all"] + ["all"]
