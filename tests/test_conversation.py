@@ -1,6 +1,5 @@
 """Grounded conversation's token bookkeeping (grounding/conversation.py) and the LMM's teacher-forced pass over a
 generated answer (`LMMAdapter.answer_pass`), against eager `output_attentions` over the whole sequence."""
-import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -8,20 +7,14 @@ from transformers import PreTrainedTokenizerFast
 
 from flmm_ros.grounding.attention import enable_phrase_attention
 from flmm_ros.grounding.conversation import answer_tokens, grounded_phrases, token_rows
-from flmm_ros.grounding.lmm import ADAPTERS, GROUNDING_PROMPT
+from flmm_ros.grounding.lmm import GROUNDING_PROMPT
 from flmm_ros.grounding.noun_phrases import noun_phrases
-from flmm_ros.grounding.testing import tiny_llava, tiny_llava_next, word_tokenizer
+from flmm_ros.grounding.testing import word_tokenizer
 from flmm_ros.grounding.types import GroundingError
+# the LMM families' tiny models and frames, and one torch thread: as in the adapter contract tests
+from test_lmm_contract import _one_thread, adapter, frame  # noqa: F401, F811 (fixtures)
 
 ANSWER = "the red mug is next to the blue bowl ."
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -62,22 +55,6 @@ def test_word_level_tokens_map_one_to_one():
 
 
 # ---- the teacher-forced pass over the answer, every LMM family -----------------------------------------------
-FAMILIES = {"llava": (tiny_llava, {"layers": 3, "heads": 4, "kv_heads": 2}),
-            "llava_next": (tiny_llava_next, {"layers": 2, "heads": 4, "kv_heads": 2})}
-
-
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
-def adapter(request):
-    build, sizes = FAMILIES[request.param]
-    model, tokenizer, processor = build(seed=1, **sizes)
-    return ADAPTERS[request.param](model, tokenizer, processor)
-
-
-@pytest.fixture
-def frame(adapter):
-    return adapter.encode_frame(np.random.default_rng(4).integers(0, 256, (40, 72, 3), dtype=np.uint8))
-
-
 def test_the_answer_ids_are_what_generate_says(adapter, frame):
     ids = adapter.generate_ids(frame, "where is the mug ?", 6)
     assert 0 < len(ids) <= 6 and adapter.tokenizer.eos_token_id not in ids
