@@ -5,6 +5,8 @@
 - the maps have `mask_head_channels` channels, layer-major: channel l*H + h is layer l, head h (LLaVA-NeXT: the
   base-image block, then the tile block, each in that order), as F-LMM stacks them;
 - the phrase rows' attention equals eager `output_attentions=True` attention, hidden states included;
+- questions asked beside the phrases (`phrase_pass(questions=...)`) change nothing of the phrases' results, and
+  their answers equal those of separate passes (`next_token_logits`);
 - the prepared image is a typed, per-family dataclass.
 A new family gets a line in FAMILIES, or the first test fails.
 """
@@ -112,6 +114,24 @@ def test_phrase_rows_equal_eager_output_attentions(adapter, frame):
     for p, r in enumerate(rows):
         assert torch.allclose(ours.hidden_states[p], hidden[:, r], atol=1e-5)
     assert ours.maps.min() >= 0 and ours.maps.max() <= 1 and ours.maps.std() > 0
+
+
+def test_questions_asked_beside_the_phrases_are_answered_as_if_asked_alone(adapter, frame):
+    questions = ["is there a red mug ?", "is there a bowl ?", "is there a red mug ?"]   # a repeat is asked once
+    n, before = frame.cache.get_seq_length(), _cache_tensors(frame)
+    alone = adapter.phrase_pass(frame, PHRASES)
+    beside = adapter.phrase_pass(frame, PHRASES, questions=questions)
+    assert alone.answers == {} and list(beside.answers) == questions[:2]
+    assert (beside.maps - alone.maps).abs().max() <= 1e-6
+    for a, b, la, lb in zip(alone.hidden_states, beside.hidden_states, alone.token_logprobs, beside.token_logprobs):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(la, lb, atol=1e-5)
+    for question, logits in beside.answers.items():
+        separate = adapter.next_token_logits(frame, question)
+        assert logits.shape == separate.shape and (logits - separate).abs().max() <= 1e-4
+    # The two questions' answers differ, so a mask that let one see the other (or the phrases) would show here.
+    assert (beside.answers[questions[0]] - beside.answers[questions[1]]).abs().max() > 1e-3
+    assert frame.cache.get_seq_length() == n
+    assert all(torch.equal(a, b) for a, b in zip(before, _cache_tensors(frame)))
 
 
 def test_the_prepared_image_is_a_typed_per_family_dataclass(adapter, frame):

@@ -125,6 +125,22 @@ def test_every_feature_comes_from_the_grounding_pass(pipe):
     assert pass_.token_logprobs[0].tolist() == pytest.approx(expected, abs=1e-4)
 
 
+def test_an_instruction_asks_its_presence_question_inside_the_grounding_pass(pipe, monkeypatch):
+    frame = pipe.encode(image(2))
+    pipe.run(frame, "pick up the red mug")                       # the frame counts as cached from here
+    forwards = []
+    model = pipe.lmm.language_model
+    monkeypatch.setattr(model, "forward", lambda *a, _f=model.forward, **k: forwards.append(1) or _f(*a, **k))
+    beside = pipe.run(frame, "pick up the red mug")
+    assert len(forwards) == 1                                     # phrases and question: one LMM forward
+    # The same decision as asking the question in a pass of its own.
+    monkeypatch.setattr(type(pipe), "presence_questions", lambda self, phrases, judge=None: [])
+    alone = pipe.run(frame, "pick up the red mug")
+    assert len(forwards) == 3
+    assert beside.objects[0].presence == pytest.approx(alone.objects[0].presence, abs=1e-5)
+    assert 0.0 < beside.objects[0].presence < 1.0
+
+
 def test_a_tokenizer_without_yes_or_no_turns_an_uncalibrated_check_off(tmp_path):
     bundle = write_random_bundle(tmp_path)          # the test vocabulary has neither "yes" nor "no"
     pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle), answer=False))

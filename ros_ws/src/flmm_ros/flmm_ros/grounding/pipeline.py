@@ -262,7 +262,8 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
             else:
                 with clock.stage("phrases"):
                     phrases = phrase_rules.phrases_from_instruction(instruction)
-                logits = self.ground_logits(frame, phrases, clock)
+                # The presence questions ride along in the grounding pass (trust.py): one LMM forward, not two.
+                logits = self.ground_logits(frame, phrases, clock, questions=self.presence_questions(phrases))
             with clock.stage("post"):
                 objects = (self._answer_objects(found, logits, frame.image_hw) if found is not None
                            else self._objects(phrases, logits, frame.image_hw))
@@ -302,11 +303,12 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         return answer, phrases, logits
 
     def ground_logits(self, frame: FrameEncoding, phrases: list[str], clock: _StageClock | None = None,
-                      prompt_text: str = GROUNDING_PROMPT, answer_prefix: str = "") -> GroundingLogits:
-        """Phrase pass over the cached frame, then the grounding head."""
+                      prompt_text: str = GROUNDING_PROMPT, answer_prefix: str = "",
+                      questions: list[str] = ()) -> GroundingLogits:
+        """Phrase pass over the cached frame (with `questions` asked in the same forward), then the grounding head."""
         clock = clock or _StageClock(None, self.config.device)
         with clock.stage("phrase_pass"):
-            lmm_out = self.lmm.phrase_pass(frame.lmm, phrases, prompt_text, answer_prefix)
+            lmm_out = self.lmm.phrase_pass(frame.lmm, phrases, prompt_text, answer_prefix, questions)
         return self.head_logits(lmm_out, frame.lmm.prepared, frame.sam, clock)
 
     def head_logits(self, lmm_out: PhrasePass, prepared: PreparedImage, sam: SamImageEncoding | None,

@@ -137,21 +137,33 @@ class PresenceJudge:
         if not self.enabled:
             log.warning("presence check off: no presence calibration and no single-token yes / no in the tokenizer")
 
-    def lmm_yes(self, lmm_frame, phrase: str) -> float | None:
-        """log P(yes) - log P(no) of the LMM's answer to the presence question about `phrase`."""
+    def question(self, phrase: str) -> str | None:
+        """The presence question about `phrase` ("is there a red mug?") if the judge asks the LMM one, else None."""
+        if not (self.can_ask and self.enabled and "lmm_yes" in self.calibration.features):
+            return None
+        return self.calibration.question.format(phrase=indefinite(phrase))
+
+    def lmm_yes(self, lmm_frame, phrase: str, answers: Mapping[str, torch.Tensor] | None = None) -> float | None:
+        """log P(yes) - log P(no) of the LMM's answer to the presence question about `phrase`; read from `answers`
+        (question -> first-token logits, asked beside the grounding pass: `PhrasePass.answers`) when it is there."""
         if not self.can_ask:
             return None
         question = self.calibration.question.format(phrase=indefinite(phrase))
-        logp = self.lmm.next_token_logits(lmm_frame, question).log_softmax(-1)
+        logits = (answers or {}).get(question)
+        if logits is None:
+            logits = self.lmm.next_token_logits(lmm_frame, question)
+        logp = logits.log_softmax(-1)
         return float(logp[self.yes_ids].logsumexp(0) - logp[self.no_ids].logsumexp(0))
 
     def features(self, lmm_frame, phrases: list[str], logits, image_hw: tuple[int, int],
                  mask_threshold: float) -> list[dict[str, float | None]]:
         """Every feature of each phrase (its grounding in `logits`, at the same index)."""
+        answers = getattr(getattr(logits, "lmm", None), "answers", None)
         out = []
         for k, phrase in enumerate(phrases):
             values = grounding_features(logits, k, image_hw, mask_threshold)
-            values["lmm_yes"] = self.lmm_yes(lmm_frame, phrase) if "lmm_yes" in self.calibration.features else None
+            values["lmm_yes"] = (self.lmm_yes(lmm_frame, phrase, answers) if "lmm_yes" in self.calibration.features
+                                 else None)
             out.append(values)
         return out
 

@@ -121,9 +121,17 @@ class TrustMixin:
                 values[k] = judge.features(frame.lmm, [phrase], _one(logits, k), hw, thr)[0]
         other = [k for k in range(len(phrases)) if values[k] is None]
         asked = [probes[k] for k in other]
-        for k, v in zip(other, judge.features(frame.lmm, asked, self.ground_logits(frame, asked), hw, thr)):
+        logits = self.ground_logits(frame, asked, questions=self.presence_questions(asked, judge))
+        for k, v in zip(other, judge.features(frame.lmm, asked, logits, hw, thr)):
             values[k] = v
         return values
+
+    def presence_questions(self, phrases: list[str], judge: PresenceJudge | None = None) -> list[str]:
+        """The presence questions the grounding pass of `phrases` can ask beside them (lmm.phrase_pass
+        `questions`): those of the phrases judged by themselves (their presence probe is the phrase)."""
+        judge = judge or self.presence_judge
+        asked = (judge.question(p) for p in phrases if presence_probe(p) == p)
+        return [q for q in asked if q is not None]
 
     def _instances(self, frame, logits, k: int, obj: GroundedObject, presence: float) -> list[GroundedObject]:
         grounder, index = self, k
