@@ -92,7 +92,9 @@ def random_pipeline(name: str, device: str, dtype: str, backend: str) -> Groundi
         head = GroundingHead(lmm.mask_head_channels, t_width, t_layers, sam).eval()
     sam_backend = make_refiner_backend(backend, head.sam, device=device,
                                        precision="fp16" if dtype != "float32" else "fp32")
-    # As GroundingPipeline.from_config does: the U-Net on ONNX Runtime when the backend means it (a CPU).
+    # As GroundingPipeline.from_config does: the U-Net and the vision tower on ONNX Runtime when the backend means
+    # it (a CPU).
+    GroundingPipeline._use_vision_engine(cfg, lmm)
     return GroundingPipeline(lmm, head, SamRefiner(head.sam, sam_backend), cfg,
                              GroundingPipeline._mask_head_engine(cfg, head))
 
@@ -129,6 +131,8 @@ def naive(pipe: GroundingPipeline, refiner: SamRefiner, image: np.ndarray, keep:
     `keep` receives the coarse logits, to check the naive way computes what ours does."""
     lmm, clock = pipe.lmm, _StageClock(None, pipe.config.device)
     lmm.model.set_attn_implementation({"text_config": "eager"})
+    engine = getattr(lmm, "vision_engine", None)
+    lmm.vision_engine = None                 # F-LMM's vision tower on PyTorch, not ours on ONNX Runtime
     try:
         phrases = phrase_rules.phrases_from_instruction(INSTRUCTION)
         with clock.stage("vision"):
@@ -163,6 +167,7 @@ def naive(pipe: GroundingPipeline, refiner: SamRefiner, image: np.ndarray, keep:
             pipe._objects(phrases, GroundingLogits(coarse, refined), image.shape[:2])
     finally:
         enable_phrase_attention(lmm.model)
+        lmm.vision_engine = engine
     return clock.timings
 
 
@@ -296,13 +301,15 @@ def bench(name: str, device: str, dtype: str, repeats: int, warmup: int, answer_
             "peak_mib": peaks, "weights_mib": weights_mib / 2**20, "coarse_max_abs_diff": coarse_diff,
             "answer_timing": answers,
             "backends": {"sam": pipe.refiner.backend.name, "requested": backend,
-                         "mask_head": "onnxruntime" if pipe.mask_head_engine else "torch"}}
+                         "mask_head": "onnxruntime" if pipe.mask_head_engine else "torch",
+                         "vision": "onnxruntime" if getattr(pipe.lmm, "vision_engine", None) else "torch"}}
 
 
 def print_table(r: dict) -> None:
     print(f"\n{r['config']} on {r['device']} ({r['dtype']} LMM), {r['tokens']} prefix tokens, "
           f"median of {r['repeats']}, weights {r['weights_mib']:.0f} MiB; ours: SAM on {r['backends']['sam']}, "
-          f"mask head on {r['backends']['mask_head']} (backend {r['backends']['requested']}); naive: torch")
+          f"mask head on {r['backends']['mask_head']}, vision tower on {r['backends']['vision']} "
+          f"(backend {r['backends']['requested']}); naive: torch")
     header = f"{'stage':<14} {'ours new ms':>11} {'ours cached ms':>14} {'naive ms':>9} {'cached vs naive':>15}"
     print(header)
     print("-" * len(header))

@@ -57,7 +57,7 @@ def test_default_pipeline_on_a_cpu_computes_the_torch_masks_on_onnx_runtime(bund
         mismatch = ((a.refined > 0) != (t.refined > 0)).float().mean().item()
         assert mismatch <= 1e-3                       # pixels right at the threshold may round either way
     onnx_files = {p.parent.name.split("-")[0] for p in (tmp_path / "onnx").glob("*/*.onnx")}
-    assert onnx_files == {"mask_head", "image_encoder", "prompt_decoder"}
+    assert onnx_files == {"mask_head", "image_encoder", "prompt_decoder", "vision"}
 
 
 def test_gradients_run_the_torch_mask_head(bundle, tmp_path):

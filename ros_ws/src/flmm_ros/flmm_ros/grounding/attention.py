@@ -125,6 +125,22 @@ def capture_phrase_attention(phrase_rows: list[torch.Tensor], image_keys: torch.
         _ACTIVE.reset(token)
 
 
+def side_by_side(turns: list[list[int]], start: int, device) -> dict[str, torch.Tensor]:
+    """`attention_mask` and `position_ids` for one chunk holding several turns after a cached prefix of `start`
+    tokens: each turn attends to the prefix and, causally, to itself only, at positions start, start + 1, ...
+    as if it were the only one (a block-diagonal causal mask; True = attend)."""
+    total = sum(len(t) for t in turns)
+    allowed = torch.zeros(total, start + total, dtype=torch.bool)
+    allowed[:, :start] = True
+    positions, at = [], 0
+    for turn in turns:
+        n = len(turn)
+        allowed[at:at + n, start + at:start + at + n] = torch.ones(n, n, dtype=torch.bool).tril()
+        positions.append(torch.arange(start, start + n))
+        at += n
+    return {"attention_mask": allowed[None, None].to(device), "position_ids": torch.cat(positions)[None].to(device)}
+
+
 def eager_phrase_attention(attentions: tuple[torch.Tensor, ...], phrase_rows: list[torch.Tensor],
                            image_keys: torch.Tensor) -> torch.Tensor:
     """The naive reference: slice eager `output_attentions` matrices (1, H, N, N) -> (P, L*H, n_image).

@@ -29,9 +29,10 @@ class PipelineConfig:
     sam_type: str = setting("vit_l", "SAM size of sam_checkpoint.", ("vit_b", "vit_l", "vit_h"))
     prompt_template: str = setting("", "LMM chat template: vicuna | mistral | a format string with {input}; "
                                        "empty = the model's own.")
-    backend: str = setting("auto", "Runtime of the SAM refiner and the U-Net mask head. auto = ONNX Runtime for both "
-                                   "on a CPU, PyTorch on CUDA; onnxruntime / tensorrt name SAM's runtime (the mask "
-                                   "head runs on ONNX Runtime whenever SAM does on a CPU); torch = PyTorch for both.",
+    backend: str = setting("auto", "Runtime of the SAM refiner, the U-Net mask head and LLaVA-1.5's vision tower. "
+                                   "auto = ONNX Runtime for all three on a CPU, PyTorch on CUDA; onnxruntime / "
+                                   "tensorrt name SAM's runtime (the mask head and the vision tower run on ONNX "
+                                   "Runtime whenever SAM does on a CPU); torch = PyTorch for all.",
                            BACKENDS)
     engine_dir: str = setting("", "Cache directory for SAM ONNX files and TensorRT plans (empty = engines/cache).")
     device: str = setting("cpu", "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...")

@@ -37,6 +37,7 @@ from .sam.refiner import SamImageEncoding, SamRefiner
 from .sam.backends import make_refiner_backend, resolve_backend
 from .trust import TrustMixin
 from .types import GroundedObject, GroundingError, GroundingResult
+from .vision_engine import VisionEngine
 
 MIN_IMAGE_SIDE = 8
 log = logging.getLogger(__name__)
@@ -159,6 +160,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         if isinstance(config, PipelineConfig):
             cfg.validate()                        # from_dict has validated already
         lmm, head = load_components(cfg)
+        cls._use_vision_engine(cfg, lmm)
         pipe = cls(lmm, head, cls._refiner(cfg, head), cfg, cls._mask_head_engine(cfg, head, lmm))
         pipe.load_trust_parts()     # the bundle's presence calibration and plural head, read and checked now (trust.py)
         return pipe
@@ -189,6 +191,22 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         if isinstance(lmm, LlavaAdapter):   # LLaVA-1.5: always a grid x grid map (LLaVA-NeXT's size varies)
             engine(torch.full((1, head.mask_head.in_channels, lmm.grid, lmm.grid), 1.0 / lmm.grid ** 2))
         return engine
+
+    @staticmethod
+    def _use_vision_engine(cfg: PipelineConfig, lmm: LMMAdapter) -> None:
+        """LLaVA-1.5's vision tower + projector on ONNX Runtime when the backend means it (a CPU, float32 weights
+        that are not quantized); exported or loaded now, not at the first frame. Otherwise PyTorch runs it."""
+        if (not isinstance(lmm, LlavaAdapter) or torch.device(cfg.device).type != "cpu"
+                or resolve_backend(cfg.backend, cfg.device) == "torch" or lmm.dtype != torch.float32
+                or cfg.quantization != "none"):
+            return
+        try:
+            engine = VisionEngine(lmm.model, cfg.engine_dir or default_cache_dir())
+        except OnnxRuntimeMissing as e:
+            log.warning("vision tower runs on PyTorch: %s", e)
+            return
+        engine.session((1, 3, lmm.image_size, lmm.image_size))
+        lmm.vision_engine = engine
 
     @property
     def head_device(self) -> torch.device:

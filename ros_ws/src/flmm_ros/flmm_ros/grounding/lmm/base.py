@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoImageProcessor, AutoTokenizer, DynamicCache
 
-from ..attention import capture_phrase_attention, enable_phrase_attention, merge_mean
+from ..attention import capture_phrase_attention, enable_phrase_attention, merge_mean, side_by_side
 from ..devices import ids_tensor, to_device
 from ..quantization import load_kwargs as quantization_load_kwargs
 from ..types import GroundingError
@@ -74,8 +74,7 @@ class PhrasePass:
     # Per phrase: (T_p,) log-probability of each of its tokens given everything before it (how likely the LMM
     # finds the phrase as its answer; presence.py reads it). None where not computed.
     token_logprobs: list[torch.Tensor] | None = None
-    # Questions asked in the same forward (`phrase_pass(questions=...)`): question -> (vocab,) float32 logits of
-    # the answer's first token, as `next_token_logits` gives them.
+    # `phrase_pass(questions=...)`: question -> (vocab,) fp32 logits of its answer's first token (next_token_logits)
     answers: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
@@ -94,22 +93,6 @@ class ReasoningPass:
     generated_ids: list[int]         # every generated token (the last one is never fed back), EOS excluded
     grounded_ids: list[int]          # the tokens fed during generation: their rows make the one mask
     phrase_pass: PhrasePass          # one "phrase": all grounded rows merged
-
-
-def side_by_side(turns: list[list[int]], start: int, device) -> dict[str, torch.Tensor]:
-    """`attention_mask` and `position_ids` for one chunk holding several turns after a cached prefix of `start`
-    tokens: each turn attends to the prefix and, causally, to itself only, at positions start, start + 1, ...
-    as if it were the only one (a block-diagonal causal mask; True = attend)."""
-    total = sum(len(t) for t in turns)
-    allowed = torch.zeros(total, start + total, dtype=torch.bool)
-    allowed[:, :start] = True
-    positions, at = [], 0
-    for turn in turns:
-        n = len(turn)
-        allowed[at:at + n, start + at:start + at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-        positions.append(torch.arange(start, start + n))
-        at += n
-    return {"attention_mask": allowed[None, None].to(device), "position_ids": torch.cat(positions)[None].to(device)}
 
 
 class LMMAdapter(ABC):
@@ -244,21 +227,16 @@ class LMMAdapter(ABC):
                     answer_prefix: str = "", questions: Sequence[str] = ()) -> PhrasePass:
         """One teacher-forced forward over the phrases (no generation): F-LMM's grounding pass.
 
-        Returns each phrase's attention to the image (mean over its tokens) as maps, and its tokens'
-        hidden states for the text embeddings. `questions` (e.g. presence.py's "is there a red mug?") are asked
-        in the same forward, each as its own turn over the frame (`answers`): they follow the phrases in the chunk,
-        but the attention mask lets each see only the cached prefix and itself, at the positions it would have
-        alone, so the phrases' rows and the answers are those of separate passes, for one pass's overhead.
-        """
+        Returns each phrase's attention to the image (mean over its tokens) as maps, and its tokens' hidden
+        states for the text embeddings. `questions` ("is there a red mug?": presence.py) are answered in the same
+        forward (`answers`), each as its own turn over the frame (attention.side_by_side): what separate passes
+        would give, for the overhead of one."""
         ids, rows = self.phrase_tokens(frame, phrases, prompt_text, answer_prefix)
-        if not questions:
-            return self._rows_pass(frame, ids, rows)
         questions = list(dict.fromkeys(questions))
         turns = [ids] + [self._continuation(frame, q) for q in questions]
         ends = np.cumsum([len(t) for t in turns])[1:] - 1          # each question's last token in the chunk
-        return self._rows_pass(frame, [t for turn in turns for t in turn], rows,
-                               dict(zip(questions, ends.tolist())),
-                               **side_by_side(turns, frame.cache.get_seq_length(), self.device))
+        layout = side_by_side(turns, frame.cache.get_seq_length(), self.device) if questions else {}
+        return self._rows_pass(frame, sum(turns, []), rows, dict(zip(questions, ends.tolist())), **layout)
 
     @torch.no_grad()
     def answer_pass(self, frame: LMMFrame, prompt_text: str, answer_ids: list[int],
@@ -273,19 +251,15 @@ class LMMAdapter(ABC):
         return self._rows_pass(frame, ids + list(answer_ids), rows)
 
     def _rows_pass(self, frame: LMMFrame, ids: list[int], rows: list[torch.Tensor],
-                   answer_rows: dict[str, int] | None = None, **kwargs) -> PhrasePass:
-        """`answer_rows`: question -> the chunk row whose output is its answer's first token."""
+                   answer_rows: dict[str, int] | None = None, **kwargs) -> PhrasePass:   # question -> its last row
         with capture_phrase_attention(rows, frame.image_keys) as capture:
             out = self._run_on_cache(frame, ids, output_hidden_states=True, **kwargs)
         hidden = torch.stack(out.hidden_states[1:])[:, 0]           # (L, T_chunk, d)
         maps = self.attention_to_maps(capture.maps(), frame.prepared)
-        last = out.last_hidden_state[0]
-        answers = {}
-        if answer_rows:
-            logits = self.model.lm_head(last[list(answer_rows.values())]).float()
-            answers = dict(zip(answer_rows, logits))
+        last, answer_rows = out.last_hidden_state[0], answer_rows or {}
+        answers = self.model.lm_head(last[list(answer_rows.values())]).float()
         return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows],
-                          token_logprobs=self._token_logprobs(last, ids, rows), answers=answers)
+                          token_logprobs=self._token_logprobs(last, ids, rows), answers=dict(zip(answer_rows, answers)))
 
     def _token_logprobs(self, last_hidden: torch.Tensor, ids: list[int], rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """log P(ids[r] | ids[:r]) for the rows of each phrase (row r is predicted by the output at r - 1; a row 0
@@ -309,8 +283,8 @@ class LMMAdapter(ABC):
 
     def generate(self, frame: LMMFrame, prompt_text: str, max_new_tokens: int, answer_prefix: str = "") -> str:
         """Greedy answer to `prompt_text` about the frame (bounded tokens, stops at EOS)."""
-        ids = self.generate_ids(frame, prompt_text, max_new_tokens, answer_prefix)
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return self.tokenizer.decode(self.generate_ids(frame, prompt_text, max_new_tokens, answer_prefix),
+                                     skip_special_tokens=True).strip()
 
     @torch.no_grad()
     def generate_ids(self, frame: LMMFrame, prompt_text: str, max_new_tokens: int,

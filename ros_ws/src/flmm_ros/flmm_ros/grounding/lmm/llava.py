@@ -61,6 +61,9 @@ class LlavaAdapter(LMMAdapter):
 
     def __init__(self, model, tokenizer, image_processor=None, template: str = "vicuna"):
         super().__init__(model, tokenizer, image_processor, template)
+        # The vision tower + projector on ONNX Runtime (vision_engine.VisionEngine), set by the pipeline on a CPU;
+        # None: PyTorch. Inference only: with gradients on, PyTorch runs.
+        self.vision_engine = None
         vision = model.config.vision_config
         self.image_size = vision.image_size
         self.grid = vision.image_size // vision.patch_size
@@ -84,6 +87,8 @@ class LlavaAdapter(LMMAdapter):
         return LlavaPreparedImage(pixel_values, (h, w), (new_h, new_w), (top, left))
 
     def image_features(self, prepared: LlavaPreparedImage) -> torch.Tensor:
+        if self.vision_engine is not None and not torch.is_grad_enabled():
+            return self.vision_engine(prepared.pixel_values).to(self.device, self.dtype)
         out = self.model.model.get_image_features(pixel_values=prepared.pixel_values, return_dict=True)
         return torch.cat(list(out.pooler_output), dim=0)
 
