@@ -155,6 +155,13 @@ class Camera(Node):
         with self.lock:
             return sum(e["result"] is None for sends in self.sent.values() for e in sends)
 
+    def masks_outstanding(self) -> int:
+        """Successes whose masks (~/objects) have not arrived yet: the two topics are not ordered with each other,
+        so the last result can come before its masks."""
+        with self.lock:
+            return sum(e["result"] is not None and e["result"]["success"] and e["objects"] is None
+                       for sends in self.sent.values() for e in sends)
+
 
 def depth_and_info() -> tuple[Image, CameraInfo]:
     """A table plane 0.8 m away, and a 640x480 pinhole camera."""
@@ -212,7 +219,7 @@ def run(args: argparse.Namespace) -> dict:
             time.sleep(min(args.memory_every, max(0.0, args.duration - elapsed)))
         camera.streaming = False
         drain_deadline = time.monotonic() + args.drain_timeout
-        while camera.outstanding() and time.monotonic() < drain_deadline:
+        while (camera.outstanding() or camera.masks_outstanding()) and time.monotonic() < drain_deadline:
             time.sleep(0.1)
         memory.append((time.monotonic() - t0, node.rss_mb()))
         alive = node.alive()

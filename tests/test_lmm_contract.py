@@ -7,6 +7,8 @@
 - the phrase rows' attention equals eager `output_attentions=True` attention, hidden states included;
 - questions asked beside the phrases (`phrase_pass(questions=...)`) change nothing of the phrases' results, and
   their answers equal those of separate passes (`next_token_logits`);
+- a frame encoded with `defer_prefix` gives what an eagerly encoded one gives, whichever pass comes first (a phrase
+  pass runs the prefix in its own forward), and is left with the same KV cache;
 - the prepared image is a typed, per-family dataclass.
 A new family gets a line in FAMILIES, or the first test fails.
 """
@@ -132,6 +134,48 @@ def test_questions_asked_beside_the_phrases_are_answered_as_if_asked_alone(adapt
     assert (beside.answers[questions[0]] - beside.answers[questions[1]]).abs().max() > 1e-3
     assert frame.cache.get_seq_length() == n
     assert all(torch.equal(a, b) for a, b in zip(before, _cache_tensors(frame)))
+
+
+def _deferred(adapter):
+    image = np.random.default_rng(4).integers(0, 256, (40, 72, 3), dtype=np.uint8)   # the `frame` fixture's image
+    frame = adapter.encode_frame(image, defer_prefix=True)
+    assert frame.cache is None and frame.features is not None
+    return frame
+
+
+@pytest.mark.parametrize("questions", [[], ["is there a red mug ?", "is there a bowl ?"]])
+def test_a_deferred_prefix_runs_inside_the_first_phrase_pass(adapter, frame, questions):
+    eager = adapter.phrase_pass(frame, PHRASES, questions=questions)
+    deferred = _deferred(adapter)
+    first = adapter.phrase_pass(deferred, PHRASES, questions=questions)
+    assert (first.maps - eager.maps).abs().max() <= 1e-5
+    for a, b, la, lb in zip(first.hidden_states, eager.hidden_states, first.token_logprobs, eager.token_logprobs):
+        assert torch.allclose(a, b, atol=1e-5) and torch.allclose(la, lb, atol=1e-5)
+    assert list(first.answers) == questions
+    assert all((first.answers[q] - eager.answers[q]).abs().max() <= 1e-4 for q in questions)
+    # The cache now holds the prefix, as the eager frame's does; later passes run on it.
+    assert deferred.features is None and deferred.cache.get_seq_length() == len(frame.prefix_ids)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(_cache_tensors(deferred), _cache_tensors(frame)))
+    assert (adapter.phrase_pass(deferred, PHRASES).maps - eager.maps).abs().max() <= 1e-5
+
+
+def test_a_deferred_prefix_runs_first_for_any_other_pass(adapter, frame):
+    deferred = _deferred(adapter)
+    assert adapter.generate_ids(deferred, "where is the mug ?", 4) == adapter.generate_ids(frame, "where is the mug ?", 4)
+    assert deferred.cache.get_seq_length() == len(frame.prefix_ids)
+    logits = adapter.next_token_logits(_deferred(adapter), "is there a bowl ?")
+    assert (logits - adapter.next_token_logits(frame, "is there a bowl ?")).abs().max() <= 1e-4
+
+
+def test_a_failed_first_pass_leaves_the_prefix_deferred(adapter, monkeypatch):
+    deferred = _deferred(adapter)
+    real = adapter.language_model.forward
+    monkeypatch.setattr(adapter.language_model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        adapter.phrase_pass(deferred, PHRASES)
+    assert deferred.cache is None and deferred.features is not None
+    monkeypatch.setattr(adapter.language_model, "forward", real)
+    assert adapter.phrase_pass(deferred, PHRASES).maps.shape[0] == len(PHRASES)
 
 
 def test_the_prepared_image_is_a_typed_per_family_dataclass(adapter, frame):

@@ -46,8 +46,9 @@ def test_run_returns_one_mask_per_phrase_at_image_size(pipe):
         else:
             assert obj.box == (0, 0, 0, 0) and obj.score == 0.0
     assert isinstance(result.answer, str)
-    for stage in ("vision", "lmm_prefix", "sam_encoder", "phrases", "answer", "phrase_pass", "mask_head", "sam_decoder", "post"):
+    for stage in ("vision", "sam_encoder", "phrases", "answer", "phrase_pass", "mask_head", "sam_decoder", "post"):
         assert result.timings[stage] >= 0
+    assert "lmm_prefix" not in result.timings     # a new frame's image prefix runs inside its phrase pass
     assert not result.frame_cached
 
 

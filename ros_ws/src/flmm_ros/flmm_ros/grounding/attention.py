@@ -125,18 +125,20 @@ def capture_phrase_attention(phrase_rows: list[torch.Tensor], image_keys: torch.
         _ACTIVE.reset(token)
 
 
-def side_by_side(turns: list[list[int]], start: int, device) -> dict[str, torch.Tensor]:
-    """`attention_mask` and `position_ids` for one chunk holding several turns after a cached prefix of `start`
-    tokens: each turn attends to the prefix and, causally, to itself only, at positions start, start + 1, ...
-    as if it were the only one (a block-diagonal causal mask; True = attend)."""
-    total = sum(len(t) for t in turns)
+def side_by_side(turns: list[list[int]], start: int, device, shared: int = 0) -> dict[str, torch.Tensor]:
+    """`attention_mask` and `position_ids` for one chunk holding several turns after `start` cached tokens: each
+    turn attends to the cache, to the chunk's first `shared` tokens (a prefix that runs in the same forward, placed
+    before turns[0]) and, causally, to itself only, at the positions it would have alone (True = attend)."""
+    lengths = [shared + len(turns[0])] + [len(t) for t in turns[1:]]
+    total = sum(lengths)
     allowed = torch.zeros(total, start + total, dtype=torch.bool)
     allowed[:, :start] = True
+    allowed[lengths[0]:, start:start + shared] = True          # the later turns see the shared prefix
     positions, at = [], 0
-    for turn in turns:
-        n = len(turn)
+    for k, n in enumerate(lengths):
         allowed[at:at + n, start + at:start + at + n] = torch.ones(n, n, dtype=torch.bool).tril()
-        positions.append(torch.arange(start, start + n))
+        first = start if k == 0 else start + shared
+        positions.append(torch.arange(first, first + n))
         at += n
     return {"attention_mask": allowed[None, None].to(device), "position_ids": torch.cat(positions)[None].to(device)}
 

@@ -217,10 +217,13 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
 
     # ---- per frame -------------------------------------------------------------------------
     def encode(self, image: np.ndarray) -> FrameEncoding:
+        """The frame's vision features and SAM embedding. The LMM's image prefix is left to the frame's first pass:
+        a grounding pass runs it in the same forward as its phrases (timed in its `phrase_pass`), one forward
+        fewer per new frame; any other pass runs it first."""
         image = validate_image(image)
         clock = _StageClock(None, self.config.device)
         with self._lock:
-            lmm_frame = self.lmm.encode_frame(image, clock.stage)
+            lmm_frame = self.lmm.encode_frame(image, clock.stage, defer_prefix=True)
             sam = None
             if self.refiner is not None:
                 with clock.stage("sam_encoder"):

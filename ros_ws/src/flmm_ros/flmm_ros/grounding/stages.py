@@ -2,7 +2,9 @@
 latency, and the stages its action reports as feedback. One source: tests check the code and the message
 comments against these tuples."""
 
-ENCODE_STAGES = ("vision", "lmm_prefix", "sam_encoder")          # once per camera frame
+# Once per camera frame. The pipeline runs "lmm_prefix" (the LMM over the image tokens) inside the frame's first
+# pass (pipeline.encode defers it), so it is timed only where an adapter runs it alone.
+ENCODE_STAGES = ("vision", "lmm_prefix", "sam_encoder")
 # In instruction mode, in this order: the masks first, then the spoken answer (reasoning mode answers first).
 INSTRUCTION_STAGES = ("phrases", "phrase_pass", "mask_head", "sam_decoder", "post", "answer")
 PIPELINE_STAGES = ENCODE_STAGES + INSTRUCTION_STAGES

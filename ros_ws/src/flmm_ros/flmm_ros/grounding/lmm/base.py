@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,6 +23,7 @@ from ..attention import capture_phrase_attention, enable_phrase_attention, merge
 from ..devices import ids_tensor, to_device
 from ..quantization import load_kwargs as quantization_load_kwargs
 from ..types import GroundingError
+from .passes import LMMFrame, PhrasePass, PreparedImage, ReasoningPass, ScoredAnswer
 
 # F-LMM's grounding prompt (every config under F-LMM's configs/).
 GROUNDING_PROMPT = "Please give me a description of the image."
@@ -44,55 +44,6 @@ def template_for(model, tokenizer) -> str:
     if text_type == "mistral" or (isinstance(chat, str) and "[INST]" in chat):
         return "mistral"
     return "vicuna"
-
-
-@dataclass
-class PreparedImage:
-    """Model inputs for one image plus what is needed to map attention back to pixels; each family's adapter
-    returns a subclass with its own geometry (padding, any-res grid)."""
-    pixel_values: torch.Tensor
-    image_hw: tuple[int, int]                 # original image size
-    # The image's size after the LMM's resize, before padding (F-LMM's meta_data image_shape; the F-LMM
-    # recipe's training targets are resized through it).
-    content_hw: tuple[int, int]
-
-
-@dataclass
-class LMMFrame:
-    """The LMM's per-frame state: image tokens encoded once, reused by every instruction."""
-    prepared: PreparedImage
-    prefix_ids: list[int]            # token ids up to and including the last image token
-    image_keys: torch.Tensor         # positions of the image tokens in the sequence
-    cache: DynamicCache              # KV cache of prefix_ids
-
-
-@dataclass
-class PhrasePass:
-    """What the grounding head needs from the LMM, per phrase."""
-    maps: torch.Tensor               # (P, C, h, w) attention maps in [0, 1], C = mask-head input channels
-    hidden_states: list[torch.Tensor]  # per phrase: (L, T_p, d) hidden states of its tokens (embeddings excluded)
-    # Per phrase: (T_p,) log-probability of each of its tokens given everything before it (how likely the LMM
-    # finds the phrase as its answer; presence.py reads it). None where not computed.
-    token_logprobs: list[torch.Tensor] | None = None
-    # `phrase_pass(questions=...)`: question -> (vocab,) fp32 logits of its answer's first token (next_token_logits)
-    answers: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-@dataclass
-class ScoredAnswer:
-    """A decoded answer with its log-probability (LMMAdapter.generate_scored)."""
-    ids: list[int]                   # EOS excluded
-    logprob: float                   # under the model's own distribution, EOS included
-    conflict: int | None             # first step where a banned token would have been chosen (None: never)
-    alternatives: list[list[int]]    # per step, the next likeliest allowed tokens (empty for forced ones)
-
-
-@dataclass
-class ReasoningPass:
-    """F-LMM's reasoning segmentation: the generated answer and the grounding of the tokens fed while generating."""
-    generated_ids: list[int]         # every generated token (the last one is never fed back), EOS excluded
-    grounded_ids: list[int]          # the tokens fed during generation: their rows make the one mask
-    phrase_pass: PhrasePass          # one "phrase": all grounded rows merged
 
 
 class LMMAdapter(ABC):
@@ -165,44 +116,73 @@ class LMMAdapter(ABC):
 
     # ---- per frame ---------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_frame(self, image: np.ndarray,
-                     stage: Callable[[str], contextlib.AbstractContextManager] | None = None) -> LMMFrame:
-        """Vision tower, then the LMM over the image prefix; `stage(name)` may time "vision" and "lmm_prefix"."""
+    def encode_frame(self, image: np.ndarray, stage: Callable[[str], contextlib.AbstractContextManager] | None = None,
+                     defer_prefix: bool = False) -> LMMFrame:
+        """Vision tower, then the LMM over the image prefix; `stage(name)` may time "vision" and "lmm_prefix".
+        `defer_prefix` leaves the prefix to the frame's first pass: a phrase pass then runs it in its own forward
+        (one forward fewer per new frame), any other pass runs it first."""
         stage = stage or (lambda _name: contextlib.nullcontext())
         with stage("vision"):
             prepared = self.prepare_image(image)
             features = self.image_features(prepared).to(self.dtype)     # (n_image, d)
-        with stage("lmm_prefix"):
-            ids = self.prompt_ids(GROUNDING_PROMPT, features.shape[0])
-            prefix_len = len(ids) - ids[::-1].index(self.image_token_id)
-            prefix_ids = ids[:prefix_len]
-            # Image positions from the id list, not from a device mask: no GPU round trip.
-            image_keys = to_device(torch.tensor([i for i, t in enumerate(prefix_ids) if t == self.image_token_id]),
-                                   self.device)
-            embeds = self.embed_tokens(ids_tensor(prefix_ids, self.device))
-            embeds[0, image_keys] = features
-            cache = DynamicCache(config=self.model.config.text_config)
-            self.language_model(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
-        return LMMFrame(prepared, prefix_ids, image_keys, cache)
+        ids = self.prompt_ids(GROUNDING_PROMPT, features.shape[0])
+        prefix_ids = ids[:len(ids) - ids[::-1].index(self.image_token_id)]
+        # Image positions from the id list, not from a device mask: no GPU round trip.
+        image_keys = to_device(torch.tensor([i for i, t in enumerate(prefix_ids) if t == self.image_token_id]),
+                               self.device)
+        frame = LMMFrame(prepared, prefix_ids, image_keys, None, features)
+        if not defer_prefix:
+            with stage("lmm_prefix"):
+                self._fill_prefix(frame)
+        return frame
+
+    @torch.no_grad()
+    def _fill_prefix(self, frame: LMMFrame) -> None:
+        """Run a deferred prefix into the frame's KV cache (nothing when it is there)."""
+        if frame.cache is None:
+            self._run_on_cache(frame, [])
 
     def separator_id(self) -> int:
         """The '.' closing each phrase: the last token of encode('.'), as F-LMM's RefCOCO2PNG takes it."""
         return self.text_ids(".")[-1]
 
-    def _continuation(self, frame: LMMFrame, prompt_text: str, answer_prefix: str = "") -> list[int]:
+    def _text_ids(self, frame: LMMFrame, prompt_text: str, answer_prefix: str = "") -> list[int]:
+        """The prompt's token ids after the frame's prefix."""
         ids = self.prompt_ids(prompt_text, len(frame.image_keys), answer_prefix)
         n = len(frame.prefix_ids)
         if ids[:n] != frame.prefix_ids:
             raise RuntimeError("prompt prefix changed between frame encoding and use")
         return ids[n:]
 
+    def _continuation(self, frame: LMMFrame, prompt_text: str, answer_prefix: str = "") -> list[int]:
+        """`_text_ids`, with the frame's prefix in its cache (the passes that extend the cache step by step)."""
+        self._fill_prefix(frame)
+        return self._text_ids(frame, prompt_text, answer_prefix)
+
     def _run_on_cache(self, frame: LMMFrame, ids: list[int], **kwargs):
-        """Forward `ids` after the cached prefix; the cache is restored to the prefix afterwards."""
-        before = frame.cache.get_seq_length()
+        """Forward `ids` after the frame's prefix; the cache holds just the prefix afterwards. A deferred prefix
+        runs in the same forward, first: the outputs then cover prefix + ids (`_deferred(frame)` rows more)."""
+        deferred = frame.cache is None
+        embeds = self.embed_tokens(ids_tensor((frame.prefix_ids if deferred else []) + ids, self.device))
+        if deferred:
+            embeds[0, frame.image_keys] = frame.features
+            frame.cache = DynamicCache(config=self.model.config.text_config)
         try:
-            return self._feed(frame, ids, **kwargs)
+            out = self.language_model(inputs_embeds=embeds, past_key_values=frame.cache, use_cache=True, **kwargs)
+        except BaseException:
+            if deferred:
+                frame.cache = None                 # still deferred: the next pass runs the prefix again
+            raise
         finally:
-            frame.cache.crop(before - frame.cache.get_seq_length())
+            if frame.cache is not None:
+                frame.cache.crop(len(frame.prefix_ids) - frame.cache.get_seq_length())   # (a count to remove)
+        frame.features = None
+        return out
+
+    @staticmethod
+    def _deferred(frame: LMMFrame) -> int:
+        """How many prefix tokens the frame's next `_run_on_cache` runs before the given ids (0 once cached)."""
+        return len(frame.prefix_ids) if frame.cache is None else 0
 
     # ---- F-LMM grounding pass ------------------------------------------------------------------
     def phrase_tokens(self, frame: LMMFrame, phrases: list[str], prompt_text: str = GROUNDING_PROMPT,
@@ -212,7 +192,7 @@ class LMMAdapter(ABC):
         The phrases are appended as the assistant's answer (F-LMM's teacher forcing), each followed by a
         '.' token that belongs to no phrase, like F-LMM's RefCOCO concat mode.
         """
-        ids = self._continuation(frame, prompt_text, answer_prefix)
+        ids = self._text_ids(frame, prompt_text, answer_prefix)
         rows = []
         for phrase in phrases:
             phrase_ids = self.text_ids(phrase)
@@ -233,10 +213,7 @@ class LMMAdapter(ABC):
         would give, for the overhead of one."""
         ids, rows = self.phrase_tokens(frame, phrases, prompt_text, answer_prefix)
         questions = list(dict.fromkeys(questions))
-        turns = [ids] + [self._continuation(frame, q) for q in questions]
-        ends = np.cumsum([len(t) for t in turns])[1:] - 1          # each question's last token in the chunk
-        layout = side_by_side(turns, frame.cache.get_seq_length(), self.device) if questions else {}
-        return self._rows_pass(frame, sum(turns, []), rows, dict(zip(questions, ends.tolist())), **layout)
+        return self._rows_pass(frame, [ids] + [self._text_ids(frame, q) for q in questions], rows, questions)
 
     @torch.no_grad()
     def answer_pass(self, frame: LMMFrame, prompt_text: str, answer_ids: list[int],
@@ -244,22 +221,30 @@ class LMMAdapter(ABC):
         """Grounded conversation: one teacher-forced forward of `prompt_text` followed by a generated answer's
         own ids; phrase p is the answer tokens `phrase_rows[p]` (indices into `answer_ids`), so each phrase is
         grounded from the rows that generated it (the causal model attends as it did while generating)."""
-        ids = self._continuation(frame, prompt_text)
+        ids = self._text_ids(frame, prompt_text)
         if any(not r or min(r) < 0 or max(r) >= len(answer_ids) for r in phrase_rows):
             raise GroundingError(f"phrase rows {phrase_rows} do not index an answer of {len(answer_ids)} tokens")
         rows = [to_device(torch.tensor([len(ids) + i for i in r]), self.device) for r in phrase_rows]
-        return self._rows_pass(frame, ids + list(answer_ids), rows)
+        return self._rows_pass(frame, [ids + list(answer_ids)], rows)
 
-    def _rows_pass(self, frame: LMMFrame, ids: list[int], rows: list[torch.Tensor],
-                   answer_rows: dict[str, int] | None = None, **kwargs) -> PhrasePass:   # question -> its last row
+    def _rows_pass(self, frame: LMMFrame, turns: list[list[int]], rows: list[torch.Tensor],
+                   questions: list[str] = ()) -> PhrasePass:
+        """One forward of turns[0] (rows index it) and the `questions`' turns beside it (side_by_side), after the
+        frame's prefix, cached or deferred (then it runs first in the same forward: rows shift by its length)."""
+        shared = self._deferred(frame)
+        start = 0 if shared else frame.cache.get_seq_length()
+        rows = [r + shared for r in rows]
+        chunk = frame.prefix_ids[:shared] + sum(turns, [])
+        ends = (shared + np.cumsum([len(t) for t in turns]) - 1)[1:].tolist()   # each question's last row
+        layout = side_by_side(turns, start, self.device, shared) if len(turns) > 1 else {}
         with capture_phrase_attention(rows, frame.image_keys) as capture:
-            out = self._run_on_cache(frame, ids, output_hidden_states=True, **kwargs)
+            out = self._run_on_cache(frame, sum(turns, []), output_hidden_states=True, **layout)
         hidden = torch.stack(out.hidden_states[1:])[:, 0]           # (L, T_chunk, d)
         maps = self.attention_to_maps(capture.maps(), frame.prepared)
-        last, answer_rows = out.last_hidden_state[0], answer_rows or {}
-        answers = self.model.lm_head(last[list(answer_rows.values())]).float()
+        last = out.last_hidden_state[0]
+        answers = dict(zip(questions, self.model.lm_head(last[ends]).float()))
         return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows],
-                          token_logprobs=self._token_logprobs(last, ids, rows), answers=dict(zip(answer_rows, answers)))
+                          token_logprobs=self._token_logprobs(last, chunk, rows), answers=answers)
 
     def _token_logprobs(self, last_hidden: torch.Tensor, ids: list[int], rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """log P(ids[r] | ids[:r]) for the rows of each phrase (row r is predicted by the output at r - 1; a row 0
