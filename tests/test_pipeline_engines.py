@@ -113,8 +113,8 @@ def test_objects_keep_their_box_and_mean_foreground_probability(bundle, tmp_path
 def test_llava_15_exports_its_mask_head_graph_when_the_pipeline_is_made(bundle, tmp_path, monkeypatch):
     """The first instruction does not pay for the export (LLaVA-1.5's maps always have one size)."""
     pipe = make(bundle, tmp_path)
-    assert len(pipe.mask_head_engine._sessions) == 1
-    from flmm_ros.grounding import mask_head_engine
+    assert len(pipe.mask_head_engine.session._sessions) == 1
+    from flmm_ros.grounding import mask_head_engine, onnx_runtime
     monkeypatch.setattr(mask_head_engine, "export_mask_head", lambda *a: pytest.fail("exported at run time"))
-    monkeypatch.setattr(mask_head_engine, "cpu_session", lambda *a: pytest.fail("new session at run time"))
+    monkeypatch.setattr(onnx_runtime, "cpu_session", lambda *a: pytest.fail("new session at run time"))
     assert pipe.run(image(), "pick the mug").objects

@@ -14,10 +14,8 @@ gradients are enabled).
 from __future__ import annotations
 
 import copy
-import logging
 import math
 import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .mask_head import UNetHead
-from .onnx_runtime import cpu_session, session_options
+from .onnx_runtime import SessionsByShape
 from .onnx_cache import OPSET, cached_export, module_fingerprint
 from .types import GroundingError
 
@@ -35,8 +33,6 @@ EXPORTER_VERSION = 1          # bump when the graph below changes
 INPUT = "maps"
 OUTPUT = "logits"
 FILE = "mask_head.onnx"
-
-log = logging.getLogger(__name__)
 
 
 class UNetBody(nn.Module):
@@ -91,20 +87,10 @@ class MaskHeadEngine:
     def __init__(self, head: UNetHead, cache_dir: str | os.PathLike):
         if not isinstance(head, UNetHead):
             raise GroundingError(f"MaskHeadEngine needs a UNetHead, got {type(head).__name__}")
-        session_options()      # OnnxRuntimeMissing now, not at the first instruction
         self.head = head
         self.cache_dir = Path(cache_dir)
-        self._sessions: dict[tuple[int, int], object] = {}
-        self._lock = threading.Lock()
-
-    def session(self, input_hw: tuple[int, int]):
-        """The session for prepared inputs of size `input_hw` (exported and loaded on first use)."""
-        with self._lock:
-            if input_hw not in self._sessions:
-                path = export_mask_head_cached(self.head, input_hw, self.cache_dir)
-                self._sessions[input_hw] = cpu_session(path)
-                log.info("mask head on ONNX Runtime for %sx%s inputs (%s)", *input_hw, path)
-            return self._sessions[input_hw]
+        # The session for prepared inputs of size (h, w) (exported and loaded on first use).
+        self.session = SessionsByShape("mask head", lambda hw: export_mask_head_cached(head, hw, self.cache_dir))
 
     def __call__(self, maps: torch.Tensor) -> torch.Tensor:
         """(N, C, h, w) attention maps in [0, 1] -> (N, 1, H, W) coarse logits, like `UNetHead.forward`."""

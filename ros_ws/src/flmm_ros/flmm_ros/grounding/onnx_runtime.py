@@ -7,12 +7,17 @@ other stages need (the node sets OMP_WAIT_POLICY=PASSIVE for torch's OpenMP thre
 """
 from __future__ import annotations
 
+import logging
 import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from .types import GroundingError
 
+log = logging.getLogger(__name__)
 THREADS_ENV = "FLMM_ROS_ORT_THREADS"   # overrides the thread count (e.g. 1 beside a busy torch process)
 
 
@@ -50,3 +55,24 @@ def cpu_session(path: str | os.PathLike):
     """An InferenceSession of the graph at `path` on the CPU execution provider."""
     import onnxruntime as ort
     return ort.InferenceSession(str(path), sess_options=session_options(), providers=["CPUExecutionProvider"])
+
+
+class SessionsByShape:
+    """One CPU session per input shape, its graph exported (or found in the cache) and loaded on first use:
+    `export(shape)` returns the graph's path. Thread-safe: ONNX Runtime sessions may run concurrently, making
+    one is locked. Checks that onnxruntime is installed when made (OnnxRuntimeMissing), not at first use."""
+
+    def __init__(self, what: str, export: Callable[[tuple[int, ...]], Path]):
+        session_options()
+        self.what = what
+        self.export = export
+        self._sessions: dict[tuple[int, ...], object] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, shape: tuple[int, ...]):
+        with self._lock:
+            if shape not in self._sessions:
+                path = self.export(shape)
+                self._sessions[shape] = cpu_session(path)
+                log.info("%s on ONNX Runtime for %s inputs (%s)", self.what, "x".join(map(str, shape)), path)
+            return self._sessions[shape]

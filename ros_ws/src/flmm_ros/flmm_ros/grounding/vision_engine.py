@@ -9,9 +9,7 @@ PyTorch (its KV cache and the phrase-attention capture live there).
 """
 from __future__ import annotations
 
-import logging
 import os
-import threading
 import warnings
 from pathlib import Path
 
@@ -20,14 +18,12 @@ import torch
 from torch import nn
 
 from .onnx_cache import OPSET, cached_export, module_fingerprint
-from .onnx_runtime import cpu_session, session_options
+from .onnx_runtime import SessionsByShape
 
 EXPORTER_VERSION = 1          # bump when the graph below changes
 INPUT = "pixel_values"
 OUTPUT = "features"
 FILE = "vision.onnx"
-
-log = logging.getLogger(__name__)
 
 
 class VisionFeatures(nn.Module):
@@ -65,26 +61,19 @@ class VisionEngine:
     name = "onnxruntime"
 
     def __init__(self, model, cache_dir: str | os.PathLike):
-        session_options()           # OnnxRuntimeMissing now, not at the first frame
         self.model = model
         self.cache_dir = Path(cache_dir)
         self._fingerprint = module_fingerprint(*_vision_modules(model))
-        self._sessions: dict[tuple[int, ...], object] = {}
-        self._lock = threading.Lock()
+        self.session = SessionsByShape("vision tower", self._export)    # OnnxRuntimeMissing now, not at a frame
 
-    def session(self, pixel_shape: tuple[int, ...]):
-        with self._lock:
-            if pixel_shape not in self._sessions:
-                config = self.model.config
-                fields = {"exporter": EXPORTER_VERSION, "torch": torch.__version__.split("+")[0], "opset": OPSET,
-                          "part": "vision", "precision": "fp32", "weights": self._fingerprint,
-                          "layer": repr(config.vision_feature_layer),
-                          "strategy": config.vision_feature_select_strategy, "inputs": {INPUT: list(pixel_shape)}}
-                path = cached_export(self.cache_dir / "onnx", "vision", fields, FILE,
-                                     lambda p: export_vision(self.model, pixel_shape, p), False)
-                self._sessions[pixel_shape] = cpu_session(path)
-                log.info("vision tower on ONNX Runtime for %s inputs (%s)", "x".join(map(str, pixel_shape)), path)
-            return self._sessions[pixel_shape]
+    def _export(self, pixel_shape: tuple[int, ...]) -> Path:
+        config = self.model.config
+        fields = {"exporter": EXPORTER_VERSION, "torch": torch.__version__.split("+")[0], "opset": OPSET,
+                  "part": "vision", "precision": "fp32", "weights": self._fingerprint,
+                  "layer": repr(config.vision_feature_layer), "strategy": config.vision_feature_select_strategy,
+                  "inputs": {INPUT: list(pixel_shape)}}
+        return cached_export(self.cache_dir / "onnx", "vision", fields, FILE,
+                             lambda p: export_vision(self.model, pixel_shape, p), False)
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(pixel_values.detach().float().cpu().numpy())
