@@ -1,8 +1,10 @@
-"""All instances of a plural phrase (grounding/instances.py): the plural rules and the SAM-prompted splitting."""
+"""All instances of a plural phrase (grounding/instances.py): the plural rules, the SAM-prompted splitting and the
+calibrated instance filter (grounding/instance_filter.py)."""
 import numpy as np
 import pytest
 import torch
 
+from flmm_ros.grounding.instance_filter import FEATURES, InstanceCalibration
 from flmm_ros.grounding.instances import (
     InstanceSplitter,
     is_plural,
@@ -11,6 +13,7 @@ from flmm_ros.grounding.instances import (
     singular,
     singular_probe,
 )
+from flmm_ros.grounding.types import GroundingError
 
 
 @pytest.mark.parametrize("phrase, plural, probe", [
@@ -123,3 +126,56 @@ def test_at_most_max_instances():
     found = InstanceSplitter(sam, max_instances=3, mask_threshold=0.5).split(
         "encoding", torch.zeros(8, 8), torch.from_numpy(np.any(objects, 0).astype(np.float32)), torch.zeros(1, 8), None)
     assert len(found) == 3
+
+
+# ---- the calibrated instance filter (instance_filter.py) -------------------------------------------------------
+def area_rule(threshold=0.5) -> InstanceCalibration:
+    """Keeps instances by their area relative to the largest one only (weight on rel_area, nothing else)."""
+    n = len(FEATURES)
+    weights = tuple(8.0 if f == "rel_area" else 0.0 for f in FEATURES)
+    return InstanceCalibration(FEATURES, (0.5,) * n, (0.1,) * n, weights, 0.0, threshold)
+
+
+def test_the_calibration_drops_instances_it_does_not_believe():
+    h, w = 60, 300
+    objects = [disc(h, w, 30, 40, 20), disc(h, w, 30, 120, 20), disc(h, w, 30, 200, 6)]   # a crumb
+    union = torch.from_numpy(np.any(objects, 0).astype(np.float32))
+    splitter = InstanceSplitter(BoxPickingSam(objects), 8, 0.5, area_rule())
+    found = splitter.split("encoding", torch.zeros(8, 8), union, torch.zeros(1, 8), None)
+    assert len(found) == 2 and all(max(row) > 0.95 for row in ious(found, objects[:2]))
+    assert all(set(k.features) == set(FEATURES) and k.features["rel_area"] > 0.9 for k in found)
+    # Without a calibration every instance stays, as before.
+    assert len(InstanceSplitter(BoxPickingSam(objects), 8, 0.5).split(
+        "encoding", torch.zeros(8, 8), union, torch.zeros(1, 8), None)) == 3
+
+
+def test_with_a_calibration_an_instance_stops_at_a_neighbour_of_another_colour():
+    h, w = 80, 120
+    left, right = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    left[20:60, 20:60], right[20:60, 60:100] = True, True
+    image = np.zeros((h, w, 3), np.uint8)
+    image[left], image[right] = (200, 30, 30), (30, 30, 200)
+    both = left | right                         # a SAM that always answers with both squares
+    sam = BoxPickingSam([both])
+    union = torch.from_numpy(both.astype(np.float32))
+    kept_all = InstanceCalibration(FEATURES, (0.0,) * 5, (1.0,) * 5, (0.0,) * 5, 0.0, threshold=0.0)
+    found = InstanceSplitter(sam, 8, 0.5, kept_all).split("encoding", torch.zeros(8, 8), union, torch.zeros(1, 8),
+                                                          image)
+    assert len(found) == 2 and sorted(int(np.argmax(r)) for r in ious(found, [left, right])) == [0, 1]
+    assert all(max(r) > 0.9 for r in ious(found, [left, right]))
+    assert len(InstanceSplitter(sam, 8, 0.5).split("encoding", torch.zeros(8, 8), union, torch.zeros(1, 8),
+                                                   image)) == 1          # uncut: one mask over both
+
+
+def test_instance_calibration_round_trips_and_refuses_bad_specs():
+    rule = area_rule(0.4)
+    assert InstanceCalibration.from_spec(rule.to_spec()) == rule
+    with pytest.raises(GroundingError, match="unknown features"):
+        InstanceCalibration.from_spec({**rule.to_spec(), "features": ["smell"] * 5})
+    with pytest.raises(GroundingError, match="threshold"):
+        InstanceCalibration.from_spec({**rule.to_spec(), "threshold": 1.5})
+    with pytest.raises(GroundingError, match="expected features"):
+        InstanceCalibration.from_spec({"features": list(FEATURES)})
+    fitted = InstanceCalibration.fit([{f: float(i % 2) + 0.1 * i for f in FEATURES} for i in range(20)],
+                                     [i % 2 for i in range(20)])
+    assert fitted.probability({f: 1.0 for f in FEATURES}) > fitted.probability({f: 0.0 for f in FEATURES})

@@ -1,13 +1,16 @@
-"""The trust evaluation and presence calibration tool on tabletop scenes (tabletop/trust_eval.py)."""
+"""The trust evaluation and presence calibration tool on tabletop scenes (tabletop/trust_eval.py), and the instance
+filter's calibration tool (tabletop/instance_calibration.py)."""
 import numpy as np
 import pytest
 import yaml
 
 from flmm_ros.grounding.bundle import BUNDLE_FILE
 from flmm_ros.grounding.config import PipelineConfig
+from flmm_ros.grounding.instance_filter import FEATURES, InstanceCalibration
 from flmm_ros.grounding.pipeline import GroundingPipeline
 from flmm_ros.grounding.testing import TEST_WORDS, word_tokenizer, write_random_bundle
-from flmm_ros.tabletop import trust_eval
+from flmm_ros.tabletop import instance_calibration, trust_eval
+from flmm_ros.tabletop.track_eval import EMBEDDED
 
 
 def test_instance_matching_is_one_to_one_at_iou_half():
@@ -65,3 +68,26 @@ def test_calibrate_writes_a_calibration_the_pipeline_then_uses_and_evaluate_repo
 def test_yes_no_and_count_answers_are_scored_by_their_claim(question, answer, reference, same):
     from flmm_ros.tabletop.trust_eval import same_answer
     assert same_answer(question, answer, reference) is same
+
+
+def test_instance_labels_are_one_to_one_and_the_threshold_maximises_f1():
+    a, b = np.zeros((10, 10), bool), np.zeros((10, 10), bool)
+    a[:5], b[5:] = True, True
+    assert instance_calibration.matched_labels([a, a.copy(), b], [a]) == [1, 0, 0]
+    threshold, scores = instance_calibration.best_threshold([0.9, 0.8, 0.3, 0.2], [1, 1, 0, 0], named=3)
+    assert 0.3 < threshold <= 0.8 and scores["precision"] == 1.0 and scores["recall"] == pytest.approx(2 / 3)
+
+
+def test_instance_calibration_is_fitted_on_the_embedded_model_and_written_to_the_bundle(tmp_path):
+    import shutil
+    bundle = tmp_path / "bundle"
+    shutil.copytree(EMBEDDED, bundle)
+    spec = yaml.safe_load((bundle / BUNDLE_FILE).read_text())
+    spec.pop("instances", None)
+    (bundle / BUNDLE_FILE).write_text(yaml.safe_dump(spec))
+    instance_calibration.main(["--model", str(bundle), "--count", "12", "--write"])
+    written = yaml.safe_load((bundle / BUNDLE_FILE).read_text())["instances"]
+    assert written["features"] == list(FEATURES) and 0 <= written["threshold"] < 1
+    assert 0 < written["metrics"]["at_threshold"]["recall"] <= 1 and "val instance scenes" in written["source"]
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle)))
+    assert pipe.instance_calibration == InstanceCalibration.from_spec(written)

@@ -19,12 +19,14 @@ plural phrase is there when one instance is, so its presence is judged on that p
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .instance_filter import InstanceCalibration, coarse_at, instance_features, region_colours
 
 QUANTIFIERS = {"all", "every", "each", "both", "these", "those", "several", "many", "multiple",
                "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"}
@@ -125,6 +127,7 @@ class Instance:
     mask: np.ndarray        # (H, W) bool
     iou: float
     score: float
+    features: dict[str, float] = field(default_factory=dict)   # the filter's evidence (with a calibration)
 
 
 def image_edges(image: np.ndarray) -> np.ndarray:
@@ -231,10 +234,14 @@ class InstanceSplitter:
 
     Stateless beyond its settings; runs under the pipeline's lock (it calls the refiner)."""
 
-    def __init__(self, refiner, max_instances: int, mask_threshold: float):
+    def __init__(self, refiner, max_instances: int, mask_threshold: float,
+                 calibration: InstanceCalibration | None = None):
         self.refiner = refiner
         self.max_instances = max_instances
         self.mask_threshold = mask_threshold
+        # With a calibration (instance_filter.py): instances stop at seed regions of another colour, and only
+        # those the calibration keeps are returned.
+        self.calibration = calibration
 
     def split(self, sam, coarse: torch.Tensor, union_prob: torch.Tensor, tokens: torch.Tensor,
               image: np.ndarray | None) -> list[Instance]:
@@ -251,13 +258,22 @@ class InstanceSplitter:
             regions = seed_regions(todo, image, min_area)
             if not regions:
                 break
-            for instance in sorted(self._decode(sam, coarse, tokens, regions), key=lambda k: -k.iou * k.score):
+            decoded = self._decode(sam, coarse, tokens, regions)
+            if self.calibration is not None and image is not None:
+                _cut_at_other_colours(decoded, regions, image)
+            for instance in sorted(decoded, key=lambda k: -k.iou * k.score):
                 if self._accept(instance, union, kept, min_area):
                     kept.append(instance)
             explained = np.any([k.mask for k in kept], axis=0) if kept else np.zeros_like(union)
             todo = union & ~cv2.dilate(explained.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
             if todo.sum() < min_area or len(kept) >= self.max_instances:
                 break
+        if self.calibration is not None and kept:
+            features = instance_features([k.mask for k in kept], [k.iou for k in kept], [k.score for k in kept],
+                                         union_prob.float().cpu().numpy(), coarse_at(coarse, (h, w)))
+            for k, f in zip(kept, features):
+                k.features = f
+            kept = [k for k in kept if self.calibration.probability(k.features) >= self.calibration.threshold]
         kept = sorted(kept, key=lambda k: -k.iou * k.score)[:self.max_instances]
         return sorted(kept, key=lambda k: np.nonzero(k.mask.any(0))[0][0])
 
@@ -292,3 +308,13 @@ class InstanceSplitter:
             if inter / (area + other_area - inter) > MAX_OVERLAP or inter > MAX_OVERLAP * min(area, other_area):
                 return False
         return True
+
+
+def _cut_at_other_colours(instances: list[Instance], regions: list[np.ndarray], image: np.ndarray) -> None:
+    """Each instance (decoded from regions[i]) loses the seed regions whose colour differs from its own: SAM's
+    mask of one object often runs over a touching neighbour, which has a seed of its own."""
+    colours = region_colours(image, regions)
+    for i, instance in enumerate(instances):
+        for j, other in enumerate(regions):
+            if j != i and np.abs(colours[i] - colours[j]).max() >= SAME_COLOUR:
+                instance.mask = instance.mask & ~other

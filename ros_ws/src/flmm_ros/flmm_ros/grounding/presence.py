@@ -207,8 +207,18 @@ def fit_calibration(rows: list[Mapping[str, float | None]], labels: list[int], f
     `balance` weights the two classes equally (then P = 0.5 means as likely present as absent)."""
     if len(set(labels)) < 2:
         raise GroundingError("presence calibration needs present and absent examples")
-    x = torch.tensor([[float(r.get(f) if r.get(f) is not None else math.nan) for f in features] for r in rows],
-                     dtype=torch.float64)
+    mean, scale, weights, bias = fit_logistic(
+        [[float(r.get(f) if r.get(f) is not None else math.nan) for f in features] for r in rows], labels, l2, balance)
+    return PresenceCalibration(tuple(features), mean, scale, weights, bias, question, source)
+
+
+def fit_logistic(x: list[list[float]], labels: list[int], l2: float = 1e-3, balance: bool = False
+                 ) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...], float]:
+    """Logistic regression (L-BFGS, small L2) on standardised columns (NaN = the column's mean): (mean, scale,
+    weights, bias). `balance` weights the two classes equally."""
+    if len(set(labels)) < 2:
+        raise GroundingError("a calibration needs examples of both classes")
+    x = torch.tensor(x, dtype=torch.float64)
     mean = torch.nanmean(x, 0)
     x = torch.where(torch.isnan(x), mean, x)
     scale = x.std(0).clamp(min=1e-6)
@@ -217,7 +227,7 @@ def fit_calibration(rows: list[Mapping[str, float | None]], labels: list[int], f
     weight = torch.ones_like(y)
     if balance:
         weight = torch.where(y > 0, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
-    w = torch.zeros(len(features), dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=500, line_search_fn="strong_wolfe")
 
@@ -228,5 +238,4 @@ def fit_calibration(rows: list[Mapping[str, float | None]], labels: list[int], f
         return loss
 
     opt.step(closure)
-    return PresenceCalibration(tuple(features), tuple(mean.tolist()), tuple(scale.tolist()),
-                               tuple(w.detach().tolist()), float(b.detach()), question, source)
+    return tuple(mean.tolist()), tuple(scale.tolist()), tuple(w.detach().tolist()), float(b.detach())

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import answers
 from .bundle import is_bundle, read_bundle_spec
-from .instances import InstanceSplitter, is_plural, presence_probe
+from .instance_filter import InstanceCalibration
+from .instances import Instance, InstanceSplitter, is_plural, presence_probe
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
 from .types import GroundedObject, GroundingResult
@@ -36,6 +37,12 @@ def presence_calibration_of(model: str) -> PresenceCalibration:
             return PresenceCalibration.from_spec(spec)
         log.info("%s has no presence calibration: presence is the LMM's own yes / no", Path(model).name)
     return PresenceCalibration.lmm_only()
+
+
+def instance_calibration_of(model: str) -> InstanceCalibration | None:
+    """The bundle's instance filter (instance_filter.py), or None: every instance SAM separates is kept."""
+    spec = read_bundle_spec(model).get("instances") if is_bundle(model) else None
+    return InstanceCalibration.from_spec(spec) if spec else None
 
 
 def absent(obj: GroundedObject, presence: float) -> GroundedObject:
@@ -67,10 +74,12 @@ class TrustMixin:
 
     _presence_judge: PresenceJudge | None = None
     _plural: object | None = None      # a GroundingPipeline on the plural head, sharing the LMM (plural_head.py)
+    instance_calibration: InstanceCalibration | None = None   # the bundle's instance filter (instance_filter.py)
 
     def load_trust_parts(self) -> None:
         """Read the bundle's presence calibration and plural head now (errors at load time, not mid-instruction)."""
         self._presence_judge = PresenceJudge(self.lmm, presence_calibration_of(self.config.model))
+        self.instance_calibration = instance_calibration_of(self.config.model)
         path = plural_head_path(self.config.model)
         if path is not None and self.refiner is not None:
             head = load_plural_head(self.head, path)
@@ -133,14 +142,20 @@ class TrustMixin:
         asked = (judge.question(p) for p in phrases if presence_probe(p) == p)
         return [q for q in asked if q is not None]
 
-    def _instances(self, frame, logits, k: int, obj: GroundedObject, presence: float) -> list[GroundedObject]:
+    def split_instances(self, frame, logits, k: int) -> list[Instance]:
+        """Phrase k's instances (instances.py; the plural head grounds it again when the bundle has one), with the
+        instance filter's evidence when there is a calibration."""
         grounder, index = self, k
         if self._plural is not None:   # the plural head grounds the phrase again from the same LMM pass
             grounder, index = self._plural, 0
             logits = grounder.head_logits(_one(logits, k).lmm, frame.lmm.prepared, frame.sam)
-        splitter = InstanceSplitter(grounder.refiner, self.config.max_instances, self.config.mask_threshold)
-        found = splitter.split(frame.sam, logits.coarse[index], logits.refined[index].float().sigmoid(),
-                               logits.tokens[index], getattr(frame, "image", None))
+        splitter = InstanceSplitter(grounder.refiner, self.config.max_instances, self.config.mask_threshold,
+                                    self.instance_calibration)
+        return splitter.split(frame.sam, logits.coarse[index], logits.refined[index].float().sigmoid(),
+                              logits.tokens[index], getattr(frame, "image", None))
+
+    def _instances(self, frame, logits, k: int, obj: GroundedObject, presence: float) -> list[GroundedObject]:
+        found = self.split_instances(frame, logits, k)
         if not found:   # the phrase's mask held no object-sized instance
             return [absent(obj, presence)]
         out = []
