@@ -7,7 +7,8 @@
 
 The calibration comes from the model bundle (`presence` in flmm_bundle.yaml); a plain LMM uses the LMM's own
 yes / no (`PresenceCalibration.lmm_only`). A bundle may also hold a head trained for plural phrases
-(plural_head.py), which then grounds them before they are split into instances.
+(plural_head.py), which then grounds them before they are split into instances, and an instance filter
+(`instances` in flmm_bundle.yaml, instance_filter.py) that decides which of the split instances to keep.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ class TrustMixin:
     instance_calibration: InstanceCalibration | None = None   # the bundle's instance filter (instance_filter.py)
 
     def load_trust_parts(self) -> None:
-        """Read the bundle's presence calibration and plural head now (errors at load time, not mid-instruction)."""
+        """Read the bundle's presence calibration, instance filter and plural head now (errors at load time, not
+        mid-instruction)."""
         self._presence_judge = PresenceJudge(self.lmm, presence_calibration_of(self.config.model))
         self.instance_calibration = instance_calibration_of(self.config.model)
         path = plural_head_path(self.config.model)
