@@ -14,14 +14,13 @@ Without a calibration nothing is filtered or cut (the splitter as before).
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .presence import fit_logistic
+from .presence import check_regression, fit_logistic, sigmoid
 from .types import GroundingError
 
 FEATURES = ("iou", "score", "union", "coarse", "rel_area")
@@ -40,21 +39,13 @@ class InstanceCalibration:
     metrics: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self):
-        unknown = sorted(set(self.features) - set(FEATURES))
-        if unknown:
-            raise GroundingError(f"instance calibration uses unknown features {unknown}; known: {list(FEATURES)}")
-        if not len(self.features) == len(self.mean) == len(self.scale) == len(self.weights):
-            raise GroundingError("instance calibration: features, mean, scale and weights differ in length")
-        numbers = (*self.mean, *self.weights, self.bias, self.threshold)
-        if any(not math.isfinite(v) for v in numbers) or any(not (math.isfinite(s) and s > 0) for s in self.scale) \
-                or not 0.0 <= self.threshold < 1.0:
-            raise GroundingError("instance calibration has non-finite numbers, a scale that is not positive or a "
-                                 "threshold outside [0, 1)")
+        check_regression("instance calibration", FEATURES, self)
+        if not 0.0 <= self.threshold < 1.0:      # also refuses NaN
+            raise GroundingError(f"instance calibration threshold {self.threshold} is outside [0, 1)")
 
     def probability(self, values: Mapping[str, float]) -> float:
-        z = self.bias + sum(w * (values[f] - mu) / sd
-                            for f, mu, sd, w in zip(self.features, self.mean, self.scale, self.weights))
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+        return sigmoid(self.bias + sum(w * (values[f] - mu) / sd
+                                       for f, mu, sd, w in zip(self.features, self.mean, self.scale, self.weights)))
 
     def to_spec(self) -> dict:
         return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),

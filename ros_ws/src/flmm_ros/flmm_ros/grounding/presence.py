@@ -65,16 +65,9 @@ class PresenceCalibration:
     metrics: dict = field(default_factory=dict, compare=False)   # held-out scores at fitting time
 
     def __post_init__(self):
-        unknown = sorted(set(self.features) - set(FEATURES))
-        if unknown:
-            raise GroundingError(f"presence calibration uses unknown features {unknown}; known: {list(FEATURES)}")
-        if not len(self.features) == len(self.mean) == len(self.scale) == len(self.weights):
-            raise GroundingError("presence calibration: features, mean, scale and weights differ in length")
+        check_regression("presence calibration", FEATURES, self)
         if "{phrase}" not in self.question:
             raise GroundingError(f"presence question {self.question!r} has no {{phrase}} placeholder")
-        if any(not math.isfinite(v) for v in (*self.mean, *self.weights, self.bias)) or \
-                any(not (math.isfinite(s) and s > 0) for s in self.scale):
-            raise GroundingError("presence calibration has non-finite numbers or a scale that is not positive")
 
     @classmethod
     def lmm_only(cls, question: str = DEFAULT_QUESTION) -> PresenceCalibration:
@@ -92,7 +85,7 @@ class PresenceCalibration:
             v = values.get(name)
             if v is not None and math.isfinite(v):
                 z += w * (v - mu) / sd
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
+        return sigmoid(z)
 
     def to_spec(self) -> dict:
         return {"question": self.question, "features": list(self.features), "mean": list(self.mean),
@@ -109,6 +102,26 @@ class PresenceCalibration:
         except (KeyError, TypeError, ValueError) as e:
             raise GroundingError(f"bad presence calibration in the bundle ({type(e).__name__}: {e}); expected "
                                  "features, mean, scale, weights, bias") from None
+
+
+def check_regression(what: str, known: tuple[str, ...], calibration) -> None:
+    """GroundingError unless a logistic regression's `features` are `known` ones, its features, mean, scale and
+    weights have one length, and its numbers are finite with positive scales (PresenceCalibration and
+    instance_filter.InstanceCalibration)."""
+    c = calibration
+    unknown = sorted(set(c.features) - set(known))
+    if unknown:
+        raise GroundingError(f"{what} uses unknown features {unknown}; known: {list(known)}")
+    if not len(c.features) == len(c.mean) == len(c.scale) == len(c.weights):
+        raise GroundingError(f"{what}: features, mean, scale and weights differ in length")
+    if any(not math.isfinite(v) for v in (*c.mean, *c.weights, c.bias)) or \
+            any(not (math.isfinite(s) and s > 0) for s in c.scale):
+        raise GroundingError(f"{what} has non-finite numbers or a scale that is not positive")
+
+
+def sigmoid(z: float) -> float:
+    """The logistic function, clamped so that exp never overflows."""
+    return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, z))))
 
 
 def answer_token_ids(tokenizer, words: tuple[str, ...]) -> list[int]:

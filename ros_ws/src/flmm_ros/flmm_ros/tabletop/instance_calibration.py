@@ -27,29 +27,22 @@ from ..grounding.config import PipelineConfig
 from ..grounding.instance_filter import FEATURES, InstanceCalibration
 from ..grounding.pipeline import GroundingPipeline
 from .scenes import split_seeds
-from .trust_eval import SIZES, instance_scene
+from .trust_eval import SIZES, instance_scene, matched_predictions, write_calibration
 
 OPEN = InstanceCalibration(FEATURES, (0.0,) * len(FEATURES), (1.0,) * len(FEATURES), (0.0,) * len(FEATURES), 0.0,
                            threshold=0.0, source="open: keeps every instance")
 
 
 def matched_labels(masks: list[np.ndarray], targets: list[np.ndarray], min_iou: float = 0.5) -> list[int]:
-    """1 for each mask matched one to one (greedy, highest IoU first, then the earlier mask) to a target at IoU >=
-    min_iou, else 0."""
-    pairs = sorted(((np.logical_and(m, t).sum() / max(1, np.logical_or(m, t).sum()), i, j)
-                    for i, m in enumerate(masks) for j, t in enumerate(targets)), key=lambda p: (-p[0], p[1], p[2]))
-    labels, used = [0] * len(masks), set()
-    for iou, i, j in pairs:
-        if iou >= min_iou and not labels[i] and j not in used:
-            labels[i] = 1
-            used.add(j)
-    return labels
+    """1 for each mask `trust_eval.matched` counts (one to one with a target at IoU >= min_iou), else 0."""
+    hits = matched_predictions(masks, targets, min_iou)
+    return [int(i in hits) for i in range(len(masks))]
 
 
-def collect(pipe: GroundingPipeline, split: str, count: int) -> tuple[list[dict], list[int], int, list[int]]:
-    """Features and labels of every instance, the number of named objects, and each instance's scene index."""
+def collect(pipe: GroundingPipeline, split: str, count: int) -> tuple[list[dict], list[int], int]:
+    """Features and labels of every instance, and the number of named objects."""
     pipe.instance_calibration = OPEN
-    rows, labels, scenes, named = [], [], [], 0
+    rows, labels, named = [], [], 0
     for i, seed in enumerate(tqdm(split_seeds(split, count), desc="instances", unit="scene")):
         scene, kind, phrase = instance_scene(seed, SIZES[i % 2])
         if phrase is None:
@@ -61,8 +54,7 @@ def collect(pipe: GroundingPipeline, split: str, count: int) -> tuple[list[dict]
         named += len(targets)
         rows += [k.features for k in instances]
         labels += matched_labels([k.mask for k in instances], targets)
-        scenes += [i] * len(instances)
-    return rows, labels, named, scenes
+    return rows, labels, named
 
 
 def best_threshold(probs: list[float], labels: list[int], named: int) -> tuple[float, dict]:
@@ -81,7 +73,7 @@ def best_threshold(probs: list[float], labels: list[int], named: int) -> tuple[f
 
 
 def calibrate(pipe: GroundingPipeline, split: str, count: int) -> InstanceCalibration:
-    rows, labels, named, _ = collect(pipe, split, count)
+    rows, labels, named = collect(pipe, split, count)
     first = split_seeds(split, 1)[0]
     source = (f"tabletop {split} instance scenes from seed {first}: {count} scenes, {len(labels)} instances "
               f"({sum(labels)} of named objects), {named} named objects")
@@ -91,14 +83,6 @@ def calibrate(pipe: GroundingPipeline, split: str, count: int) -> InstanceCalibr
     metrics = json.loads(json.dumps({"at_threshold": scores, "unfiltered": open_scores}))
     return InstanceCalibration(fitted.features, fitted.mean, fitted.scale, fitted.weights, fitted.bias, threshold,
                                source, metrics)
-
-
-def write(bundle: Path, calibration: InstanceCalibration) -> None:
-    """Store the calibration in the bundle's flmm_bundle.yaml under `instances` (the rest kept as it is)."""
-    spec_file = bundle / BUNDLE_FILE
-    spec = yaml.safe_load(spec_file.read_text())
-    spec["instances"] = calibration.to_spec()
-    spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 def main(argv=None) -> None:
@@ -113,7 +97,7 @@ def main(argv=None) -> None:
     calibration = calibrate(GroundingPipeline.from_config(PipelineConfig(model=args.model)), args.split, args.count)
     print(yaml.safe_dump(calibration.to_spec(), sort_keys=False))
     if args.write:
-        write(Path(args.model), calibration)
+        write_calibration(Path(args.model), calibration, "instances")
         print(f"written to {Path(args.model) / BUNDLE_FILE}")
 
 

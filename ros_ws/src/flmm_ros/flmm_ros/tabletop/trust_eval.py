@@ -154,17 +154,23 @@ def calibrate(pipe: GroundingPipeline, split: str, count: int) -> PresenceCalibr
                                fitted.question, fitted.source, json.loads(json.dumps(metrics)))
 
 
-def write_calibration(bundle: Path, calibration: PresenceCalibration) -> None:
-    """Store the calibration in the bundle's flmm_bundle.yaml under `presence` (the rest kept as it is)."""
+def write_calibration(bundle: Path, calibration, key: str = "presence") -> None:
+    """Store a calibration (anything with `to_spec`) in the bundle's flmm_bundle.yaml under `key` (the rest kept as
+    it is): the presence calibration, or the instance filter (`instances`)."""
     spec_file = bundle / BUNDLE_FILE
     spec = yaml.safe_load(spec_file.read_text())
-    spec["presence"] = calibration.to_spec()
+    spec[key] = calibration.to_spec()
     spec_file.write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 # ---- evaluation ------------------------------------------------------------------------------------------------
 def matched(preds: list[np.ndarray], targets: list[np.ndarray], min_iou: float = 0.5) -> int:
     """True positives of a greedy one-to-one matching by IoU (highest first), each pair at IoU >= min_iou."""
+    return len(matched_predictions(preds, targets, min_iou))
+
+
+def matched_predictions(preds: list[np.ndarray], targets: list[np.ndarray], min_iou: float = 0.5) -> set[int]:
+    """The predictions `matched` counts: greedy one-to-one by IoU, highest first (ties: the earlier prediction)."""
     pairs = []
     for i, p in enumerate(preds):
         for j, t in enumerate(targets):
@@ -173,11 +179,11 @@ def matched(preds: list[np.ndarray], targets: list[np.ndarray], min_iou: float =
             if iou >= min_iou:
                 pairs.append((iou, i, j))
     used_p, used_t = set(), set()
-    for _, i, j in sorted(pairs, reverse=True):
+    for _, i, j in sorted(pairs, key=lambda p: (-p[0], p[1], p[2])):
         if i not in used_p and j not in used_t:
             used_p.add(i)
             used_t.add(j)
-    return len(used_p)
+    return used_p
 
 
 def touching(masks: list[np.ndarray]) -> bool:
