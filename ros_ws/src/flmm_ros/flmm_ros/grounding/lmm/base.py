@@ -234,17 +234,18 @@ class LMMAdapter(ABC):
         shared = self._deferred(frame)
         start = 0 if shared else frame.cache.get_seq_length()
         rows = [r + shared for r in rows]
-        chunk = frame.prefix_ids[:shared] + sum(turns, [])
+        ids = sum(turns, [])
         ends = (shared + np.cumsum([len(t) for t in turns]) - 1)[1:].tolist()   # each question's last row
         layout = side_by_side(turns, start, self.device, shared) if len(turns) > 1 else {}
         with capture_phrase_attention(rows, frame.image_keys) as capture:
-            out = self._run_on_cache(frame, sum(turns, []), output_hidden_states=True, **layout)
+            out = self._run_on_cache(frame, ids, output_hidden_states=True, **layout)
         hidden = torch.stack(out.hidden_states[1:])[:, 0]           # (L, T_chunk, d)
         maps = self.attention_to_maps(capture.maps(), frame.prepared)
         last = out.last_hidden_state[0]
         answers = dict(zip(questions, self.model.lm_head(last[ends]).float()))
         return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows],
-                          token_logprobs=self._token_logprobs(last, chunk, rows), answers=answers)
+                          token_logprobs=self._token_logprobs(last, frame.prefix_ids[:shared] + ids, rows),
+                          answers=answers)
 
     def _token_logprobs(self, last_hidden: torch.Tensor, ids: list[int], rows: list[torch.Tensor]) -> list[torch.Tensor]:
         """log P(ids[r] | ids[:r]) for the rows of each phrase (row r is predicted by the output at r - 1; a row 0
