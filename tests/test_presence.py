@@ -14,6 +14,7 @@ from flmm_ros.grounding.presence import (
     PresenceJudge,
     answer_token_ids,
     fit_calibration,
+    foreground_mean,
     indefinite,
 )
 from flmm_ros.grounding.testing import TEST_WORDS, word_tokenizer, write_random_bundle
@@ -100,6 +101,13 @@ def test_the_lmms_yes_no_is_read_from_one_pass_over_the_cached_frame(pipe):
     logp = logits.float().log_softmax(-1)
     yes, no = answer_token_ids(tok, ("yes",)), answer_token_ids(tok, ("no",))
     assert value == pytest.approx(float(logp[yes].logsumexp(0) - logp[no].logsumexp(0)), abs=1e-4)
+
+
+def test_foreground_mean_is_the_mean_over_the_mask_and_zero_without_one():
+    prob = torch.rand(48, 64, generator=torch.Generator().manual_seed(0))
+    fg = prob > 0.7
+    assert foreground_mean(prob, fg) == pytest.approx(float(prob[fg].mean()), rel=1e-6)
+    assert foreground_mean(prob, torch.zeros_like(fg)) == 0.0
 
 
 def test_every_feature_comes_from_the_grounding_pass(pipe):

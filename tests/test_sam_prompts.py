@@ -67,7 +67,8 @@ def test_mask_to_box_is_the_box_of_every_foreground_pixel():
     masks += [torch.ones(5, 7, dtype=torch.bool), torch.eye(6, dtype=torch.bool).flip(0)]
     single = torch.zeros(9, 11, dtype=torch.bool)
     single[8, 0] = True
-    for mask in [*masks, single]:
+    views = [masks[0].t(), masks[1][::2, 3:]]            # strided views, as slices of a batch are
+    for mask in [*masks, single, *views]:
         ys, xs = np.nonzero(mask.numpy())
         if ys.size == 0:
             assert mask_to_box(mask) is None

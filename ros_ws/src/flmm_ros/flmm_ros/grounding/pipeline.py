@@ -32,6 +32,7 @@ from .lmm import GROUNDING_PROMPT, LlavaAdapter, LMMAdapter, LMMFrame, PhrasePas
 from .mask_head_engine import MaskHeadEngine
 from .onnx_cache import default_cache_dir
 from .onnx_runtime import OnnxRuntimeMissing
+from .presence import foreground_mean
 from .sam.prompts import mask_to_box
 from .sam.refiner import SamImageEncoding, SamRefiner
 from .sam.backends import make_refiner_backend, resolve_backend
@@ -365,5 +366,5 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         box = mask_to_box(fg)
         if box is None:
             return GroundedObject(phrase, mask, (0, 0, 0, 0), 0.0, kept)
-        score = prob.masked_fill(~fg, 0).sum() / fg.sum()   # mean foreground probability
-        return GroundedObject(phrase, mask, tuple(int(v) for v in box.tolist()), float(score), kept)
+        score = foreground_mean(prob, fg)
+        return GroundedObject(phrase, mask, tuple(int(v) for v in box.tolist()), score, kept)

@@ -199,18 +199,24 @@ def grounding_features(logits, k: int, image_hw: tuple[int, int], mask_threshold
     coarse = logits.coarse[k].detach().float()
     values["coarse_peak"] = float(coarse.max())
     prob = coarse.sigmoid()
-    fg = prob > mask_threshold
-    values["coarse_mean"] = float(prob[fg].mean()) if fg.any() else 0.0
+    values["coarse_mean"] = foreground_mean(prob, prob > mask_threshold)
     if logits.refined is not None:
         refined = logits.refined[k].detach().float().sigmoid()
         rfg = refined > mask_threshold
-        values["mask_score"] = float(refined[rfg].mean()) if rfg.any() else 0.0
+        values["mask_score"] = foreground_mean(refined, rfg)
         up = F.interpolate(coarse[None, None], size=image_hw, mode="bilinear")[0, 0] > 0
         union = (up | rfg).sum()
         values["coarse_refined_iou"] = float((up & rfg).sum() / union) if union > 0 else 0.0
     if getattr(logits, "iou", None) is not None:
         values["sam_iou"] = float(logits.iou[k])
     return values
+
+
+def foreground_mean(prob: torch.Tensor, fg: torch.Tensor) -> float:
+    """Mean of `prob` over the pixels where `fg` is True (0 when none is). A masked sum: indexing with `fg` lists
+    the pixels first, which costs more than the whole sum on an image-sized mask."""
+    count = int(fg.sum())
+    return float(torch.where(fg, prob, 0).sum() / count) if count else 0.0
 
 
 def fit_calibration(rows: list[Mapping[str, float | None]], labels: list[int], features: tuple[str, ...] = FEATURES,

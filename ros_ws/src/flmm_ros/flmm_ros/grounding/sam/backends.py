@@ -166,7 +166,8 @@ def _make_torch(sam, device, precision, cache_dir, logger):
 
 def _make_onnxruntime(sam, device, precision, cache_dir, logger):
     onnxruntime_placement(device)  # fail before spending time on the export
-    return OnnxRuntimeBackend(export_sam_onnx(sam, cache_dir, precision), SamShapes(sam), device)
+    models = export_sam_onnx(sam, cache_dir, precision, fold_rel_pos=True)   # folded_attention.py
+    return OnnxRuntimeBackend(models, SamShapes(sam), device)
 
 
 def _make_tensorrt(sam, device, precision, cache_dir, logger):

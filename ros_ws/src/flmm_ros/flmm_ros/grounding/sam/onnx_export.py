@@ -32,6 +32,7 @@ from torch import nn
 
 from ..onnx_cache import OPSET, cached_export, module_fingerprint
 from ..types import GroundingError
+from . import folded_attention
 from .prompt_decoder import SamPromptDecoder
 
 EXPORTER_VERSION = 1      # bump when the graphs below change
@@ -120,12 +121,16 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names: list[str], 
 
 
 @torch.no_grad()
-def export_image_encoder(sam: Sam, path: str | os.PathLike, precision: str = "fp32") -> Path:
+def export_image_encoder(sam: Sam, path: str | os.PathLike, precision: str = "fp32",
+                         fold_rel_pos: bool = False) -> Path:
     """Write the image encoder to `path` (+ `path`.data); see the module docstring."""
     if precision not in PRECISIONS:
         raise GroundingError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
     path = Path(path)
-    encoder = sam.image_encoder if precision == "fp32" else _Fp16ImageEncoder(sam.image_encoder)
+    encoder = sam.image_encoder
+    if fold_rel_pos:
+        encoder = folded_attention.fold_rel_pos(copy.deepcopy(encoder))
+    encoder = encoder if precision == "fp32" else _Fp16ImageEncoder(encoder)
     size = sam.image_encoder.img_size
     image = torch.zeros(1, 3, size, size, device=_module_device(sam))
     embedding = (1, sam.prompt_encoder.embed_dim, *sam.prompt_encoder.image_embedding_size)
@@ -154,8 +159,9 @@ def export_prompt_decoder(sam: Sam, path: str | os.PathLike) -> Path:
 
 
 def export_sam_onnx(sam: Sam, cache_dir: str | os.PathLike, precision: str = "fp32",
-                    force: bool = False) -> SamOnnxModels:
-    """Both ONNX graphs of `sam`, from the cache when its weights were exported before."""
+                    force: bool = False, fold_rel_pos: bool = False) -> SamOnnxModels:
+    """Both ONNX graphs of `sam`, from the cache when its weights were exported before. `fold_rel_pos`: the encoder's
+    attention in the form ONNX Runtime runs faster (folded_attention.py; TensorRT builds keep segment-anything's)."""
     if precision not in PRECISIONS:
         raise GroundingError(f"precision {precision!r} is not one of {list(PRECISIONS)}")
     root = Path(cache_dir) / "onnx"
@@ -163,11 +169,13 @@ def export_sam_onnx(sam: Sam, cache_dir: str | os.PathLike, precision: str = "fp
     encoder_fields = {**exporter, "part": "image_encoder", "precision": precision,
                       "weights": module_fingerprint(sam.image_encoder),
                       "inputs": {ENCODER_INPUT: [1, 3, sam.image_encoder.img_size, sam.image_encoder.img_size]}}
+    if fold_rel_pos:
+        encoder_fields["attention"] = "folded_rel_pos"
     decoder_fields = {**exporter, "part": "prompt_decoder", "precision": "fp32",
                       "weights": module_fingerprint(sam.prompt_encoder, sam.mask_decoder),
                       "embed_dim": sam.prompt_encoder.embed_dim}
     encoder = cached_export(root, f"image_encoder-{precision}", encoder_fields, ENCODER_FILE,
-                             lambda p: export_image_encoder(sam, p, precision), force)
+                             lambda p: export_image_encoder(sam, p, precision, fold_rel_pos), force)
     decoder = cached_export(root, "prompt_decoder", decoder_fields, DECODER_FILE,
                              lambda p: export_prompt_decoder(sam, p), force)
     return SamOnnxModels(encoder=encoder, decoder=decoder, precision=precision)

@@ -22,7 +22,10 @@ from ..devices import to_device
 
 def mask_to_box(mask: torch.Tensor) -> torch.Tensor | None:
     """[x0, y0, x1 + 1, y1 + 1] of a boolean (H, W) mask (F-LMM's mask2box), None if empty."""
-    rows, cols = mask.any(dim=1), mask.any(dim=0)      # cheaper than listing every pixel with nonzero
+    # max over a uint8 view is "any" without torch's bool reduction, ~20x faster on an image-sized mask (and far
+    # cheaper than listing every pixel with nonzero)
+    flags = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
+    rows, cols = flags.amax(dim=1) > 0, flags.amax(dim=0) > 0
     if not bool(rows.any()):
         return None
     return torch.stack([first_true(cols), first_true(rows), last_true(cols) + 1, last_true(rows) + 1]).float()
