@@ -46,6 +46,7 @@ from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.head import GroundingHead
 from flmm_ros.grounding.lmm import GROUNDING_PROMPT, LMMFrame
 from flmm_ros.grounding.lmm.llava import LlavaAdapter
+from flmm_ros.grounding.lmm.packed_linear import pack_linears, unpack_linears
 from flmm_ros.grounding.pipeline import GroundingLogits, GroundingPipeline, _StageClock
 from flmm_ros.grounding.sam.refiner import SamRefiner
 from flmm_ros.grounding.sam.backends import TorchBackend, make_refiner_backend
@@ -92,9 +93,9 @@ def random_pipeline(name: str, device: str, dtype: str, backend: str) -> Groundi
         head = GroundingHead(lmm.mask_head_channels, t_width, t_layers, sam).eval()
     sam_backend = make_refiner_backend(backend, head.sam, device=device,
                                        precision="fp16" if dtype != "float32" else "fp32")
-    # As GroundingPipeline.from_config does: the U-Net and the vision tower on ONNX Runtime when the backend means
-    # it (a CPU).
-    GroundingPipeline._use_vision_engine(cfg, lmm)
+    # As GroundingPipeline.from_config does: the U-Net and the vision tower on ONNX Runtime and the LMM's linear
+    # layers packed for oneDNN when the backend means it (a CPU).
+    GroundingPipeline._use_cpu_engines(cfg, lmm)
     return GroundingPipeline(lmm, head, SamRefiner(head.sam, sam_backend), cfg,
                              GroundingPipeline._mask_head_engine(cfg, head))
 
@@ -133,6 +134,7 @@ def naive(pipe: GroundingPipeline, refiner: SamRefiner, image: np.ndarray, keep:
     lmm.model.set_attn_implementation({"text_config": "eager"})
     engine = getattr(lmm, "vision_engine", None)
     lmm.vision_engine = None                 # F-LMM's vision tower on PyTorch, not ours on ONNX Runtime
+    packed = unpack_linears(lmm.model)       # and its linear layers on F.linear
     try:
         phrases = phrase_rules.phrases_from_instruction(INSTRUCTION)
         with clock.stage("vision"):
@@ -168,6 +170,8 @@ def naive(pipe: GroundingPipeline, refiner: SamRefiner, image: np.ndarray, keep:
     finally:
         enable_phrase_attention(lmm.model)
         lmm.vision_engine = engine
+        if packed:
+            pack_linears(lmm.model)
     return clock.timings
 
 

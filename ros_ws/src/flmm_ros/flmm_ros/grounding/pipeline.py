@@ -29,6 +29,7 @@ from .bundle import load_components
 from .config import PipelineConfig
 from .head import GroundingHead
 from .lmm import GROUNDING_PROMPT, LlavaAdapter, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
+from .lmm.packed_linear import pack_linears
 from .mask_head_engine import MaskHeadEngine
 from .onnx_cache import default_cache_dir
 from .onnx_runtime import OnnxRuntimeMissing
@@ -161,7 +162,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         if isinstance(config, PipelineConfig):
             cfg.validate()                        # from_dict has validated already
         lmm, head = load_components(cfg)
-        cls._use_vision_engine(cfg, lmm)
+        cls._use_cpu_engines(cfg, lmm)
         pipe = cls(lmm, head, cls._refiner(cfg, head), cfg, cls._mask_head_engine(cfg, head, lmm))
         pipe.load_trust_parts()     # the bundle's presence calibration and plural head, read and checked now (trust.py)
         return pipe
@@ -194,12 +195,15 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         return engine
 
     @staticmethod
-    def _use_vision_engine(cfg: PipelineConfig, lmm: LMMAdapter) -> None:
-        """LLaVA-1.5's vision tower + projector on ONNX Runtime when the backend means it (a CPU, float32 weights
-        that are not quantized); exported or loaded now, not at the first frame. Otherwise PyTorch runs it."""
-        if (not isinstance(lmm, LlavaAdapter) or torch.device(cfg.device).type != "cpu"
-                or resolve_backend(cfg.backend, cfg.device) == "torch" or lmm.dtype != torch.float32
-                or cfg.quantization != "none"):
+    def _use_cpu_engines(cfg: PipelineConfig, lmm: LMMAdapter) -> None:
+        """When the backend means CPU engines (a CPU, not `backend: torch`, float32 weights that are not quantized):
+        the LMM's linear layers on oneDNN for long passes (lmm/packed_linear.py), and LLaVA-1.5's vision tower +
+        projector on ONNX Runtime, exported or loaded now, not at the first frame. Otherwise PyTorch runs them."""
+        if (torch.device(cfg.device).type != "cpu" or resolve_backend(cfg.backend, cfg.device) == "torch"
+                or lmm.dtype != torch.float32 or cfg.quantization != "none"):
+            return
+        pack_linears(lmm.model)
+        if not isinstance(lmm, LlavaAdapter):
             return
         try:
             engine = VisionEngine(lmm.model, cfg.engine_dir or default_cache_dir())
