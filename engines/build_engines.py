@@ -86,7 +86,9 @@ def run(args) -> int:
     device = torch.device(args.device)
     built = []
     start = time.perf_counter()
-    models = export_sam_onnx(sam, args.cache_dir, args.precision)
+    # The graphs ONNX Runtime runs (the encoder's attention folded: sam/folded_attention.py); TensorRTBackend
+    # exports the form it builds from itself.
+    models = export_sam_onnx(sam, args.cache_dir, args.precision, fold_rel_pos=True)
     print(f"ONNX ({time.perf_counter() - start:.1f} s):\n  {models.encoder}\n  {models.decoder}")
     try:
         ort_device, _ = onnxruntime_placement(device)
