@@ -32,7 +32,8 @@ class PipelineConfig:
     backend: str = setting("auto", "Runtime of the SAM refiner, the U-Net mask head and LLaVA-1.5's vision tower. "
                                    "auto = ONNX Runtime for all three on a CPU, PyTorch on CUDA; onnxruntime / "
                                    "tensorrt name SAM's runtime (the mask head and the vision tower run on ONNX "
-                                   "Runtime whenever SAM does on a CPU); torch = PyTorch for all.",
+                                   "Runtime whenever SAM does on a CPU, and the LMM's linear layers on oneDNN with "
+                                   "packed weights); torch = PyTorch for all.",
                            BACKENDS)
     engine_dir: str = setting("", "Cache directory for SAM ONNX files and TensorRT plans (empty = engines/cache).")
     device: str = setting("cpu", "Torch device for the LMM and mask head: cpu, cuda, cuda:1 ...")
