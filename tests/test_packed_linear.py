@@ -1,4 +1,5 @@
 """The LMM's linear layers on oneDNN with packed weights (lmm/packed_linear.py)."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -50,13 +51,30 @@ def test_large_models_stay_unpacked(monkeypatch):
     assert pack_linears(model) == 0 and type(model[0]) is nn.Linear
 
 
-@pytest.mark.parametrize("backend, packed", [("auto", True), ("torch", False)])
-def test_the_pipeline_packs_its_lmm_on_a_cpu_unless_the_backend_is_torch(tmp_path, backend, packed):
-    bundle = write_random_bundle(tmp_path / "bundle")
-    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle), backend=backend, answer=False,
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_the_pipeline_packs_its_lmm_on_a_cpu_and_grounds_as_before(tmp_path, family):
+    bundle = write_random_bundle(tmp_path / "bundle", family=family)
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle), answer=False,
                                                         engine_dir=str(tmp_path / "engines")))
-    kinds = {type(m) for m in pipe.lmm.language_model.modules() if isinstance(m, nn.Linear)}
-    assert kinds == ({PackedLinear} if packed else {nn.Linear})
+    kinds = {type(m) for m in pipe.lmm.model.modules() if isinstance(m, nn.Linear)}
+    assert kinds == {PackedLinear}
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    phrases = ["the red mug", "the blue ball"]
+    with torch.no_grad():
+        packed = pipe.ground_logits(pipe.encode(image), phrases)
+        assert "_packed" in next(m for m in pipe.lmm.language_model.modules() if type(m) is PackedLinear).__dict__
+        unpack_linears(pipe.lmm.model)
+        plain = pipe.ground_logits(pipe.encode(image), phrases)
+    torch.testing.assert_close(packed.lmm.maps, plain.lmm.maps, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed.coarse, plain.coarse, atol=1e-3, rtol=1e-4)
+    flipped = ((packed.refined > 0) != (plain.refined > 0)).float().mean()
+    assert flipped <= 1e-4                                  # at most a pixel right at the threshold
+
+
+def test_backend_torch_keeps_the_lmm_on_plain_linear_layers(tmp_path):
+    bundle = write_random_bundle(tmp_path / "bundle")
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle), backend="torch", answer=False))
+    assert {type(m) for m in pipe.lmm.model.modules() if isinstance(m, nn.Linear)} == {nn.Linear}
 
 
 def test_an_onnx_export_traces_the_plain_linear(tmp_path):
