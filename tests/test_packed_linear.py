@@ -1,4 +1,7 @@
 """The LMM's linear layers on oneDNN with packed weights (lmm/packed_linear.py)."""
+import copy
+import io
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +44,13 @@ def test_packed_layers_compute_the_linear_and_follow_weight_changes():
     model(x).sum().backward()                                   # with gradients: F.linear, which has them
     assert plain[0].weight.grad is not None
     assert model.state_dict().keys() == state.keys()
+    copied = copy.deepcopy(model)                               # the packed copy is left out and made again
+    assert "_packed" not in copied[0].__dict__ and type(copied[0]) is PackedLinear
+    with torch.no_grad():
+        x = torch.randn(1, 64, 16)
+        torch.testing.assert_close(copied(x), model(x), atol=1e-5, rtol=1e-5)
+    assert "_packed" in copied[0].__dict__
+    torch.save(model, io.BytesIO())
     assert unpack_linears(model) == plain[:2] and all(type(m) is nn.Linear for m in plain[:2])
     assert "_packed" not in plain[0].__dict__
 

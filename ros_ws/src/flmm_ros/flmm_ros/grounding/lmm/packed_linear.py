@@ -36,6 +36,14 @@ class PackedLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self._packed_weight(), self.bias, "none", [], "")
 
+    def __getstate__(self):
+        """Copies and pickles leave the packed copy out (oneDNN's tensors have no storage to copy); it is packed
+        again on first use."""
+        state = dict(super().__getstate__())
+        state.pop("_packed", None)
+        state.pop("_packed_key", None)
+        return state
+
     def _packed_weight(self) -> torch.Tensor:
         key = (self.weight.data_ptr(), self.weight._version)      # a new or in-place changed weight: pack again
         if getattr(self, "_packed_key", None) != key:
