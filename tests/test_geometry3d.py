@@ -232,3 +232,22 @@ def test_large_masks_are_subsampled_without_losing_accuracy():
     assert mask.sum() > 20000 and full.num_points == 20000 and sampled.num_points <= 500  # default cap 20000
     np.testing.assert_allclose(sampled.centroid, center, atol=0.005)
     np.testing.assert_allclose(sampled.size[:2], full.size[:2], rtol=0.05)
+
+
+@pytest.mark.parametrize("center", [(0.0, 0.0, 1.0), (-0.5, -0.37, 1.0)])   # in the middle; cut by the corner
+def test_the_pose_does_not_depend_on_where_the_image_ends(center):
+    """The same mask and depth inside a larger image (the principal point moved with them) give the same pose: the
+    computation reads the mask's neighbourhood only, and maps it back to the right pixels."""
+    rng = np.random.default_rng(3)
+    depth, mask = render_sphere(center, 0.12)
+    depth = with_noisy_background(depth, mask, 1.4, rng)
+    depth[rng.random(depth.shape) < 0.05] = 0.0
+    assert mask.any()
+    pad = ((17, 9), (23, 5))
+    big = CameraIntrinsics(fx=CAMERA.fx, fy=CAMERA.fy, cx=CAMERA.cx + 23, cy=CAMERA.cy + 17,
+                           width=CAMERA.width + 28, height=CAMERA.height + 26)
+    a = object_pose_from_depth(mask, depth, CAMERA)
+    b = object_pose_from_depth(np.pad(mask, pad), np.pad(depth, pad, constant_values=1.4), big)
+    assert a is not None and b is not None and a.num_points == b.num_points
+    for field in ("centroid", "box_center", "size", "rotation"):
+        np.testing.assert_allclose(getattr(a, field), getattr(b, field), atol=1e-9)

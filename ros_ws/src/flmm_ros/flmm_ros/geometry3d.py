@@ -128,6 +128,16 @@ def object_pose_with_reason(
         raise GroundingError(f"camera info is for {intrinsics.width}x{intrinsics.height} images, "
                              f"depth is {width}x{height}")
 
+    # Everything below reads only the mask's bounding box (plus the erosion's reach): the same points in the same
+    # order as on the whole image, at a fraction of the cost.
+    on = mask > 0
+    rows_any, cols_any = np.flatnonzero(on.any(axis=1)), np.flatnonzero(on.any(axis=0))
+    if rows_any.size:
+        y0, y1 = max(0, rows_any[0] - erode_px - 1), min(height, rows_any[-1] + erode_px + 2)
+        x0, x1 = max(0, cols_any[0] - erode_px - 1), min(width, cols_any[-1] + erode_px + 2)
+        mask, depth = mask[y0:y1, x0:x1], depth[y0:y1, x0:x1]
+    else:
+        y0 = x0 = 0
     region = (mask > 0) & np.isfinite(depth) & (depth > 0)
     core = region
     if erode_px > 0:
@@ -146,7 +156,7 @@ def object_pose_with_reason(
     keep = np.abs(z - median) <= tolerance
     if np.count_nonzero(keep) < min_points:
         return None, f"only {np.count_nonzero(keep)} depth pixels agree on the object's distance (need {min_points})"
-    z, rows, cols = z[keep], rows[keep], cols[keep]
+    z, rows, cols = z[keep], rows[keep] + y0, cols[keep] + x0
     points = np.stack([(cols - intrinsics.cx) * z / intrinsics.fx,
                        (rows - intrinsics.cy) * z / intrinsics.fy,
                        z], axis=1)

@@ -98,8 +98,8 @@ class InstructionServer:
                                               mask_seconds=early['mask_seconds'],
                                               frame_cached=partial.frame_cached, warnings=warnings,
                                               not_found=partial.not_found)
+                self.objects_pub.publish(early['msg'])     # first: the label image and overlay are for viewers
                 self._publish_masks(rgb, partial.objects, early['poses'], header)
-                self.objects_pub.publish(early['msg'])
 
             if request.is_region:   # click to ask: SAM's region and the LMM's answer about it come together
                 question = request.instruction.strip() or self.params['region_question'] or None
