@@ -98,8 +98,10 @@ class InstructionServer:
                                               mask_seconds=early['mask_seconds'],
                                               frame_cached=partial.frame_cached, warnings=warnings,
                                               not_found=partial.not_found)
-                self.objects_pub.publish(early['msg'])     # first: the label image and overlay are for viewers
+                # ~/objects last: published before the viewer topics, it reached a reliable subscriber late (soak,
+                # 90 s: p95 581 ms against 54 ms, 49 of 180 after their result), though they add ~2 ms before it.
                 self._publish_masks(rgb, partial.objects, early['poses'], header)
+                self.objects_pub.publish(early['msg'])
 
             if request.is_region:   # click to ask: SAM's region and the LMM's answer about it come together
                 question = request.instruction.strip() or self.params['region_question'] or None
