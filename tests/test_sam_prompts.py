@@ -42,6 +42,19 @@ def test_frames_are_segment_anythings_own(sam):
     assert ours.shape == (1, 40, 72) and torch.allclose(ours, torch.from_numpy(expected), atol=1e-4)
 
 
+@pytest.mark.parametrize("image_hw", [(480, 640), (640, 480), (37, 53), (8, 4000)])
+def test_box_and_point_scaling_is_resize_longest_sides_exactly(sam, image_hw):
+    """segment-anything's arithmetic (without its deepcopy), bit for bit, on floats and integers; inputs untouched."""
+    prompts = SamPromptGeometry(sam)
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(5, 4, generator=g) * torch.tensor([image_hw[1], image_hw[0]] * 2)
+    points = torch.randint(0, min(image_hw), (2, 3, 2), generator=g)
+    kept = boxes.clone()
+    assert torch.equal(prompts.scale_boxes(boxes, image_hw), prompts.transform.apply_boxes_torch(boxes, image_hw))
+    assert torch.equal(prompts.scale_points(points, image_hw), prompts.transform.apply_coords_torch(points, image_hw))
+    assert torch.equal(boxes, kept)
+
+
 def test_box_prompts_are_flmms_mask2box_of_the_coarse_mask_at_image_size(sam):
     prompts = SamPromptGeometry(sam)
     image_hw = (32, 48)

@@ -340,14 +340,14 @@ class ObjectTracker:
     def _warp(self, memory: torch.Tensor, old_box: torch.Tensor, new_box: torch.Tensor, image_hw) -> torch.Tensor:
         """The memory moved with the object from `old_box` to `new_box` (image pixels)."""
         size = self.refiner.prompts.image_size
-        old, new = (self.refiner.prompts.transform.apply_boxes_torch(b[None].float(), image_hw)[0] / size * 2 - 1
+        old, new = (self.refiner.prompts.scale_boxes(b[None], image_hw)[0] / size * 2 - 1
                     for b in (old_box, new_box))      # normalised coordinates of SAM's square input
         return cues.warp_prompt(memory, old, new)
 
     def _decode(self, encoding: SamImageEncoding, prompt: torch.Tensor, box: torch.Tensor,
                 tokens: torch.Tensor) -> _Candidate:
         grown = cues.grow_box(box, self.config.box_margin, encoding.image_hw)
-        sam_box = self.refiner.prompts.transform.apply_boxes_torch(grown[None].float(), encoding.image_hw)
+        sam_box = self.refiner.prompts.scale_boxes(grown[None], encoding.image_hw)
         low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
         low_res = low_res.float()
         prob = self.refiner.sam.postprocess_masks(low_res, encoding.input_hw, encoding.image_hw)[0, 0].sigmoid()
