@@ -42,13 +42,13 @@ PROMPT_LOGIT = 8.0          # a mask as a dense prompt: +-8, the range of a conf
 
 @dataclass
 class _Candidate:
-    mask: torch.Tensor              # (H, W) bool
+    mask: torch.Tensor | None       # (H, W) bool, set by _finish
     box: torch.Tensor | None        # (4,) image pixels; None if empty
     area: int
     score: float
     confidence: float
     low_res: torch.Tensor           # (1, 1, h, w) decoder logits in SAM's square input frame
-    prob: torch.Tensor              # (H, W) foreground probability
+    logits: torch.Tensor            # (H, W) decoder logits at image size (_finish takes the search window's sigmoid)
     colours: np.ndarray | None = None
     descriptor: torch.Tensor | None = None
     appearance: float = 1.0
@@ -350,27 +350,26 @@ class ObjectTracker:
         sam_box = self.refiner.prompts.scale_boxes(grown[None], encoding.image_hw)
         low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
         low_res = low_res.float()
-        prob = self.refiner.sam.postprocess_masks(low_res, encoding.input_hw, encoding.image_hw)[0, 0].sigmoid()
-        return _Candidate(prob > self.config.mask_threshold, None, 0, 0.0, float(iou.reshape(-1)[0].clamp(0, 1)),
-                          low_res, prob)
+        logits = self.refiner.sam.postprocess_masks(low_res, encoding.input_hw, encoding.image_hw)[0, 0]
+        return _Candidate(None, None, 0, 0.0, float(iou.reshape(-1)[0].clamp(0, 1)), low_res, logits)
 
     def _finish(self, cand: _Candidate, encoding: SamImageEncoding, image: np.ndarray, box: torch.Tensor,
                 previous: torch.Tensor, track: _Track) -> _Candidate:
         """Cut the mask to the search window, clean it, and measure its area, box and appearance (all on the
         window's crop: the rest of the image is empty and would only cost time)."""
         x0, y0, x1, y1 = (int(v) for v in cues.grow_box(box, self.config.search_margin, track.image_hw).round())
-        prob = cand.prob[y0:y1, x0:x1]
+        prob = cand.logits[y0:y1, x0:x1].sigmoid()
         crop = (prob > self.config.mask_threshold).cpu().numpy()
         if self.config.clean and crop.any():
             crop = cues.clean_mask(crop, previous[y0:y1, x0:x1].cpu().numpy())
         mask = np.zeros(track.image_hw, bool)
         mask[y0:y1, x0:x1] = crop
-        cand.mask, cand.area = torch.as_tensor(mask, device=cand.prob.device), int(crop.sum())
+        cand.mask, cand.area = torch.as_tensor(mask, device=cand.logits.device), int(crop.sum())
         cand.box = None
         if cand.area:
             top, bottom, left, right = cues.mask_bounds(crop)
             cand.box = torch.tensor([x0 + left, y0 + top, x0 + right, y0 + bottom],
-                                    dtype=torch.float32, device=cand.prob.device)
+                                    dtype=torch.float32, device=cand.logits.device)
             cand.score = float(prob[torch.as_tensor(crop, device=prob.device)].mean())
             cand.colours = cues.colour_histogram(image[y0:y1, x0:x1], crop)
             cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)
