@@ -267,7 +267,8 @@ def test_estimate_shift_finds_a_known_shift_to_a_pixel():
 
 def test_mask_bounds_span_every_pixel_of_the_mask():
     rng = np.random.default_rng(0)
-    for mask in [rng.random((31, 47)) > t for t in (0.5, 0.99, 0.999)] + [np.zeros((5, 5), bool), np.eye(6, dtype=bool)]:
+    masks = [rng.random((31, 47)) > t for t in (0.5, 0.99, 0.999)] + [np.zeros((5, 5), bool), np.eye(6, dtype=bool)]
+    for mask in masks:
         ys, xs = np.nonzero(mask)
         expected = None if ys.size == 0 else (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1)
         assert cues.mask_bounds(mask) == expected

@@ -6,7 +6,7 @@
   `largest_component`: a re-grounded mask's main part;
 - `colour_histogram` / `histogram_similarity`: an appearance check that tells one object from another;
 - `embedding_descriptor`: SAM's image embedding pooled under a mask (a second appearance check);
-- `grow_box`, `shift_mask`, `warp_prompt`, `mask_iou`, `touches_border`: box and map geometry.
+- `grow_box`, `shift_mask`, `warp_prompt`, `mask_iou`, `mask_bounds`, `touches_border`: box and map geometry.
 """
 from __future__ import annotations
 
