@@ -22,20 +22,25 @@ class Quantized(nn.Linear):
     """Stands for bitsandbytes' and torchao's layers: subclasses of nn.Linear with their own forward."""
 
 
-def test_packed_layers_compute_the_linear_and_follow_weight_changes():
+def test_packed_layers_compute_the_linear_and_follow_weight_changes(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8, bias=False), Quantized(8, 8))
     plain = [m for m in model if isinstance(m, nn.Linear)]
     assert pack_linears(model) == 2
     assert [type(m) for m in plain] == [PackedLinear, PackedLinear, Quantized]
+    assert "_packed" in plain[0].__dict__                       # packed when switched, not in the first pass
     state = model.state_dict()
+    packed_calls = []
+    real = PackedLinear._packed_weight
+    monkeypatch.setattr(PackedLinear, "_packed_weight", lambda self: packed_calls.append(1) or real(self))
     for rows in (1, MIN_ROWS - 1, MIN_ROWS, 200):
         x = torch.randn(2, rows, 16)
+        packed_calls.clear()
         with torch.no_grad():
             expected = F.linear(F.linear(x, plain[0].weight, plain[0].bias).relu(), plain[1].weight)
             expected = F.linear(expected, plain[2].weight, plain[2].bias)
             torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
-    assert "_packed" in plain[0].__dict__                       # the long input did run packed
+        assert len(packed_calls) == (2 if 2 * rows >= MIN_ROWS else 0)   # long passes only (rows of the batch)
     with torch.no_grad():
         plain[0].weight.mul_(2.0)                               # in place: packed again, not stale
         x = torch.randn(1, 64, 16)
