@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .instance_filter import InstanceCalibration, coarse_at, instance_features, region_colours
+from .presence import foreground_mean
 
 QUANTIFIERS = {"all", "every", "each", "both", "these", "those", "several", "many", "multiple",
                "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"}
@@ -293,8 +294,7 @@ class InstanceSplitter:
         out = []
         for prob, iou in zip(probs, ious):
             fg = prob > self.mask_threshold
-            score = float(prob[fg].mean()) if fg.any() else 0.0
-            out.append(Instance(fg.cpu().numpy(), float(iou), score))
+            out.append(Instance(fg.cpu().numpy(), float(iou), foreground_mean(prob, fg)))
         return out
 
     @staticmethod

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from . import answers
 from .bundle import is_bundle, read_bundle_spec
@@ -24,6 +25,7 @@ from .instance_filter import InstanceCalibration
 from .instances import Instance, InstanceSplitter, is_plural, presence_probe
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
+from .sam.prompts import mask_to_box
 from .types import GroundedObject, GroundingResult
 
 log = logging.getLogger(__name__)
@@ -162,8 +164,7 @@ class TrustMixin:
             return [absent(obj, presence)]
         out = []
         for i, instance in enumerate(found, start=1):
-            ys, xs = np.nonzero(instance.mask)
-            box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+            box = tuple(int(v) for v in mask_to_box(torch.from_numpy(instance.mask)).tolist())
             out.append(replace(obj, mask=instance.mask.astype(np.uint8) * 255, box=box, score=instance.score,
                                presence=presence, instance=i))
         return out
