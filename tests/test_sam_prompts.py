@@ -43,6 +43,17 @@ def test_frames_are_segment_anythings_own(sam):
 
 
 @pytest.mark.parametrize("image_hw", [(480, 640), (640, 480), (37, 53), (8, 4000)])
+def test_preprocess_is_segment_anythings_bit_for_bit(sam, image_hw):
+    """The in-place normalisation and padding give exactly `sam.preprocess` of the resized image."""
+    prompts = SamPromptGeometry(sam)
+    image = np.random.default_rng(2).integers(0, 256, (*image_hw, 3), dtype=np.uint8)
+    resized = prompts.transform.apply_image(image)
+    expected = sam.preprocess(torch.from_numpy(resized).permute(2, 0, 1)[None].float())
+    x, input_hw = prompts.preprocess(image)
+    assert input_hw == resized.shape[:2] and torch.equal(x, expected)
+
+
+@pytest.mark.parametrize("image_hw", [(480, 640), (640, 480), (37, 53), (8, 4000)])
 def test_box_and_point_scaling_is_resize_longest_sides_exactly(sam, image_hw):
     """segment-anything's arithmetic (without its deepcopy), bit for bit, on floats and integers; inputs untouched."""
     prompts = SamPromptGeometry(sam)

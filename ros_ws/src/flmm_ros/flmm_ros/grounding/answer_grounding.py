@@ -20,6 +20,7 @@ from . import conversation
 from . import region as region_prompts
 from .lmm import GROUNDING_PROMPT, LMMFrame
 from .noun_phrases import NounPhrase
+from .presence import foreground
 from .sam.region import segment_region
 from .types import GroundingError, GroundingResult
 
@@ -87,7 +88,7 @@ class AnswerGroundingMixin:
             with clock.stage("sam_decoder"):
                 logits, _ = segment_region(self.refiner, frame.sam, region.point, region.box)
             with clock.stage("post"):
-                obj = self._object("region", logits.float().sigmoid())
+                obj = self._object("region", *foreground(logits.float().sigmoid(), self.config.mask_threshold))
                 view = region_prompts.visual_prompt(frame.image, *region.mask_and_box(obj), prompting)
             view_frame = frame.lmm if prompting == "none" else self.lmm.encode_frame(view.image, clock.stage)
             answer, found, view_logits = self._run_conversation(view_frame, None, question, clock)

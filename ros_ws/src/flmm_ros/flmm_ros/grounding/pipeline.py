@@ -33,7 +33,7 @@ from .lmm.packed_linear import pack_linears
 from .mask_head_engine import MaskHeadEngine
 from .onnx_cache import default_cache_dir
 from .onnx_runtime import OnnxRuntimeMissing
-from .presence import foreground_mean
+from .presence import foreground
 from .sam.prompts import mask_to_box
 from .sam.refiner import SamImageEncoding, SamRefiner
 from .sam.backends import make_refiner_backend, resolve_backend
@@ -65,6 +65,14 @@ class GroundingLogits:
     tokens: list[torch.Tensor] | None = None  # per phrase, its SAM prompt tokens (T, C) (None: no refiner)
     iou: torch.Tensor | None = None  # (P,) SAM's predicted IoU of each refined mask (None: no refiner)
     lmm: PhrasePass | None = None    # the LMM pass they came from (attention, token log-probs: presence.py)
+    _foregrounds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def refined_foreground(self, k: int, threshold: float) -> tuple[torch.Tensor, float]:
+        """Phrase k's refined mask (probability > `threshold`) and its mean probability there, the object's score.
+        Computed once: the objects and the presence features (presence.py) both read them."""
+        if (k, threshold) not in self._foregrounds:
+            self._foregrounds[k, threshold] = foreground(self.refined[k].detach().float().sigmoid(), threshold)
+        return self._foregrounds[k, threshold]
 
 
 def validate_image(image) -> np.ndarray:
@@ -356,19 +364,21 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
 
     def _objects(self, phrases: list[str], logits: GroundingLogits,
                  image_hw: tuple[int, int]) -> list[GroundedObject]:
-        refined = logits.refined
-        if refined is None:   # refiner off: the coarse logits, resized to the image like F-LMM's evaluation
-            refined = F.interpolate(logits.coarse[None].float(), size=image_hw, mode="bilinear")[0]
+        threshold = self.config.mask_threshold
+        if logits.refined is not None:
+            foregrounds = [logits.refined_foreground(k, threshold) for k in range(len(phrases))]
+        else:   # refiner off: the coarse logits, resized to the image like F-LMM's evaluation
+            probs = F.interpolate(logits.coarse[None].float(), size=image_hw, mode="bilinear")[0].detach().sigmoid()
+            foregrounds = [foreground(prob, threshold) for prob in probs]
         tokens = logits.tokens or [None] * len(phrases)
-        return [self._object(p, prob, t) for p, prob, t in zip(phrases, refined.detach().float().sigmoid(), tokens)]
+        return [self._object(p, fg, score, t) for p, (fg, score), t in zip(phrases, foregrounds, tokens)]
 
-    def _object(self, phrase: str, prob: torch.Tensor, tokens: torch.Tensor | None = None) -> GroundedObject:
-        fg = prob > self.config.mask_threshold
+    @staticmethod
+    def _object(phrase: str, fg: torch.Tensor, score: float, tokens: torch.Tensor | None = None) -> GroundedObject:
         mask = fg.to(torch.uint8).mul(255).cpu().numpy()
         # Kept for tracking: the phrase's prompt tokens, so a tracker never needs the LMM again.
         kept = None if tokens is None else tokens.detach().float().cpu().numpy()
         box = mask_to_box(fg)
         if box is None:
             return GroundedObject(phrase, mask, (0, 0, 0, 0), 0.0, kept)
-        score = foreground_mean(prob, fg)
         return GroundedObject(phrase, mask, tuple(int(v) for v in box.tolist()), score, kept)

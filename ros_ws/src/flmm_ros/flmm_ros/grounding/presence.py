@@ -201,15 +201,19 @@ def grounding_features(logits, k: int, image_hw: tuple[int, int], mask_threshold
     prob = coarse.sigmoid()
     values["coarse_mean"] = foreground_mean(prob, prob > mask_threshold)
     if logits.refined is not None:
-        refined = logits.refined[k].detach().float().sigmoid()
-        rfg = refined > mask_threshold
-        values["mask_score"] = foreground_mean(refined, rfg)
+        rfg, values["mask_score"] = logits.refined_foreground(k, mask_threshold)
         up = F.interpolate(coarse[None, None], size=image_hw, mode="bilinear")[0, 0] > 0
         union = (up | rfg).sum()
         values["coarse_refined_iou"] = float((up & rfg).sum() / union) if union > 0 else 0.0
     if getattr(logits, "iou", None) is not None:
         values["sam_iou"] = float(logits.iou[k])
     return values
+
+
+def foreground(prob: torch.Tensor, threshold: float) -> tuple[torch.Tensor, float]:
+    """A mask from a probability map: (pixels above `threshold`, their mean probability: the object's score)."""
+    fg = prob > threshold
+    return fg, foreground_mean(prob, fg)
 
 
 def foreground_mean(prob: torch.Tensor, fg: torch.Tensor) -> float:
