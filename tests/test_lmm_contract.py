@@ -9,7 +9,8 @@
   their answers equal those of separate passes (`next_token_logits`);
 - a frame encoded with `defer_prefix` gives what an eagerly encoded one gives, whichever pass comes first (a phrase
   pass runs the prefix in its own forward), and is left with the same KV cache;
-- the prepared image is a typed, per-family dataclass.
+- the prepared image is a typed, per-family dataclass;
+- remembered token ids are the tokenizer's, and a caller editing its list changes nothing remembered.
 A new family gets a line in FAMILIES, or the first test fails.
 """
 import dataclasses
@@ -185,3 +186,15 @@ def test_the_prepared_image_is_a_typed_per_family_dataclass(adapter, frame):
     assert prepared.image_hw == (40, 72) and min(prepared.content_hw) > 0
     coarse = adapter.crop_to_image(torch.zeros(len(PHRASES), 64, 64), prepared)
     assert coarse.shape[0] == len(PHRASES) and 0 < coarse.shape[1] <= 64 and 0 < coarse.shape[2] <= 64
+
+
+def test_remembered_token_ids_are_the_tokenizers_and_callers_cannot_change_them(adapter):
+    prompt = adapter.template.format(input="<image>\nthe red mug")
+    first = adapter.text_ids("the red mug.")
+    assert first == adapter.tokenizer("the red mug.", add_special_tokens=False).input_ids
+    first.append(-1)                                    # a caller's edit of its list
+    assert adapter.text_ids("the red mug.") == adapter.tokenizer("the red mug.", add_special_tokens=False).input_ids
+    expanded = adapter.prompt_ids("the red mug", 3)
+    plain = adapter.tokenizer(prompt, add_special_tokens=True).input_ids
+    i = plain.index(adapter.image_token_id)
+    assert expanded == plain[:i] + [adapter.image_token_id] * 3 + plain[i + 1:]

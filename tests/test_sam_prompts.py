@@ -7,7 +7,7 @@ from segment_anything import SamPredictor
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from flmm_ros.grounding.sam.models import TINY_TEST_SAM, build_sam
-from flmm_ros.grounding.sam.prompts import SamPromptGeometry, mask_to_box
+from flmm_ros.grounding.sam.prompts import SamPromptGeometry, box_above, mask_to_box
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +99,17 @@ def test_mask_to_box_is_the_box_of_every_foreground_pixel():
             continue
         expected = [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
         assert mask_to_box(mask).tolist() == [float(v) for v in expected]
+
+
+def test_box_above_a_threshold_is_the_box_of_the_thresholded_map():
+    """box_above(p, t) == mask_to_box(p > t), values at the threshold included, on maps and strided views."""
+    g = torch.Generator().manual_seed(1)
+    maps = [torch.rand(37, 53, generator=g), torch.rand(37, 53, generator=g) ** 40, torch.full((5, 7), 0.5)]
+    maps += [maps[0].t(), maps[1][::2, 3:], torch.zeros(4, 4)]
+    for prob in maps:
+        for threshold in (0.5, 0.9, 0.999):
+            expected, got = mask_to_box(prob > threshold), box_above(prob, threshold)
+            assert (got is None and expected is None) or torch.equal(got, expected)
 
 
 @pytest.mark.parametrize("low, pad", [(2.0, -1.0), (-5.0, -5.0)])

@@ -64,6 +64,7 @@ class LMMAdapter(ABC):
         self.hidden_size = text.hidden_size
         self.language_model = model.model.language_model
         self.embed_tokens = model.get_input_embeddings()
+        self._token_ids: dict[tuple[str, bool], tuple[int, ...]] = {}   # _tokenize's memory
         enable_phrase_attention(model)
 
     # ---- loading ---------------------------------------------------------------------------
@@ -105,14 +106,24 @@ class LMMAdapter(ABC):
         feature. The prefix is appended to the prompt string before tokenising, as F-LMM's reason_seg does
         (so "ASSISTANT:It is" gives the token `It`, not `▁It`)."""
         prompt = self.template.format(input="<image>\n" + text) + answer_prefix
-        ids = self.tokenizer(prompt, add_special_tokens=True).input_ids
+        ids = self._tokenize(prompt, special=True)
         if ids.count(self.image_token_id) != 1:
             raise GroundingError("the tokenizer does not map '<image>' to the model's image token")
         i = ids.index(self.image_token_id)
         return ids[:i] + [self.image_token_id] * num_image_tokens + ids[i + 1:]
 
     def text_ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids
+        return self._tokenize(text, special=False)
+
+    def _tokenize(self, text: str, special: bool) -> list[int]:
+        """The tokenizer's ids of `text`, remembered: every instruction tokenises the same grounding prompt, '.' and
+        presence questions again, ~0.1 ms a call. Bounded: cleared when it holds 1024 texts."""
+        ids = self._token_ids.get((text, special))
+        if ids is None:
+            if len(self._token_ids) >= 1024:
+                self._token_ids.clear()
+            ids = self._token_ids[text, special] = tuple(self.tokenizer(text, add_special_tokens=special).input_ids)
+        return list(ids)
 
     # ---- per frame ---------------------------------------------------------------------------
     @torch.no_grad()

@@ -25,7 +25,17 @@ def mask_to_box(mask: torch.Tensor) -> torch.Tensor | None:
     # max over a uint8 view is "any" without torch's bool reduction, ~20x faster on an image-sized mask (and far
     # cheaper than listing every pixel with nonzero)
     flags = (mask if mask.dtype == torch.bool else mask != 0).view(torch.uint8)
-    rows, cols = flags.amax(dim=1) > 0, flags.amax(dim=0) > 0
+    return _box(flags.amax(dim=1) > 0, flags.amax(dim=0) > 0)
+
+
+def box_above(prob: torch.Tensor, threshold: float) -> torch.Tensor | None:
+    """`mask_to_box(prob > threshold)` of a finite (H, W) map, read from its row and column maxima: the same box
+    without forming the mask (~4x cheaper)."""
+    return _box(prob.amax(dim=1) > threshold, prob.amax(dim=0) > threshold)
+
+
+def _box(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
+    """The box of the rows and columns that hold a pixel (1-D booleans), None if none does."""
     if not bool(rows.any()):
         return None
     return torch.stack([first_true(cols), first_true(rows), last_true(cols) + 1, last_true(rows) + 1]).float()
@@ -82,7 +92,7 @@ class SamPromptGeometry:
         """(N, h, w) coarse logits -> (N, 4) box prompts in SAM's input frame."""
         probs = F.interpolate(coarse.detach()[None].float().sigmoid(), size=image_hw, mode="bilinear")[0]
         whole = torch.tensor([0.0, 0.0, image_hw[1], image_hw[0]], device=coarse.device)
-        boxes = [b if (b := mask_to_box(p > 0.5)) is not None else whole for p in probs]
+        boxes = [b if (b := box_above(p, 0.5)) is not None else whole for p in probs]
         return self.scale_boxes(torch.stack(boxes), image_hw).to(coarse.device)
 
     def scale_boxes(self, boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
