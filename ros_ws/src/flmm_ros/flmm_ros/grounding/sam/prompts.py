@@ -74,7 +74,7 @@ class SamPromptGeometry:
         resized = self.transform.apply_image(image)
         h, w = resized.shape[:2]
         # `sam.preprocess` ((x - mean) / std, then zero padding) written into the padded input in place: the same
-        # numbers, without its three image-sized temporaries (~1.5 ms a 640x480 frame on one core)
+        # numbers, without its three image-sized temporaries
         x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
         content = x[0, :, :h, :w]
         content.copy_(to_device(torch.from_numpy(resized), self.device).permute(2, 0, 1))
