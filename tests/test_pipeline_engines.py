@@ -12,6 +12,7 @@ from flmm_ros.grounding import phrases as phrase_rules
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.mask_head_engine import MaskHeadEngine
 from flmm_ros.grounding.pipeline import GroundingPipeline
+from flmm_ros.grounding.presence import foreground
 from flmm_ros.grounding.sam.backends import make_refiner_backend, resolve_backend
 from flmm_ros.grounding.testing import write_random_bundle
 
@@ -99,7 +100,7 @@ def test_objects_keep_their_box_and_mean_foreground_probability(bundle, tmp_path
     g = torch.Generator().manual_seed(1)
     probs = [torch.rand(30, 40, generator=g), torch.zeros(30, 40), torch.rand(30, 40, generator=g) ** 8]
     for prob in probs:
-        obj = pipe._object("the mug", prob)
+        obj = pipe._object("the mug", *foreground(prob, pipe.config.mask_threshold))
         fg = prob > pipe.config.mask_threshold
         ys, xs = np.nonzero(fg.numpy())
         if ys.size == 0:
