@@ -99,3 +99,12 @@ def test_soak_smoke(tmp_path):
     assert summary["masks_received"] == summary["successes"] and summary["unmatched_objects"] == 0
     assert summary["mask_latency_ms"]["p50"] <= summary["result_arrival_ms"]["p50"]
     assert "time to mask p50" in out
+
+
+def test_threads_benchmark_quick(tmp_path):
+    out = run("bench/threads.py", "--quick", "--json", str(tmp_path / "t.json"))
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert set(result) == {"quiet"} and len(result["quiet"]) == 2
+    for rows in result["quiet"].values():
+        assert len(rows) == 1 and rows[0]["cached"] > 0 and rows[0]["new"] > 0
+    assert "1 torch thread (ONNX Runtime 1)" in out

@@ -16,6 +16,7 @@ def defaults():
 @pytest.mark.parametrize('name, value, message', [
     ('busy_policy', 'drop', 'busy_policy'), ('backend', 'tflite', 'backend'), ('input_qos', 'FAST', 'input_qos'),
     ('max_frame_age', -1.0, 'max_frame_age'), ('max_queued', 0, 'max_queued'), ('sync_slop', -0.1, 'sync_slop'),
+    ('threads', -1, 'threads must be >= 0'),
 ])
 def test_parameter_validation(name, value, message):
     values = defaults()
@@ -23,6 +24,16 @@ def test_parameter_validation(name, value, message):
     values[name] = value
     with pytest.raises(GroundingError, match=message):
         parameters.validate(values)
+
+
+@pytest.mark.parametrize('setting, environ, cores, expected', [
+    (3, {'OMP_NUM_THREADS': '8'}, 2, 3),        # set: as set
+    (0, {'OMP_NUM_THREADS': '4'}, 2, 4),        # auto: the user's OMP_NUM_THREADS
+    (0, {}, 2, 1), (0, {}, 1, 1), (0, {}, 8, 4),  # auto: half the cores, at least one
+    (0, {'OMP_NUM_THREADS': 'lots'}, 6, 3),     # an unusable OMP_NUM_THREADS: as if unset
+])
+def test_threads_auto_is_omp_num_threads_else_half_the_cores(setting, environ, cores, expected):
+    assert parameters.cpu_threads(setting, environ, cores) == expected
 
 
 def test_empty_model_means_embedded_model():

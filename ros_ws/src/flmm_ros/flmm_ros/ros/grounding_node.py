@@ -155,6 +155,8 @@ class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
         model = self.pipeline_config.model
         self._status(f"loading model {model}")
         self._create_io()
+        # Before the model loads: its ONNX Runtime sessions take the thread count torch has then.
+        torch.set_num_threads(parameters.cpu_threads(self.params['threads']))
         try:
             self.pipeline = GroundingPipeline.from_config(self.pipeline_config)
         except Exception as error:  # noqa: BLE001 - any load failure is reported and the transition fails
@@ -167,7 +169,8 @@ class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
             return FAILURE
         self.failure = None
         self._set_state('inactive')
-        self.get_logger().info(f"model loaded ({model}); images from {self.image_topic}")
+        self.get_logger().info(f"model loaded ({model}, {torch.get_num_threads()} CPU threads); images from "
+                               f"{self.image_topic}")
         return SUCCESS
 
     def on_activate(self, state: LifecycleState) -> TransitionCallbackReturn:

@@ -7,6 +7,8 @@ tests check both. `coerce` and `validate` give the one-line errors for values fr
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,13 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec('track_instructions', False,
               "Every successful instruction from the instruction topic also starts tracking its objects (~/tracks); "
               "action goals ask for it with their `track` field.", runtime=True),
+    ParamSpec('threads', 0,
+              "CPU threads of PyTorch in this node; its ONNX Runtime sessions use as many (FLMM_ROS_ORT_THREADS "
+              "overrides those). 0 = auto: $OMP_NUM_THREADS when set, else half the cores (at least 1), leaving the "
+              "rest to the robot's other processes. The node's OpenMP threads sleep between kernels "
+              "(OMP_WAIT_POLICY=PASSIVE keeps a busy computer usable), and on a 2-core computer waking a second "
+              "thread for each small kernel cost more than it gained: one thread served cached instructions in "
+              "18 ms, two in 24 (BENCHMARKS.md)."),
     ParamSpec('autostart', True,
               "Configure (load the model) and activate at start. false: wait for lifecycle transitions "
               "(`ros2 lifecycle set /flmm_grounding configure`, then `activate`)."),
@@ -139,6 +148,19 @@ def validate(values: dict[str, Any]) -> None:
     for name in ('max_queued', 'sync_queue_size'):
         if values[name] < 1:
             raise GroundingError(f"parameter {name} must be >= 1, got {values[name]}")
+    if values['threads'] < 0:
+        raise GroundingError(f"parameter threads must be >= 0 (0 = auto), got {values['threads']}")
+
+
+def cpu_threads(setting: int, environ: Mapping[str, str] = os.environ, cores: int | None = None) -> int:
+    """The node's PyTorch thread count for the `threads` parameter (see its description)."""
+    if setting > 0:
+        return setting
+    value = environ.get('OMP_NUM_THREADS', '').strip()
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    cores = cores if cores is not None else len(os.sched_getaffinity(0))
+    return max(1, cores // 2)
 
 
 def embedded_model_dir() -> Path:
