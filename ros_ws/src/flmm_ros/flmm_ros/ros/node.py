@@ -4,8 +4,8 @@
     python -m flmm_ros.ros.node --ros-args -p model:=/path/to/bundle -r image:=/camera/color/image_raw
 
 The node itself is flmm_ros.ros.grounding_node.GroundingNode. This module imports only the standard library at
-the top, so that a signal during the slow imports (torch, transformers) or the model load ends the process
-quietly. rclpy's own signal handlers are not installed: they invalidate the ROS context at once, under the
+the top, so that the signal handlers are in place before the slow imports (torch, transformers): a signal during
+them ends the process quietly once they are done, one during the model load as below. rclpy's own signal handlers are not installed: they invalidate the ROS context at once, under the
 running worker. Instead SIGINT and SIGTERM set an event; the main thread then, in order,
 1. stops accepting, answers every queued and running instruction and action goal with 'shutdown' (the
    executor still spins in its thread, so the results are sent), and waits for the publishers' acks;
@@ -27,27 +27,16 @@ SHUTDOWN_TIMEOUT_S = 3.0      # ros2 launch escalates to SIGTERM after 5 s and S
 ACTION_FLUSH_S = 0.3          # action results go out as service responses, which have no ack to wait for
 
 
-class _Interrupted(BaseException):
-    """A signal arrived before the node existed."""
-
-
 def main(args: list[str] | None = None) -> int:
     argv = list(args if args is not None else sys.argv)
     stop = threading.Event()
-    node_started = threading.Event()
-
-    def on_signal(signum, _frame):
-        if not node_started.is_set():
-            raise _Interrupted()
-        stop.set()
-
+    # The handler only sets the event. Raising from it instead would land inside whatever code runs at that
+    # moment (an import, a library call), and code that catches BaseException would carry on: the node then
+    # outlived a killed `ros2 launch` now and then. Start-up checks the event after its slow steps.
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
+        signal.signal(signum, lambda _signum, _frame: stop.set())
     _end_with_launch()
-    try:
-        return _run(argv, stop, node_started)
-    except _Interrupted:
-        return 0
+    return _run(argv, stop)
 
 
 def _end_with_launch() -> None:
@@ -70,7 +59,7 @@ def _end_with_launch() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) -> int:
+def _run(argv: list[str], stop: threading.Event) -> int:
     from flmm_ros.ros.transport import configure_large_image_transport, socket_buffer_note
     transport_note = configure_large_image_transport(argv, ('image', 'depth'), 'flmm_grounding')
 
@@ -88,6 +77,8 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
     from flmm_ros.ros.grounding_node import NODE_NAME, GroundingNode
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
+    if stop.is_set():            # a signal during the imports: end quietly, nothing was started
+        return 0
 
     try:
         rclpy.init(args=argv, signal_handler_options=SignalHandlerOptions.NO)
@@ -96,7 +87,9 @@ def _run(argv: list[str], stop: threading.Event, node_started: threading.Event) 
         print(f"[{NODE_NAME}] cannot start: {first_line} (check the --ros-args and the params file)",
               file=sys.stderr)
         return 2
-    node_started.set()   # from here a signal only sets `stop`: the shutdown below runs in order
+    if stop.is_set():
+        rclpy.try_shutdown()
+        return 0
     try:
         node = GroundingNode(stop)
     except GroundingError as error:
