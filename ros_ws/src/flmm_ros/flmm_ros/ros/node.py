@@ -5,8 +5,9 @@
 
 The node itself is flmm_ros.ros.grounding_node.GroundingNode. This module imports only the standard library at
 the top, so that the signal handlers are in place before the slow imports (torch, transformers): a signal during
-them ends the process quietly once they are done, one during the model load as below. rclpy's own signal handlers are not installed: they invalidate the ROS context at once, under the
-running worker. Instead SIGINT and SIGTERM set an event; the main thread then, in order,
+them ends the process quietly once they are done, one during the model load as below. rclpy's own signal
+handlers are not installed: they invalidate the ROS context at once, under the running worker. Instead SIGINT
+and SIGTERM set an event; the main thread then, in order,
 1. stops accepting, answers every queued and running instruction and action goal with 'shutdown' (the
    executor still spins in its thread, so the results are sent), and waits for the publishers' acks;
 2. stops the executor, destroys the node and shuts rclpy down.
