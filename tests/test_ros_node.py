@@ -2,7 +2,10 @@
 (real LLaVA architecture, tiny), and a probe node in this process that publishes inputs and records every output
 (flmm_ros.ros.testing). Every wait is on an event (a result, a /diagnostics value), never on a sleep.
 
-The tests of the shared node run in file order: the first one needs a node that has not seen an image yet.
+The tests of the shared node run in file order: the first one needs a node that has not seen an image yet, and
+later ones count the results and frames of the ones before. So repeat the file as a whole (a fresh node each
+time: `for i in 1 2 3 4 5; do python -m pytest tests/test_ros_node.py -x || break; done`); `pytest --count`
+repeats single tests on the same node, which those counts do not allow.
 """
 from __future__ import annotations
 
