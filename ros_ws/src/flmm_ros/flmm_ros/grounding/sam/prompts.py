@@ -18,6 +18,7 @@ from segment_anything.modeling import Sam
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from ..devices import to_device
+from .resize import resize_image
 
 
 def mask_to_box(mask: torch.Tensor) -> torch.Tensor | None:
@@ -69,15 +70,22 @@ class SamPromptGeometry:
     def device(self) -> torch.device:
         return self.sam.pixel_mean.device
 
-    def preprocess(self, image: np.ndarray) -> tuple[torch.Tensor, tuple[int, int]]:
-        """RGB uint8 (H, W, 3) -> normalised, padded (1, 3, S, S) float32 and the resized size."""
-        resized = self.transform.apply_image(image)
-        h, w = resized.shape[:2]
+    def preprocess(self, image: np.ndarray, resize: str = "pil") -> tuple[torch.Tensor, tuple[int, int]]:
+        """RGB uint8 (H, W, 3) -> normalised, padded (1, 3, S, S) float32 and the resized size. `resize`: "pil"
+        (segment-anything's and F-LMM's `apply_image`) or "torch" (3-4x faster, within one grey level of it:
+        `resize.resize_image`)."""
+        if resize not in ("pil", "torch"):
+            raise ValueError(f"resize must be 'pil' or 'torch', not {resize!r}")
+        h, w = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.image_size)
+        if resize == "pil":
+            resized = torch.from_numpy(self.transform.apply_image(image)).permute(2, 0, 1)
+        else:
+            resized = resize_image(image, (h, w))
         # `sam.preprocess` ((x - mean) / std, then zero padding) written into the padded input in place: the same
         # numbers, without its three image-sized temporaries
         x = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
         content = x[0, :, :h, :w]
-        content.copy_(to_device(torch.from_numpy(resized), self.device).permute(2, 0, 1))
+        content.copy_(to_device(resized, self.device))
         content.sub_(self.sam.pixel_mean).div_(self.sam.pixel_std)
         return x, (h, w)
 

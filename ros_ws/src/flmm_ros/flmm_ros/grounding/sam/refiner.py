@@ -38,8 +38,9 @@ class SamRefiner:
         return self.prompts.device
 
     @torch.no_grad()
-    def encode(self, image: np.ndarray) -> SamImageEncoding:
-        x, input_hw = self.prompts.preprocess(image)
+    def encode(self, image: np.ndarray, resize: str = "pil") -> SamImageEncoding:
+        """SAM's embedding of an RGB uint8 image; `resize`: see `SamPromptGeometry.preprocess`."""
+        x, input_hw = self.prompts.preprocess(image, resize)
         return SamImageEncoding(self.backend.encode(x), input_hw, tuple(image.shape[:2]))
 
     def refine(self, encoding: SamImageEncoding, coarse: torch.Tensor,

@@ -1,0 +1,72 @@
+"""Cheaper versions of SAM's resizes for the tracker, which needs them on every frame for a window of the image.
+
+- `resize_image`: SAM's input resize (`ResizeLongestSide.apply_image`: PIL's antialiased bilinear) with torch's
+  uint8 antialiased bilinear kernel, which was written to reproduce PIL: 3-4x faster, within one grey level of
+  PIL (640x480 -> 256x192: 56 of 147,456 values differ, by 1). The grounding path keeps PIL, as F-LMM does.
+- `SamResizeMaps`: SAM's chains of bilinear resizes as one matrix per axis. A bilinear resize (align_corners=False)
+  is linear and separable, so `resize(x) = R @ x @ C.T`, and a chain of resizes and crops is the product of
+  its matrices. The matrices are torch's own weights (F.interpolate of an identity), so the results equal the
+  chained resizes' to float rounding (~1e-5 of the logits' range), and a window of the output needs only its
+  rows of R and C:
+  - `postprocess`: decoder logits -> a window of image-size logits (`Sam.postprocess_masks`: upsample to the
+    square input, un-pad, resize to the image);
+  - `mask_prompt`: a boolean mask given by its window -> SAM's dense prompt of the mask as +-L logits
+    (`SamPromptGeometry.dense_prompts`: resize to the input frame, pad with min(-1, min logit), resize to the
+    mask-prompt size).
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> torch.Tensor:
+    """RGB uint8 (H, W, 3) -> uint8 (3, h, w), resized with antialiased bilinear filtering (PIL's BILINEAR)."""
+    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]    # channels-last memory: the fast path
+    return F.interpolate(x, size=size_hw, mode="bilinear", antialias=True, align_corners=False)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def resize_matrix(in_len: int, out_len: int) -> torch.Tensor:
+    """(out_len, in_len) float64: torch's bilinear resize (align_corners=False) of a length-`in_len` axis."""
+    eye = torch.eye(in_len, dtype=torch.float64)[None]
+    return F.interpolate(eye, size=out_len, mode="linear", align_corners=False)[0].T.contiguous()
+
+
+class SamResizeMaps:
+    """SAM's resize chains for one image size, per axis (see the module doc). Read-only once built."""
+
+    def __init__(self, image_size: int, low_res_hw: tuple[int, int], input_hw: tuple[int, int],
+                 image_hw: tuple[int, int], prompt_hw: tuple[int, int]):
+        # decoder logits (low_res) -> square input (image_size) -> crop (input_hw) -> image
+        self.up = [(resize_matrix(i, n) @ resize_matrix(lo, image_size)[:i]).float()
+                   for lo, i, n in zip(low_res_hw, input_hw, image_hw)]
+        # image -> input frame -> padded square (the padding's columns of the last resize) -> prompt size
+        down = [resize_matrix(image_size, p) for p in prompt_hw]
+        self.down = [(d[:, :i] @ resize_matrix(n, i)).float() for d, i, n in zip(down, input_hw, image_hw)]
+        self.down_sums = [m.sum(1) for m in self.down]      # < 1 on prompt rows that read the padding
+
+    def postprocess(self, low_res: torch.Tensor, window: tuple[int, int, int, int]) -> torch.Tensor:
+        """(h, w) decoder logits -> the logits at image pixels [y0:y1, x0:x1] of window (x0, y0, x1, y1)."""
+        x0, y0, x1, y1 = window
+        rows, cols = self.up[0][y0:y1].to(low_res.device), self.up[1][x0:x1].to(low_res.device)
+        return rows @ low_res.float() @ cols.T
+
+    def mask_prompt(self, mask: torch.Tensor, window: tuple[int, int, int, int], logit: float) -> torch.Tensor:
+        """(1, 1, *prompt_hw) dense prompt of the image-size boolean mask with +-`logit` values that is
+        `mask` (the window's crop, bool) inside `window` and False elsewhere."""
+        x0, y0, x1, y1 = window
+        pad = -1.0 if bool(mask.all()) and mask.numel() == self._image_pixels else -logit  # min(-1, min logit)
+        rows, cols = (m.to(mask.device) for m in self.down)
+        sums = [s.to(mask.device) for s in self.down_sums]
+        # resize(pad + (map - pad)) = pad + R (map - pad) C.T, and map - pad = (-logit - pad) + 2 logit * mask
+        out = pad + (-logit - pad) * sums[0][:, None] * sums[1][None]
+        out = out + 2 * logit * (rows[:, y0:y1] @ mask.float() @ cols[:, x0:x1].T)
+        return out[None, None]
+
+    @property
+    def _image_pixels(self) -> int:
+        return self.up[0].shape[0] * self.up[1].shape[0]
