@@ -32,6 +32,7 @@ import torch
 from . import track_cues as cues
 from .onnx_runtime import session_options
 from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_image
+from .presence import foreground_mean
 from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend, mask_to_box
 from .sam.resize import SamResizeMaps
 from .tracking_config import LOST_REASONS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
@@ -382,7 +383,7 @@ class ObjectTracker:
             top, bottom, left, right = cues.mask_bounds(crop)
             cand.box = torch.tensor([x0 + left, y0 + top, x0 + right, y0 + bottom],
                                     dtype=torch.float32, device=prob.device)
-            cand.score = float(prob[torch.as_tensor(crop, device=prob.device)].mean())
+            cand.score = foreground_mean(prob, torch.as_tensor(crop, device=prob.device))
             cand.colours = cues.colour_histogram(image[y0:y1, x0:x1], crop)
             cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)
         return cand
