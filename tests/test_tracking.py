@@ -78,6 +78,19 @@ def test_auto_backend_on_a_cpu_is_onnxruntime_with_the_set_threads(pipe):
         assert session.get_session_options().intra_op_num_threads == 1
 
 
+@pytest.mark.parametrize("dtype, precision", [("auto", "fp32"), ("float32", "fp32"), ("bfloat16", "fp16"),
+                                              ("float16", "fp16")])
+def test_sam_precision_follows_the_pipelines_dtype(dtype, precision):
+    """dtype auto runs the pipeline's SAM in fp32, and the tracker's on a CPU (it once chose an fp16 encoder there)."""
+    cfg = PipelineConfig(model=str(BUNDLE), dtype=dtype)
+    assert cfg.sam_precision == precision
+
+
+def test_on_a_cpu_the_trackers_sam_has_the_pipelines_precision(pipe):
+    assert pipe.config.dtype == "auto" and pipe.config.sam_precision == "fp32"
+    assert ObjectTracker(pipe, TrackerConfig(threads=1)).backend.models.precision == "fp32"
+
+
 # ---- following objects ----------------------------------------------------------------------------------
 def test_a_still_object_keeps_its_mask_and_id(pipe, demo):
     scene, objects = demo

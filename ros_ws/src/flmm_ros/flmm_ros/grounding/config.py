@@ -105,3 +105,8 @@ class PipelineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.device.startswith("cuda") else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def sam_precision(self) -> str:
+        """SAM's precision: fp16 with a float16 / bfloat16 LMM, else fp32 (also with auto, as F-LMM ran)."""
+        return "fp16" if self.dtype in ("float16", "bfloat16") else "fp32"

@@ -181,7 +181,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         if not cfg.refine:
             return None
         backend = make_refiner_backend(cfg.backend, head.sam, device=cfg.device,
-                                       precision="fp16" if cfg.dtype in ("float16", "bfloat16") else "fp32",
+                                       precision=cfg.sam_precision,
                                        cache_dir=cfg.engine_dir or None)
         return SamRefiner(head.sam, backend)
 

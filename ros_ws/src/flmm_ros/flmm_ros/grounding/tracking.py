@@ -30,7 +30,6 @@ import numpy as np
 import torch
 
 from . import track_cues as cues
-from .onnx_runtime import session_options
 from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_image
 from .presence import foreground_mean
 from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend, mask_to_box
@@ -92,11 +91,14 @@ class ObjectTracker:
         name = pipeline.config.backend if cfg.backend == "auto" else cfg.backend
         if cfg.backend == "auto" and name in ("auto", "torch"):     # ONNX Runtime is ~3x faster on a CPU
             name = "onnxruntime" if device.type == "cpu" else "torch"
-        precision = "fp16" if pipeline.config.dtype != "float32" else "fp32"
+        # CPU: the pipeline's SAM precision (fp32 with dtype auto; fp16 is no faster there). GPU: fp16 unless the LMM
+        # is float32, for speed (tracking is not F-LMM's path, which grounding reproduces).
+        precision = (pipeline.config.sam_precision if device.type == "cpu"
+                     else "fp32" if pipeline.config.dtype == "float32" else "fp16")
         self.backend = make_refiner_backend(name, pipeline.head.sam, device=device, precision=precision,
                                             cache_dir=pipeline.config.engine_dir or None)
         if isinstance(self.backend, OnnxRuntimeBackend) and self.backend.device.type == "cpu" and cfg.threads:
-            _limit_threads(self.backend, cfg.threads)
+            self.backend.set_threads(cfg.threads)
         self.refiner = SamRefiner(pipeline.head.sam, self.backend)
         self._tracks: list[_Track] = []
         self._next_id = 1
@@ -333,10 +335,9 @@ class ObjectTracker:
     def _maps(self, image_hw: tuple[int, int]) -> SamResizeMaps:
         """SAM's resizes for images of this size, as matrices (sam/resize.py): windows of them cost little."""
         if image_hw not in self._resize_maps:
-            prompts = self.refiner.prompts
-            input_hw = prompts.transform.get_preprocess_shape(*image_hw, prompts.image_size)
-            self._resize_maps[image_hw] = SamResizeMaps(prompts.image_size, prompts.mask_prompt_size, input_hw,
-                                                        image_hw, prompts.mask_prompt_size)
+            size, low = self.refiner.prompts.image_size, self.refiner.prompts.mask_prompt_size
+            input_hw = self.refiner.prompts.transform.get_preprocess_shape(*image_hw, size)
+            self._resize_maps[image_hw] = SamResizeMaps(size, low, input_hw, image_hw, low)
         return self._resize_maps[image_hw]
 
     def _mask_prompt(self, mask: torch.Tensor, image_hw: tuple[int, int],
@@ -370,8 +371,7 @@ class ObjectTracker:
         window's crop: the rest of the image is empty and would only cost time)."""
         x0, y0, x1, y1 = cand.window = tuple(
             int(v) for v in cues.grow_box(box, self.config.search_margin, track.image_hw).round())
-        # SAM's post-processing (upsample, un-pad, resize to the image) for the window's pixels only
-        prob = self._maps(track.image_hw).postprocess(cand.low_res[0, 0], cand.window).sigmoid()
+        prob = self._maps(track.image_hw).postprocess(cand.low_res[0, 0], cand.window).sigmoid()   # window only
         crop = (prob > self.config.mask_threshold).cpu().numpy()
         if self.config.clean and crop.any():
             crop = cues.clean_mask(crop, previous[y0:y1, x0:x1].cpu().numpy())
@@ -398,13 +398,3 @@ class ObjectTracker:
         return TrackedObject(track.track_id, track.phrase, "tracking", mask.to(torch.uint8).mul(255).cpu().numpy(),
                              box, score, confidence, appearance, "", 0, track.age, regrounded)
 
-
-def _limit_threads(backend: OnnxRuntimeBackend, threads: int) -> None:
-    """Re-open the backend's CPU sessions with `threads` intra-op threads (ONNX Runtime's default is one per
-    core, which would compete with the thread serving instructions)."""
-    import onnxruntime as ort
-    options = session_options()   # no spinning threads: they would take the cores instructions need
-    options.intra_op_num_threads = threads
-    for name in ("encoder", "decoder"):
-        path = getattr(backend.models, name)
-        setattr(backend, name, ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))

@@ -122,17 +122,26 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, models: SamOnnxModels, shapes: SamShapes, device: torch.device) -> None:
-        import onnxruntime as ort
-        self.device, providers = onnxruntime_placement(device)
+        self.device, self.providers = onnxruntime_placement(device)
         self.models = models
         self.precision = models.precision     # of the encoder graph, like TorchBackend.precision
         self.shapes = shapes
-        options = session_options()       # torch's thread count, no spinning threads (onnx_runtime.py)
-        self.encoder = ort.InferenceSession(str(models.encoder), sess_options=options, providers=providers)
-        self.decoder = ort.InferenceSession(str(models.decoder), sess_options=options, providers=providers)
+        self._open_sessions(session_options())   # torch's thread count, no spinning threads (onnx_runtime.py)
         embed = (1, shapes.embed_dim, *shapes.embedding_hw)
         self.encoder_outputs = {ENCODER_OUTPUT: embed}
         self.decoder_outputs = {DECODER_OUTPUTS[0]: (1, 1, *shapes.mask_hw), DECODER_OUTPUTS[1]: (1, 1)}
+
+    def _open_sessions(self, options) -> None:
+        import onnxruntime as ort
+        self.encoder = ort.InferenceSession(str(self.models.encoder), sess_options=options, providers=self.providers)
+        self.decoder = ort.InferenceSession(str(self.models.decoder), sess_options=options, providers=self.providers)
+
+    def set_threads(self, threads: int) -> None:
+        """Open the sessions again with `threads` intra-op threads (the tracker's runtime, beside the thread serving
+        instructions; still no spinning threads)."""
+        options = session_options()
+        options.intra_op_num_threads = threads
+        self._open_sessions(options)
 
     def _run(self, session, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple]) -> list[torch.Tensor]:
         feeds = {k: v.detach().to(self.device, torch.float32).contiguous() for k, v in feeds.items()}
