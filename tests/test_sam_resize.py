@@ -87,3 +87,25 @@ def test_preprocess_with_torchs_resize_is_close_to_pils_and_a_wrong_name_is_refu
     assert fast_hw == hw and fast.shape == exact.shape and (fast - exact).abs().max() < 0.04
     with pytest.raises(ValueError, match="resize must be"):
         prompts.preprocess(image, resize="cv2")
+
+
+def test_the_pipeline_resizes_sams_input_as_configured(tmp_path):
+    """`sam_resize`: torch by default, PIL (F-LMM's input bit for bit) on request; anything else is refused."""
+    from pathlib import Path
+
+    from flmm_ros.grounding.config import PipelineConfig
+    from flmm_ros.grounding.pipeline import GroundingPipeline
+    from flmm_ros.grounding.types import GroundingError
+    bundle = str(Path(__file__).resolve().parents[1] / "ros_ws/src/flmm_ros/models/tabletop_tiny")
+    image = np.random.default_rng(5).integers(0, 256, (480, 640, 3), dtype=np.uint8)   # downscaled: they differ
+    for resize in ("torch", "pil"):
+        config = PipelineConfig(model=bundle, answer=False, engine_dir=str(tmp_path), backend="torch",
+                                **({} if resize == "torch" else {"sam_resize": resize}))
+        pipe = GroundingPipeline.from_config(config)
+        with torch.no_grad():
+            expected = pipe.refiner.encode(image, resize).embedding
+            other = pipe.refiner.encode(image, "pil" if resize == "torch" else "torch").embedding
+            got = pipe.encode(image).sam.embedding
+        assert torch.equal(got, expected) and not torch.equal(got, other)
+    with pytest.raises(GroundingError, match="sam_resize 'cv2' is not one of"):
+        PipelineConfig(model=bundle, sam_resize="cv2").validate()

@@ -240,7 +240,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
             sam = None
             if self.refiner is not None:
                 with clock.stage("sam_encoder"):
-                    sam = self.refiner.encode(image)
+                    sam = self.refiner.encode(image, self.config.sam_resize)
         return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings, image=image)
 
     # ---- per instruction ---------------------------------------------------------------------
