@@ -88,7 +88,7 @@ class InstructionServer:
             def on_objects(partial) -> None:   # masks first: published before the answer is generated
                 early['poses'], early['pose_status'], timings = self._with_3d(frame, partial, depth, info)
                 early['mask_seconds'] = request.age()
-                early['track_ids'] = self._maybe_track(request, partial.objects, rgb, frame, warnings)
+                early['track_ids'] = self._maybe_track(request, partial.objects, rgb, frame, encoding, warnings)
                 progress('objects')
                 early['msg'] = result_message(request.instruction, header, answer=partial.answer,
                                               objects=partial.objects, poses=early['poses'],
@@ -205,14 +205,16 @@ class InstructionServer:
         return list(poses), list(reasons)
 
     # ---- outputs --------------------------------------------------------------------------------
-    def _maybe_track(self, request: Request, objects, rgb: np.ndarray, frame: Frame, warnings: list[str]) -> list[int]:
-        """Start tracking the objects when the request asks for it; their track ids (else [])."""
+    def _maybe_track(self, request: Request, objects, rgb: np.ndarray, frame: Frame, encoding: FrameEncoding,
+                     warnings: list[str]) -> list[int]:
+        """Start tracking the objects when the request asks for it (from the frame's encoding: no second SAM
+        encoder pass); their track ids (else [])."""
         if not request.track or not objects:
             return []
         if not frame.from_camera:
             warnings.append("not tracked: tracking follows the camera stream, and this goal brought its own image")
             return []
-        return self.start_tracking(objects, rgb, frame)
+        return self.start_tracking(objects, rgb, frame, encoding)
 
     def _with_3d(self, frame: Frame, partial, depth, info) -> tuple[list, list[str], dict[str, float]]:
         """Poses (or why none) for the partial result's objects, and its timings with depth_3d added."""

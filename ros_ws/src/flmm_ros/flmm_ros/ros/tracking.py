@@ -17,6 +17,7 @@ from flmm_msgs.msg import TrackedObjects
 from std_msgs.msg import Header
 from std_srvs.srv import Trigger
 
+from flmm_ros.grounding.pipeline import FrameEncoding
 from flmm_ros.grounding.tracking import ObjectTracker
 from flmm_ros.grounding.types import GroundedObject, GroundingError
 from flmm_ros.overlay import draw_overlay
@@ -45,11 +46,13 @@ class TrackingServer:
         return [self.tracks_pub, service]
 
     # ---- start / stop -------------------------------------------------------------------------------
-    def start_tracking(self, objects: list[GroundedObject], rgb, frame: Frame) -> list[int]:
-        """Track `objects`, just grounded on `frame` (replacing what was tracked); returns their track ids."""
+    def start_tracking(self, objects: list[GroundedObject], rgb, frame: Frame,
+                       encoding: FrameEncoding | None = None) -> list[int]:
+        """Track `objects`, just grounded on `frame` (replacing what was tracked; `encoding`, the pipeline's
+        encoding of it, saves a SAM encoder pass); returns their track ids."""
         if self._tracker is None:
             self._tracker = ObjectTracker(self.pipeline, parameters.tracker_config(self.params))
-        tracked = self._tracker.start(objects, image=rgb)
+        tracked = self._tracker.start(objects, image=rgb, frame=encoding)
         self._tracked_seq = frame.seq
         self._track_states = {t.track_id: t.state for t in tracked}
         self._status('tracking ' + ', '.join(f"#{t.track_id} {t.phrase!r}" for t in tracked))
@@ -91,8 +94,8 @@ class TrackingServer:
             frame = self.frames.wait_newer(max(seq, self._tracked_seq), timeout=1.0)
             if frame is None or self._tracker is not tracker or not tracker.tracks:
                 continue
-            # Instructions first: an update never starts while one is served, so an instruction waits at most
-            # for the one update already running when it came (the 2 cores are not split between them).
+            # Instructions first: a frame is never tracked while one is served or waits, so an instruction shares
+            # the CPU with at most the one frame already being tracked when it came.
             if not self.queue.wait_idle(timeout=1.0):
                 continue
             frame = self.frames.latest
@@ -121,13 +124,15 @@ class TrackingServer:
                 poses[i], pose_status[i] = pose, reason
             timings['depth_3d'] = time.perf_counter() - start
         self.tracks_pub.publish(tracks_message(update, header, poses, pose_status, timings))
+        self._report_changes(update.objects)
+        if self.queue.busy:   # an instruction came meanwhile: leave it the CPU, the viewers get the next frame
+            return
         labelled = [GroundedObject(f"#{o.track_id} {o.phrase}", o.mask, o.box, o.score) for o in update.objects]
         ids = [o.track_id for o in update.objects]
         if self.params['publish_overlay']:
             self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, labelled, colours=ids), header))
         if self.params['use_3d']:
             self.markers_pub.publish(marker_array(labelled, poses, header, indices=ids))
-        self._report_changes(update.objects)
 
     def _report_changes(self, objects) -> None:
         for obj in objects:
