@@ -1,7 +1,7 @@
 """The SAM wing of the grounding core: F-LMM's SAM refiner and the runtimes it runs on.
 
 - `prompts.py`: SAM's prompt geometry (input frame, F-LMM's dense and box prompts, post-processing);
-- `resize.py`: the tracker's cheaper input resize and its resizes as matrices (windows of the image);
+- `resize.py`: a faster input resize (the pipeline's default, the tracker's), the tracker's resizes as matrices;
 - `refiner.py`: `SamRefiner`, the geometry composed with a backend; `SamImageEncoding`;
 - `backends.py`: the runtimes (PyTorch, ONNX Runtime, TensorRT) behind one `RefinerBackend` interface, with
   fallbacks; `shapes.py` their common input checks; `parity.py` the gates between them;

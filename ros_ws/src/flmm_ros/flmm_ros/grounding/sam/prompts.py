@@ -72,8 +72,8 @@ class SamPromptGeometry:
 
     def preprocess(self, image: np.ndarray, resize: str = "pil") -> tuple[torch.Tensor, tuple[int, int]]:
         """RGB uint8 (H, W, 3) -> normalised, padded (1, 3, S, S) float32 and the resized size. `resize`: "pil"
-        (segment-anything's and F-LMM's `apply_image`) or "torch" (3-4x faster, within one grey level of it:
-        `resize.resize_image`)."""
+        (segment-anything's and F-LMM's `apply_image`) or "torch" (3-4x faster, within one or two grey levels of
+        it: `resize.resize_image`)."""
         if resize not in ("pil", "torch"):
             raise ValueError(f"resize must be 'pil' or 'torch', not {resize!r}")
         h, w = self.transform.get_preprocess_shape(image.shape[0], image.shape[1], self.image_size)

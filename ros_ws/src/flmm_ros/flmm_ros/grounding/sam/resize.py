@@ -4,11 +4,11 @@
   uint8 antialiased bilinear kernel, which was written to reproduce PIL: 3-4x faster, within one or two grey
   levels of PIL (640x480 -> 256x192: 56 of 147,456 values differ, by 1). The pipeline's `sam_resize` chooses it
   (default) or PIL (F-LMM's input bit for bit); the tracker always uses it.
-- `SamResizeMaps` (the tracker): SAM's chains of bilinear resizes as one matrix per axis. A bilinear resize (align_corners=False)
-  is linear and separable, so `resize(x) = R @ x @ C.T`, and a chain of resizes and crops is the product of
-  its matrices. The matrices are torch's own weights (F.interpolate of an identity), so the results equal the
-  chained resizes' to float rounding (~1e-5 of the logits' range), and a window of the output needs only its
-  rows of R and C:
+- `SamResizeMaps` (the tracker): SAM's chains of bilinear resizes as one matrix per axis. A bilinear resize
+  (align_corners=False) is linear and separable, so `resize(x) = R @ x @ C.T`, and a chain of resizes and crops is
+  the product of its matrices. The matrices are torch's own weights (F.interpolate of an identity), so the results
+  equal the chained resizes' to float rounding (~1e-5 of the logits' range), and a window of the output needs only
+  its rows of R and C:
   - `postprocess`: decoder logits -> a window of image-size logits (`Sam.postprocess_masks`: upsample to the
     square input, un-pad, resize to the image);
   - `mask_prompt`: a boolean mask given by its window -> SAM's dense prompt of the mask as +-L logits
