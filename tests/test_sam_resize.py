@@ -76,6 +76,9 @@ def test_torch_image_resize_is_within_a_grey_level_or_two_of_pils(image_hw, size
         got = resize_image(image, expected.shape[:2]).permute(1, 2, 0).numpy().astype(int)
         diff = np.abs(got - expected)
         assert got.shape == expected.shape and diff.max() <= 2 and diff.mean() < 0.05
+    read_only = noise.copy()
+    read_only.flags.writeable = False             # as a view of a message buffer is
+    assert torch.equal(resize_image(read_only, expected.shape[:2]), resize_image(noise, expected.shape[:2]))
 
 
 def test_preprocess_with_torchs_resize_is_close_to_pils_and_a_wrong_name_is_refused():

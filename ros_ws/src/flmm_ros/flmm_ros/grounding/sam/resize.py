@@ -26,7 +26,10 @@ import torch.nn.functional as F
 
 def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> torch.Tensor:
     """RGB uint8 (H, W, 3) -> uint8 (3, h, w), resized with antialiased bilinear filtering (PIL's BILINEAR)."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]    # channels-last memory: the fast path
+    image = np.ascontiguousarray(image)
+    if not image.flags.writeable:   # e.g. a view of a ROS message's buffer: torch warns about those (only read here)
+        image = image.copy()
+    x = torch.from_numpy(image).permute(2, 0, 1)[None]    # channels-last memory: the fast path
     return F.interpolate(x, size=size_hw, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
