@@ -45,6 +45,7 @@ class SamResizeMaps:
 
     def __init__(self, image_size: int, low_res_hw: tuple[int, int], input_hw: tuple[int, int],
                  image_hw: tuple[int, int], prompt_hw: tuple[int, int]):
+        self.image_hw = tuple(image_hw)
         # decoder logits (low_res) -> square input (image_size) -> crop (input_hw) -> image
         self.up = [(resize_matrix(i, n) @ resize_matrix(lo, image_size)[:i]).float()
                    for lo, i, n in zip(low_res_hw, input_hw, image_hw)]
@@ -63,14 +64,11 @@ class SamResizeMaps:
         """(1, 1, *prompt_hw) dense prompt of the image-size boolean mask with +-`logit` values that is
         `mask` (the window's crop, bool) inside `window` and False elsewhere."""
         x0, y0, x1, y1 = window
-        pad = -1.0 if bool(mask.all()) and mask.numel() == self._image_pixels else -logit  # min(-1, min logit)
+        whole_image = tuple(mask.shape) == self.image_hw and bool(mask.all())
+        pad = -1.0 if whole_image else -logit      # min(-1, min logit)
         rows, cols = (m.to(mask.device) for m in self.down)
         sums = [s.to(mask.device) for s in self.down_sums]
         # resize(pad + (map - pad)) = pad + R (map - pad) C.T, and map - pad = (-logit - pad) + 2 logit * mask
         out = pad + (-logit - pad) * sums[0][:, None] * sums[1][None]
         out = out + 2 * logit * (rows[:, y0:y1] @ mask.float() @ cols[:, x0:x1].T)
         return out[None, None]
-
-    @property
-    def _image_pixels(self) -> int:
-        return self.up[0].shape[0] * self.up[1].shape[0]
