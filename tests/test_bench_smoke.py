@@ -108,3 +108,18 @@ def test_threads_benchmark_quick(tmp_path):
     for rows in result["quiet"].values():
         assert len(rows) == 1 and rows[0]["cached"] > 0 and rows[0]["new"] > 0
     assert "1 torch thread (ONNX Runtime 1)" in out
+
+
+@pytest.mark.ros
+def test_soak_rss_trend_ignores_the_tracker_loading_step():
+    """With --track the tracker's sessions load once when tracking starts: a step in RSS, not a leak. The trend is
+    measured per phase, after each one's warm-up, so the step does not read as a slope; a real leak still does."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("soak", ROOT / "bench" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    step = [(t, 500.0 + (95.0 if t >= 60 else 0.0)) for t in range(0, 120, 5)]
+    assert abs(soak.rss_slope(step, after=10)) > 10           # the step read as one line
+    assert soak.rss_slope(step, after=10, switch=60) == pytest.approx(0.0, abs=1e-6)
+    leak = [(t, m + 0.5 * t) for t, m in step]                   # +30 MiB/min in both phases
+    assert soak.rss_slope(leak, after=10, switch=60) == pytest.approx(30.0)
