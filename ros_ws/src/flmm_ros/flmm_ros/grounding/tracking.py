@@ -11,8 +11,9 @@ Per frame the SAM image encoder runs once; then, per object, one pass of the pro
 prompt set (`sam_decoder.SamPromptDecoder`): a dense mask prompt (the object's recent masks), a box (the last
 mask's, grown by `box_margin`) and the phrase's tokens from the grounding pass (`GroundedObject.prompt_tokens`).
 Before the pass the prompt is moved to where the object's pixels went (masked template matching); after it,
-the mask is cut to the last box grown by `search_margin`, blobs that do not overlap the last mask are dropped
-and holes filled.
+the mask is cut to the last box grown by `search_margin`, its logits get `colour_weight` x the log-ratio of the
+object's colours to its surroundings' in the last frame (SAM's low-res mask blurs touching objects; the colours
+tell them apart), blobs that do not overlap the last mask are dropped and holes filled.
 
 The lost rule (thresholds in `TrackerConfig`): the new mask is kept when it is not empty or too small, the
 decoder's predicted IoU (the frame's `confidence`) is high enough, its area did not jump, its colours still
@@ -24,7 +25,6 @@ same rule decides whether what was found is the object, which then keeps its tra
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,46 +34,12 @@ from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_im
 from .presence import foreground_mean
 from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend, mask_to_box
 from .sam.resize import SamResizeMaps
+from .track_state import Candidate, Track
 from .tracking_config import LOST_REASONS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
 from .types import GroundedObject, GroundingError
 
 __all__ = ["LOST_REASONS", "TRACK_STATES", "ObjectTracker", "TrackedObject", "TrackerConfig", "TrackingUpdate"]
 PROMPT_LOGIT = 8.0          # a mask as a dense prompt: +-8, the range of a confident coarse map
-
-
-@dataclass
-class _Candidate:
-    mask: torch.Tensor | None       # (H, W) bool, set by _finish
-    box: torch.Tensor | None        # (4,) image pixels; None if empty
-    area: int
-    score: float
-    confidence: float
-    low_res: torch.Tensor           # (1, 1, h, w) decoder logits in SAM's square input frame
-    window: tuple[int, int, int, int] = (0, 0, 0, 0)    # x0, y0, x1, y1: the search window (mask is empty outside)
-    colours: np.ndarray | None = None
-    descriptor: torch.Tensor | None = None
-    appearance: float = 1.0
-
-
-@dataclass
-class _Track:
-    track_id: int
-    phrase: str
-    tokens: torch.Tensor            # (1, T, C) the phrase's prompt tokens
-    image_hw: tuple[int, int]
-    mask: torch.Tensor              # (H, W) bool, the last good mask
-    box: torch.Tensor               # (4,) its box in image pixels
-    area: int
-    largest_area: int
-    prompt: torch.Tensor            # (1, 1, h, w) dense prompt (probability memory, see TrackerConfig.memory)
-    image: np.ndarray | None = None          # the frame of the last good mask (for template matching)
-    colours: np.ndarray | None = None        # appearance at grounding
-    descriptor: torch.Tensor | None = None
-    state: str = "tracking"
-    reason: str = ""
-    frames_lost: int = 0
-    age: int = 0
-    out: TrackedObject | None = None
 
 
 class ObjectTracker:
@@ -100,7 +66,7 @@ class ObjectTracker:
         if isinstance(self.backend, OnnxRuntimeBackend) and self.backend.device.type == "cpu" and cfg.threads:
             self.backend.set_threads(cfg.threads)
         self.refiner = SamRefiner(pipeline.head.sam, self.backend)
-        self._tracks: list[_Track] = []
+        self._tracks: list[Track] = []
         self._next_id = 1
         self._frame_index = 0
         self._last_reground = -10**9
@@ -123,8 +89,7 @@ class ObjectTracker:
             return [t.out for t in new]
 
     def configure(self, config: TrackerConfig | dict) -> None:
-        """New thresholds from the next frame on (the tracks are kept). `backend` and `threads` shape the SAM
-        runtime made at construction: a different value is refused (make a new tracker)."""
+        """New thresholds from the next frame on (tracks kept); `backend` and `threads` cannot change."""
         cfg = TrackerConfig.from_dict(config) if isinstance(config, dict) else config
         cfg.validate()
         for name in (n for n in ("backend", "threads") if getattr(cfg, n) != getattr(self.config, n)):
@@ -143,7 +108,7 @@ class ObjectTracker:
         with self._lock:
             return [t.out for t in self._tracks]
 
-    def _new_track(self, obj: GroundedObject, image: np.ndarray | None, encoding: SamImageEncoding | None) -> _Track:
+    def _new_track(self, obj: GroundedObject, image: np.ndarray | None, encoding: SamImageEncoding | None) -> Track:
         if obj.prompt_tokens is None:
             raise GroundingError(f"{obj.phrase!r} has no prompt tokens to track it with: ground it with the SAM "
                                  "refiner on (refine: true)")
@@ -156,7 +121,7 @@ class ObjectTracker:
         box = mask_to_box(mask)
         area = int(mask.sum())
         prompt = self._mask_prompt(mask, (h, w))
-        track = _Track(self._next_id, obj.phrase, torch.as_tensor(obj.prompt_tokens, dtype=torch.float32,
+        track = Track(self._next_id, obj.phrase, torch.as_tensor(obj.prompt_tokens, dtype=torch.float32,
                                                                   device=device)[None],
                        (h, w), mask, box if box is not None else torch.zeros(4, device=device),
                        area, area, torch.sigmoid(prompt), image)
@@ -216,7 +181,7 @@ class ObjectTracker:
                     track.out = self._snapshot(track, None, 0.0, track.out.confidence, track.out.appearance)
             return sorted(found)
 
-    def _follow(self, track: _Track, encoding: SamImageEncoding, image: np.ndarray, clock) -> _Candidate | None:
+    def _follow(self, track: Track, encoding: SamImageEncoding, image: np.ndarray, clock) -> Candidate | None:
         """One decoder pass for `track` on this frame; the candidate if it passes the lost rule."""
         prompt, box, previous = track.prompt, track.box, track.mask
         if self.config.motion == "template" and track.state == "tracking" and track.image is not None:
@@ -239,7 +204,7 @@ class ObjectTracker:
             return None
         return cand
 
-    def _settle(self, found: dict[int, _Candidate], image: np.ndarray, regrounded: bool = False) -> None:
+    def _settle(self, found: dict[int, Candidate], image: np.ndarray, regrounded: bool = False) -> None:
         """Accept the candidates that passed the rule; one object, one track: tracks still tracking first, then
         the most confident (a re-found object never takes over one that is tracked)."""
         tracks = {t.track_id: t for t in self._tracks}
@@ -254,7 +219,7 @@ class ObjectTracker:
             taken.append(cand.mask)
             self._accept(track, cand, image, regrounded)
 
-    def _accept(self, track: _Track, cand: _Candidate, image: np.ndarray, regrounded: bool) -> None:
+    def _accept(self, track: Track, cand: Candidate, image: np.ndarray, regrounded: bool) -> None:
         new = (self._mask_prompt(cand.mask, track.image_hw, cand.window) if self.config.dense_prompt == "mask"
                else cand.low_res)
         m = self.config.memory if track.state == "tracking" else 0.0   # re-found: the old memory is elsewhere
@@ -267,12 +232,12 @@ class ObjectTracker:
             track.colours, track.descriptor = cand.colours, cand.descriptor
         track.out = self._snapshot(track, cand.mask, cand.score, cand.confidence, cand.appearance, regrounded)
 
-    def _lose(self, track: _Track, reason: str, cand: _Candidate) -> None:
+    def _lose(self, track: Track, reason: str, cand: Candidate) -> None:
         """Lost: the prompt, box and mask stay those of the last good frame, to look for it there again."""
         track.state, track.reason = "lost", reason
         track.out = self._snapshot(track, None, 0.0, cand.confidence, cand.appearance)
 
-    def _check(self, track: _Track, cand: _Candidate) -> str:
+    def _check(self, track: Track, cand: Candidate) -> str:
         """'' when the candidate passes the lost rule, else the reason it fails."""
         cfg = self.config
         h, w = track.image_hw
@@ -359,19 +324,24 @@ class ObjectTracker:
         return cues.warp_prompt(memory, old, new)
 
     def _decode(self, encoding: SamImageEncoding, prompt: torch.Tensor, box: torch.Tensor,
-                tokens: torch.Tensor) -> _Candidate:
+                tokens: torch.Tensor) -> Candidate:
         grown = cues.grow_box(box, self.config.box_margin, encoding.image_hw)
         sam_box = self.refiner.prompts.scale_boxes(grown[None], encoding.image_hw)
         low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
-        return _Candidate(None, None, 0, 0.0, float(iou.reshape(-1)[0].clamp(0, 1)), low_res.float())
+        return Candidate(None, None, 0, 0.0, float(iou.reshape(-1)[0].clamp(0, 1)), low_res.float())
 
-    def _finish(self, cand: _Candidate, encoding: SamImageEncoding, image: np.ndarray, box: torch.Tensor,
-                previous: torch.Tensor, track: _Track) -> _Candidate:
-        """Cut the mask to the search window, clean it, and measure its area, box and appearance (all on the
-        window's crop: the rest of the image is empty and would only cost time)."""
+    def _finish(self, cand: Candidate, encoding: SamImageEncoding, image: np.ndarray, box: torch.Tensor,
+                previous: torch.Tensor, track: Track) -> Candidate:
+        """Cut the mask to the search window, sharpen it with the object's colour model, clean it, and measure
+        its area, box and appearance (all on the window's crop: the rest of the image is empty)."""
         x0, y0, x1, y1 = cand.window = tuple(
             int(v) for v in cues.grow_box(box, self.config.search_margin, track.image_hw).round())
-        prob = self._maps(track.image_hw).postprocess(cand.low_res[0, 0], cand.window).sigmoid()   # window only
+        logits = self._maps(track.image_hw).postprocess(cand.low_res[0, 0], cand.window)   # window only
+        if self.config.colour_weight and track.state == "tracking" and track.image is not None:
+            ratio = cues.colour_log_ratio(track.image[y0:y1, x0:x1], track.mask[y0:y1, x0:x1].cpu().numpy(),
+                                          image[y0:y1, x0:x1])
+            logits = logits if ratio is None else logits + self.config.colour_weight * torch.from_numpy(ratio)
+        prob = logits.sigmoid()
         crop = (prob > self.config.mask_threshold).cpu().numpy()
         if self.config.clean and crop.any():
             crop = cues.clean_mask(crop, previous[y0:y1, x0:x1].cpu().numpy())
@@ -388,7 +358,7 @@ class ObjectTracker:
             cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)
         return cand
 
-    def _snapshot(self, track: _Track, mask: torch.Tensor | None, score: float, confidence: float,
+    def _snapshot(self, track: Track, mask: torch.Tensor | None, score: float, confidence: float,
                   appearance: float = 1.0, regrounded: bool = False) -> TrackedObject:
         if mask is None:
             h, w = track.image_hw

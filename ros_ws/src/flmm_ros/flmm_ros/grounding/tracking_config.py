@@ -35,6 +35,10 @@ class TrackerConfig:
     memory: float = setting(0.8, "weight of the older masks in the dense prompt: prompt = this x (the previous "
                              "prompt, moved with the object) + (1 - this) x the new mask; 0 = the new mask alone. "
                              "Keeps one frame's error from becoming the next frame's prompt")
+    colour_weight: float = setting(3.0, "weight of the colour model in the mask: each pixel's logit gets this x "
+                                    "log(P(its colour | the object) / P(its colour | around it)), both from the last "
+                                    "frame, clipped to +-3 (0 = SAM's mask alone). Separates touching objects that "
+                                    "SAM's low-res mask blurs; colours the two share do not count")
     clean: bool = setting(True, "drop the parts of a new mask that do not overlap the last one (blobs on other "
                            "objects) and fill its holes")
     min_area: float = setting(0.0005, "lost when the mask covers less than this fraction of the image (hidden or "
@@ -83,6 +87,8 @@ class TrackerConfig:
             raise GroundingError(f"tracker max_area_change must be at least 1, got {self.max_area_change}")
         if not 0.0 <= self.box_margin <= self.search_margin:
             raise GroundingError("tracker margins must satisfy 0 <= box_margin <= search_margin")
+        if not 0.0 <= self.colour_weight <= 10.0:      # also refuses NaN
+            raise GroundingError(f"tracker colour_weight must be in [0, 10], got {self.colour_weight}")
         if self.threads < 0 or self.reground_every < 1:
             raise GroundingError("tracker threads must be >= 0 and reground_every >= 1")
 
