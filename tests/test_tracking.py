@@ -94,15 +94,19 @@ def test_on_a_cpu_the_trackers_sam_has_the_pipelines_precision(pipe):
 
 # ---- following objects ----------------------------------------------------------------------------------
 def test_a_still_object_keeps_its_mask_and_id(pipe, demo):
+    """The same frame again and again: the first update may sharpen the grounded mask (the colour model), then the
+    mask holds still, on the same object, under the same id."""
     scene, objects = demo
     tracker = ObjectTracker(pipe)
     started = tracker.start(objects, image=scene.image)
     assert [t.track_id for t in started] == [1] and started[0].state == "tracking"
+    previous = objects[0].mask
     for age in range(1, 6):
         obj = tracker.update(scene.image).objects[0]
         assert obj.track_id == 1 and obj.state == "tracking" and obj.age == age
-        assert _iou(obj.mask, objects[0].mask) >= 0.85
+        assert _iou(obj.mask, objects[0].mask) >= 0.8 and _iou(obj.mask, previous) >= (0.8 if age == 1 else 0.95)
         assert obj.box != (0, 0, 0, 0) and 0 < obj.confidence <= 1 and obj.appearance > 0.9
+        previous = obj.mask
 
 
 def test_it_follows_a_moving_object_where_the_first_mask_does_not():
@@ -199,6 +203,20 @@ def test_two_tracks_on_one_object_leave_one_tracking(pipe, demo):
     assert {a.track_id, b.track_id} == {1, 2}
     assert sorted([a.state, b.state]) == ["lost", "tracking"]
     assert (a if a.state == "lost" else b).lost_reason == "duplicate"
+
+
+def test_a_contested_object_stays_with_the_track_that_changed_least(pipe, demo):
+    """Track 1 starts on a sloppy half of the red mug, track 2 on all of it; both masks become the whole mug. The
+    mug stays with track 2, whose mask did not change (track 1's grew to twice its size: it drifted there)."""
+    scene, objects = demo
+    mug = objects[0].mask > 0
+    cols = np.flatnonzero(mug.any(0))
+    half = mug & (np.arange(mug.shape[1]) < (cols[0] + cols[-1]) // 2)
+    tracker = ObjectTracker(pipe)
+    tracker.start([replace(objects[0], mask=half.astype(np.uint8) * 255), objects[0]], image=scene.image)
+    drifted, steady = tracker.update(scene.image).objects
+    assert steady.state == "tracking" and _iou(steady.mask, objects[0].mask) > 0.8
+    assert drifted.state == "lost" and drifted.lost_reason == "duplicate"
 
 
 def test_new_thresholds_apply_from_the_next_frame_but_the_runtime_is_fixed(pipe, demo):

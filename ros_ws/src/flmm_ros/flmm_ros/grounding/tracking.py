@@ -205,10 +205,18 @@ class ObjectTracker:
         return cand
 
     def _settle(self, found: dict[int, Candidate], image: np.ndarray, regrounded: bool = False) -> None:
-        """Accept the candidates that passed the rule; one object, one track: tracks still tracking first, then
-        the most confident (a re-found object never takes over one that is tracked)."""
+        """Accept the candidates that passed the rule; one object, one track: tracks still tracking first (a
+        re-found object never takes over one that is tracked), among them the one whose mask changed least since
+        its last frame (a track drifting onto a neighbour changes a lot, the neighbour's own track little), then
+        the most confident."""
         tracks = {t.track_id: t for t in self._tracks}
-        order = sorted(found, key=lambda i: (tracks[i].state != "tracking", -found[i].confidence))
+
+        def priority(i: int) -> tuple:
+            track, contested = tracks[i], len(found) > 1
+            steady = cues.mask_iou(found[i].mask, track.mask) if contested and track.state == "tracking" else 0.0
+            return track.state != "tracking", -steady, -found[i].confidence
+
+        order = sorted(found, key=priority)
         taken = [t.mask for t in self._tracks if t.state == "tracking" and t.track_id not in found]
         for track_id in order:
             cand, track = found[track_id], tracks[track_id]
