@@ -42,18 +42,19 @@ from flmm_ros.tabletop.sequences import generate_sequence
 SIZE = (480, 640)
 SEED = 2_500_000                     # a test-range seed: a pan over objects with unique names
 INTRINSICS = CameraIntrinsics(525.0, 525.0, 319.5, 239.5, SIZE[1], SIZE[0])
+PAN_FRAMES = 64                      # the pan's length at least: its speed per frame does not depend on --repeats
 STAGES = ("sam_encoder", "motion", "sam_decoder", "post", "3d")   # the tracker's timings, then 3D
 
 
 def scene_frames(count: int, objects: int):
     """A pan sequence with at least `objects` named targets, its frames and synthetic depth images."""
     for seed in range(SEED, SEED + 100):
-        seq = generate_sequence(seed, SIZE, "pan", length=count)
+        seq = generate_sequence(seed, SIZE, "pan", length=max(count, PAN_FRAMES))
         if len(seq.targets) >= objects:
             break
     else:
         raise RuntimeError(f"no pan sequence with {objects} named objects")
-    frames = list(seq.frames())
+    frames = list(seq.frames())[:count]
     depths = []
     rng = np.random.default_rng(0)
     for f in frames:                 # table at 1.2 m, objects 0.3 m nearer, 2 mm noise
