@@ -187,15 +187,16 @@ def camera_frames(count: int) -> list[Image]:
 
 def rss_slope(memory: list[tuple[float, float]], after: float, switch: float | None = None) -> float:
     """Least-squares RSS trend after the warm-up window, MiB per minute (0 with too few samples). With `switch` (the
-    second of the run at which tracking started) each phase is measured after its own warm-up and the steeper trend
-    is returned: starting the tracker loads its sessions once, a step that is no leak."""
-    phases = [(after, float("inf"))] if switch is None else [(after, switch), (switch + after, float("inf"))]
-    slopes = [0.0]
-    for start, end in phases:
-        points = [(t / 60, m) for t, m in memory if start <= t < end]
+    second of the run at which tracking started) each phase is measured after its first third and the larger trend
+    (the faster growth) is returned: starting the tracker loads its sessions once, a step that is no leak."""
+    last = memory[-1][0] if memory else 0.0
+    phases = [(after, last + 1)] if switch is None else [(switch / 3, switch), (switch + (last - switch) / 3, last + 1)]
+    slopes = []
+    for start, stop in phases:
+        points = [(t / 60, m) for t, m in memory if start <= t < stop]
         if len(points) >= 3:
             slopes.append(float(np.polyfit(*zip(*points), 1)[0]))
-    return max(slopes, key=abs)
+    return max(slopes, default=0.0)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -345,7 +346,7 @@ def print_report(s: dict) -> None:
         ("frames dropped by design", s["frames_dropped_by_design"]),
         (f"node RSS MiB: first / last {rss['window_s']:.0f} s", f"{rss['first_window_mean']:.1f} / {rss['last_window_mean']:.1f}"
          f" (growth {s['rss_growth_mib']:+.1f}, max {rss['max']:.1f})"),
-        ("node RSS trend after warm-up (the steeper phase with --track)", f"{s['rss_slope_mib_per_min']:+.2f} MiB/min"),
+        ("node RSS trend after warm-up (--track: faster phase)", f"{s['rss_slope_mib_per_min']:+.2f} MiB/min"),
         ("node alive at end", s["node_alive_at_end"]),
         ("node exit code after SIGINT", s["node_exit_code_after_sigint"]),
     ]

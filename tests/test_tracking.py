@@ -187,6 +187,26 @@ def test_after_a_jump_only_regrounding_finds_the_object_and_it_keeps_its_id(pipe
     assert not tracker.update(jumped).objects[0].regrounded       # then followed by SAM alone
 
 
+def test_a_regrounding_gives_way_when_the_lmm_is_wanted_and_comes_again_on_the_next_frame(pipe, jump):
+    """yield_to() True (the node: an instruction came) stops a re-grounding at its next stage; the object stays lost
+    and the re-grounding is tried again on the very next frame, even with reground_every 5."""
+    image, objects, jumped, moved_mask = jump
+    wanted = {"now": True, "asked": 0}
+
+    def lmm_wanted():
+        wanted["asked"] += 1
+        return wanted["now"]
+
+    tracker = ObjectTracker(pipe, TrackerConfig(reground_every=5, recover=False), yield_to=lmm_wanted)
+    tracker.start(objects, image=image)
+    first = tracker.update(jumped).objects[0]
+    assert first.state == "lost" and wanted["asked"] == 1     # asked before the first stage, gave way at once
+    wanted["now"] = False
+    again = tracker.update(jumped).objects[0]
+    assert again.state == "tracking" and again.regrounded and _iou(again.mask, moved_mask) >= 0.7
+    assert wanted["asked"] > 2                                # asked at each stage of the re-grounding
+
+
 def test_public_reground_finds_lost_objects(pipe, jump):
     image, objects, jumped, _ = jump
     tracker = ObjectTracker(pipe, TrackerConfig(regrounding="off", recover=False))

@@ -229,12 +229,12 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         return _StageClock(progress, self.config.device)
 
     # ---- per frame -------------------------------------------------------------------------
-    def encode(self, image: np.ndarray) -> FrameEncoding:
+    def encode(self, image: np.ndarray, progress: Callable[[str], None] | None = None) -> FrameEncoding:
         """The frame's vision features and SAM embedding. The LMM's image prefix is left to the frame's first pass:
         a grounding pass runs it in the same forward as its phrases (timed in its `phrase_pass`), one forward
-        fewer per new frame; any other pass runs it first."""
+        fewer per new frame; any other pass runs it first. `progress(stage)` may raise GroundingCancelled."""
         image = validate_image(image)
-        clock = _StageClock(None, self.config.device)
+        clock = _StageClock(progress, self.config.device)
         with self._lock:
             lmm_frame = self.lmm.encode_frame(image, clock.stage, defer_prefix=True)
             sam = None
@@ -258,10 +258,12 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         with self._lock:
             return self.lmm.generate(frame.lmm, instruction, self.config.max_new_tokens)
 
-    def ground(self, frame: FrameEncoding, phrases: list[str]) -> list[GroundedObject]:
-        """One mask per phrase (the F-LMM grounding prompt, phrases as the answer)."""
+    def ground(self, frame: FrameEncoding, phrases: list[str],
+               progress: Callable[[str], None] | None = None) -> list[GroundedObject]:
+        """One mask per phrase (the F-LMM grounding prompt, phrases as the answer). `progress(stage)` may raise
+        GroundingCancelled."""
         with self._lock, torch.no_grad():
-            logits = self.ground_logits(frame, phrases)
+            logits = self.ground_logits(frame, phrases, _StageClock(progress, self.config.device))
         return self._objects(phrases, logits, frame.image_hw)
 
     def run(self, image_or_frame: np.ndarray | FrameEncoding, instruction: str,

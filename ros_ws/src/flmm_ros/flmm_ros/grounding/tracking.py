@@ -25,6 +25,7 @@ same rule decides whether what was found is the object, which then keeps its tra
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_
 from .sam.resize import SamResizeMaps
 from .track_state import Candidate, Track
 from .tracking_config import LOST_REASONS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
-from .types import GroundedObject, GroundingError
+from .types import GroundedObject, GroundingCancelled, GroundingError
 
 __all__ = ["LOST_REASONS", "TRACK_STATES", "ObjectTracker", "TrackedObject", "TrackerConfig", "TrackingUpdate"]
 PROMPT_LOGIT = 8.0          # a mask as a dense prompt: +-8, the range of a confident coarse map
@@ -49,10 +50,13 @@ class ObjectTracker:
     `stop` (instruction thread) may be called from different threads. SAM runs outside the pipeline's lock;
     only re-grounding takes it (through `pipeline.encode` / `ground`)."""
 
-    def __init__(self, pipeline: GroundingPipeline, config: TrackerConfig | dict | None = None):
+    def __init__(self, pipeline: GroundingPipeline, config: TrackerConfig | dict | None = None,
+                 yield_to: Callable[[], bool] | None = None):
+        """`yield_to()` True means the LMM is wanted elsewhere (the node: an instruction came): a re-grounding then
+        stops at its next stage and is tried again on the next frame, so an instruction never waits for one."""
         cfg = TrackerConfig.from_dict(config) if isinstance(config, dict) else (config or TrackerConfig())
         cfg.validate()
-        self.pipeline, self.config = pipeline, cfg
+        self.pipeline, self.config, self.yield_to = pipeline, cfg, yield_to
         device = torch.device(pipeline.config.device)
         name = pipeline.config.backend if cfg.backend == "auto" else cfg.backend
         if cfg.backend == "auto" and name in ("auto", "torch"):     # ONNX Runtime is ~3x faster on a CPU
@@ -162,7 +166,7 @@ class ObjectTracker:
             regrounded = set()
             if self._reground_due():
                 with clock.stage("reground"):
-                    regrounded = self._reground(image, frame, encoding)
+                    regrounded = self._reground(image, frame, encoding, self._yield)
             for track in self._tracks:
                 if track.state == "lost" and track.track_id not in regrounded:
                     track.frames_lost += 1
@@ -276,16 +280,22 @@ class ObjectTracker:
         return (self.config.regrounding == "auto" and any(t.state == "lost" for t in self._tracks)
                 and self._frame_index - self._last_reground >= self.config.reground_every)
 
-    def _reground(self, image: np.ndarray, frame: FrameEncoding | None, encoding: SamImageEncoding) -> set[int]:
+    def _reground(self, image: np.ndarray, frame: FrameEncoding | None, encoding: SamImageEncoding,
+                  progress: Callable[[str], None] | None = None) -> set[int]:
         """Ground the lost objects' phrases with the LMM; a mask that passes the rule (after one pass of the
         tracker's decoder prompted with it) gives the object back under its id. Returns the ids found."""
         self._last_reground = self._frame_index
         lost = [t for t in self._tracks if t.state == "lost"]
         if not lost:
             return set()
-        frame = frame if frame is not None and frame.lmm is not None else self.pipeline.encode(image)
+        try:
+            frame = frame if frame is not None and frame.lmm is not None else self.pipeline.encode(image, progress)
+            grounded = self.pipeline.ground(frame, [t.phrase for t in lost], progress)
+        except GroundingCancelled:      # the LMM is wanted elsewhere: try again on the next frame
+            self._last_reground = self._frame_index - self.config.reground_every + 1
+            return set()
         found = {}
-        for track, obj in zip(lost, self.pipeline.ground(frame, [t.phrase for t in lost])):
+        for track, obj in zip(lost, grounded):
             mask = torch.as_tensor(cues.largest_component(obj.mask > 0), device=self.refiner.device)
             box = mask_to_box(mask)
             if box is None:
@@ -296,6 +306,10 @@ class ObjectTracker:
                 found[track.track_id] = cand
         self._settle(found, image, regrounded=True)
         return {t.track_id for t in lost if t.track_id in found and t.state == "tracking"}
+
+    def _yield(self, _stage: str) -> None:
+        if self.yield_to is not None and self.yield_to():
+            raise GroundingCancelled("the LMM is wanted elsewhere")
 
     # ---- SAM ---------------------------------------------------------------------------------------------
     def _encoding(self, image: np.ndarray, frame: FrameEncoding | None) -> SamImageEncoding:

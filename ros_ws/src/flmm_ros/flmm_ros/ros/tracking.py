@@ -51,7 +51,9 @@ class TrackingServer:
         """Track `objects`, just grounded on `frame` (replacing what was tracked; `encoding`, the pipeline's
         encoding of it, saves a SAM encoder pass); returns their track ids."""
         if self._tracker is None:
-            self._tracker = ObjectTracker(self.pipeline, parameters.tracker_config(self.params))
+            # A re-grounding (the LMM) gives way to an instruction that comes meanwhile, at its next stage.
+            self._tracker = ObjectTracker(self.pipeline, parameters.tracker_config(self.params),
+                                          yield_to=lambda: self.queue.busy)
         tracked = self._tracker.start(objects, image=rgb, frame=encoding)
         self._tracked_seq = frame.seq
         self._track_states = {t.track_id: t.state for t in tracked}
