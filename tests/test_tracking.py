@@ -371,6 +371,11 @@ def test_colour_log_ratio_favours_the_objects_colours_and_ignores_shared_ones():
     assert abs(ratio[15, 21]) < 0.6 and ratio[2, 2] == ratio[15, 21]
     assert cues.colour_log_ratio(image, np.zeros((40, 60), bool), image) is None   # nothing to learn from
     assert cues.colour_log_ratio(image, np.ones((40, 60), bool), image) is None
+    # A window over MODEL_PIXELS is read every n-th pixel, the ratio resized back: same shape, same answer inside
+    big, big_mask = (np.kron(a, np.ones((15, 15) + a.shape[2:], a.dtype)) for a in (image, mask))   # 600 x 900
+    assert big.shape[0] * big.shape[1] > cues.MODEL_PIXELS
+    ratio = cues.colour_log_ratio(big, big_mask, big, limit=3.0)
+    assert ratio.shape == (600, 900) and ratio[15 * 15, 15 * 12] == 3.0 and ratio[15 * 15, 15 * 40] == -3.0
 
 
 def test_the_colour_model_follows_touching_objects_better_than_sams_mask_alone():

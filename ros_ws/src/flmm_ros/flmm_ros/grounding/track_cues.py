@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import torch
@@ -21,6 +23,7 @@ COLOUR_BINS = 4     # per RGB channel: coarse enough for lighting changes, fine 
 MODEL_BITS = 4      # the colour model's (`colour_log_ratio`) 2^4 = 16 bins per RGB channel: finer than the check's
 MODEL_BINS = 2 ** MODEL_BITS
 MIN_MODEL_PIXELS = 16
+MODEL_PIXELS = 65536   # a larger window's colour model reads every n-th pixel (colour_log_ratio)
 
 
 def grow_box(box: torch.Tensor, margin: float, image_hw: tuple[int, int]) -> torch.Tensor:
@@ -124,16 +127,21 @@ def colour_log_ratio(previous: np.ndarray, previous_mask: np.ndarray, image: np.
     clipped to +-limit. The two colour models come from the last frame (`previous`, the same window of the image,
     RGB uint8): the object's pixels (`previous_mask`) and the window's pixels more than 2 px clear of them. A colour
     that both share scores about 0, so the ratio only speaks where colour tells the object from its surroundings.
-    None when either side has fewer than MIN_MODEL_PIXELS pixels."""
+    None when either side has fewer than MIN_MODEL_PIXELS pixels. A window over MODEL_PIXELS pixels is read every
+    `step` pixels and the ratio resized back (bilinear): the cost stays that of a ~256 x 256 window."""
     surroundings = ~cv2.dilate(previous_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
-    if previous_mask.sum() < MIN_MODEL_PIXELS or surroundings.sum() < MIN_MODEL_PIXELS:
+    step = max(1, math.ceil(math.sqrt(previous_mask.size / MODEL_PIXELS)))
+    obj, around, old = previous_mask[::step, ::step], surroundings[::step, ::step], previous[::step, ::step]
+    if obj.sum() < MIN_MODEL_PIXELS or around.sum() < MIN_MODEL_PIXELS:
         return None
-    bins = _colour_bins(previous)
+    bins = _colour_bins(old)
     eps = 1.0 / MODEL_BINS ** 3
-    log_p = [np.log(np.bincount(bins[m], minlength=MODEL_BINS ** 3) / m.sum() + eps)
-             for m in (previous_mask, surroundings)]
+    log_p = [np.log(np.bincount(bins[m], minlength=MODEL_BINS ** 3) / m.sum() + eps) for m in (obj, around)]
     ratio = (log_p[0] - log_p[1]).clip(-limit, limit).astype(np.float32)
-    return ratio[_colour_bins(image)]
+    out = np.take(ratio, _colour_bins(image[::step, ::step]))
+    if step > 1:
+        out = cv2.resize(out, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
+    return out
 
 
 def _colour_bins(rgb: np.ndarray) -> np.ndarray:

@@ -126,9 +126,9 @@ class ObjectTracker:
         area = int(mask.sum())
         prompt = self._mask_prompt(mask, (h, w))
         track = Track(self._next_id, obj.phrase, torch.as_tensor(obj.prompt_tokens, dtype=torch.float32,
-                                                                  device=device)[None],
-                       (h, w), mask, box if box is not None else torch.zeros(4, device=device),
-                       area, area, torch.sigmoid(prompt), image)
+                                                                 device=device)[None],
+                      (h, w), mask, box if box is not None else torch.zeros(4, device=device),
+                      area, area, torch.sigmoid(prompt), image)
         self._next_id += 1
         if box is None or area < self.config.min_area * h * w:
             track.state, track.reason = "lost", "empty" if box is None else "too_small"
@@ -362,7 +362,8 @@ class ObjectTracker:
         if self.config.colour_weight and track.state == "tracking" and track.image is not None:
             ratio = cues.colour_log_ratio(track.image[y0:y1, x0:x1], track.mask[y0:y1, x0:x1].cpu().numpy(),
                                           image[y0:y1, x0:x1])
-            logits = logits if ratio is None else logits + self.config.colour_weight * torch.from_numpy(ratio)
+            if ratio is not None:
+                logits = logits + self.config.colour_weight * torch.from_numpy(ratio).to(logits.device)
         prob = logits.sigmoid()
         crop = (prob > self.config.mask_threshold).cpu().numpy()
         if self.config.clean and crop.any():
