@@ -66,8 +66,7 @@ class Camera(Node):
         self.create_subscription(GroundingResult, "/flmm_grounding/result", self._on_result, RELIABLE)
         self.create_subscription(String, "/flmm_grounding/status", self._on_status, LATCHED)
         self.create_subscription(TrackedObjects, "/flmm_grounding/tracks", self._on_tracks, RELIABLE)
-        self.tracking_since: float | None = None     # monotonic time tracking was switched on (--track)
-        self.tracking_at: float | None = None         # and the second of the run it was
+        self.tracking_at: float | None = None         # the second of the run tracking was switched on (--track)
         self.track_updates: list[float] = []          # seconds per tracking update (its stages but 3D)
         self.track_3d: list[float] = []               # seconds of its objects' 3D poses (depth_3d)
         self.depth, self.info = depth_and_info()
@@ -104,7 +103,7 @@ class Camera(Node):
         text = INSTRUCTIONS[self.sent_count % len(INSTRUCTIONS)]
         with self.lock:
             self.sent[text].append({"sent": time.monotonic(), "sent_ns": time.time_ns(), "objects": None,
-                                    "result": None, "failed": False, "tracking": self.tracking_since is not None})
+                                    "result": None, "failed": False, "tracking": self.tracking_at is not None})
             self.sent_count += 1
         self.instruction_pub.publish(String(data=text))
 
@@ -225,9 +224,9 @@ def run(args: argparse.Namespace) -> dict:
         camera.streaming = True
         while (elapsed := time.monotonic() - t0) < args.duration:
             memory.append((elapsed, node.rss_mb()))
-            if args.track and camera.tracking_since is None and elapsed >= args.duration / 2:
+            if args.track and camera.tracking_at is None and elapsed >= args.duration / 2:
                 set_parameter(camera, "track_instructions", True)   # second half: every instruction tracks
-                camera.tracking_since, camera.tracking_at = time.monotonic(), elapsed
+                camera.tracking_at = elapsed
             time.sleep(min(args.memory_every, max(0.0, args.duration - elapsed)))
         camera.streaming = False
         drain_deadline = time.monotonic() + args.drain_timeout

@@ -397,6 +397,13 @@ def test_the_colour_model_follows_touching_objects_better_than_sams_mask_alone()
     assert ious[3.0] > ious[0.0] + 0.1, ious
 
 
+def test_boxes_meet_only_when_they_share_a_pixel():
+    box = torch.tensor([10.0, 10.0, 30.0, 20.0])
+    assert cues.boxes_meet(box, torch.tensor([29.0, 19.0, 40.0, 40.0]))
+    assert not cues.boxes_meet(box, torch.tensor([30.0, 10.0, 40.0, 20.0]))    # ends are exclusive: touching only
+    assert not cues.boxes_meet(box, torch.tensor([10.0, 20.0, 30.0, 30.0]))
+
+
 def test_box_and_mask_geometry():
     box = torch.tensor([10.0, 10.0, 30.0, 20.0])
     assert cues.grow_box(box, 0.5, (25, 35)).tolist() == [0.0, 5.0, 35.0, 25.0]

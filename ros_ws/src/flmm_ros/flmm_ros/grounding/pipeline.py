@@ -234,7 +234,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         a grounding pass runs it in the same forward as its phrases (timed in its `phrase_pass`), one forward
         fewer per new frame; any other pass runs it first. `progress(stage)` may raise GroundingCancelled."""
         image = validate_image(image)
-        clock = _StageClock(progress, self.config.device)
+        clock = self._clock(progress)
         with self._lock:
             lmm_frame = self.lmm.encode_frame(image, clock.stage, defer_prefix=True)
             sam = None
@@ -263,7 +263,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         """One mask per phrase (the F-LMM grounding prompt, phrases as the answer). `progress(stage)` may raise
         GroundingCancelled."""
         with self._lock, torch.no_grad():
-            logits = self.ground_logits(frame, phrases, _StageClock(progress, self.config.device))
+            logits = self.ground_logits(frame, phrases, self._clock(progress))
         return self._objects(phrases, logits, frame.image_hw)
 
     def run(self, image_or_frame: np.ndarray | FrameEncoding, instruction: str,

@@ -8,7 +8,8 @@
 - `colour_log_ratio`: per pixel, how much more likely its colour is on the object than around it (a colour model
   from the last frame that sharpens the decoder's mask where SAM's low-res logits blur two touching objects);
 - `embedding_descriptor`: SAM's image embedding pooled under a mask (a second appearance check);
-- `grow_box`, `shift_mask`, `warp_prompt`, `mask_iou`, `mask_bounds`, `touches_border`: box and map geometry.
+- `grow_box`, `boxes_meet`, `shift_mask`, `warp_prompt`, `mask_iou`, `mask_bounds`, `touches_border`: box and map
+  geometry.
 """
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ def grow_box(box: torch.Tensor, margin: float, image_hw: tuple[int, int]) -> tor
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     union = int((a | b).sum())
     return int((a & b).sum()) / union if union else 0.0
+
+
+def boxes_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two boxes (x0, y0, x1, y1, ends exclusive) share a pixel."""
+    return bool(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
 
 
 def touches_border(box: torch.Tensor, image_hw: tuple[int, int], pixels: int = 2) -> bool:

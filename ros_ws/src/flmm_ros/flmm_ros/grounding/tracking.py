@@ -216,7 +216,10 @@ class ObjectTracker:
         tracks = {t.track_id: t for t in self._tracks}
 
         def priority(i: int) -> tuple:
-            track, contested = tracks[i], len(found) > 1
+            # Steadiness only orders candidates that may claim one object (their boxes meet): image-size mask IoUs
+            # for every object on every frame would cost more than the rest of the rule.
+            track, box = tracks[i], found[i].box
+            contested = any(j != i and cues.boxes_meet(box, found[j].box) for j in found)
             steady = cues.mask_iou(found[i].mask, track.mask) if contested and track.state == "tracking" else 0.0
             return track.state != "tracking", -steady, -found[i].confidence
 
