@@ -7,8 +7,8 @@ One run, same frames (a 640x480 camera pan from `tabletop/sequences.py`), same o
              set to 0, so that every object is followed on every frame;
   re-ground  the slow way: per frame `pipe.encode` (vision tower, LMM prefix, SAM encoder) and
              `pipe.ground(phrases)` (phrase pass, mask head, SAM decoder), plus the same 3D.
-Tracking runs on each SAM backend that runs here (torch; ONNX Runtime on a CPU) with 1 and 2 threads
-(torch threads, and ONNX Runtime intra-op threads). Every way runs on every frame in turn (interleaved, so that
+Tracking runs on each SAM backend that runs here (torch; ONNX Runtime on a CPU, with its default int8 image encoder
+and with the FP32 one) with 1 and 2 threads (torch threads, and ONNX Runtime intra-op threads). Every way runs on every frame in turn (interleaved, so that
 a change of machine load hits all alike); medians over --repeats frames after --warmup, wall time and the
 process's CPU time.
 
@@ -76,10 +76,10 @@ def poses(masks, depth) -> float:
     return time.perf_counter() - start
 
 
-def tracker_for(pipe, backend: str, threads: int, frame0, objects) -> ObjectTracker:
+def tracker_for(pipe, backend: str, threads: int, frame0, objects, int8_encoder: bool = True) -> ObjectTracker:
     # The lost rule's thresholds off: every object is followed on every frame (the cost of a tracked object).
-    cfg = TrackerConfig(backend=backend, threads=threads, regrounding="off", min_area=0.0, min_confidence=0.0,
-                        min_colour_similarity=0.0, max_area_change=1e6)
+    cfg = TrackerConfig(backend=backend, threads=threads, int8_encoder=int8_encoder, regrounding="off", min_area=0.0,
+                        min_confidence=0.0, min_colour_similarity=0.0, max_area_change=1e6)
     tracker = ObjectTracker(pipe, cfg)
     tracker.start(objects, image=frame0.image)
     return tracker
@@ -117,14 +117,15 @@ def bench(config: str, device: str, dtype: str, counts: list[int], threads: list
         for n in threads if device == "cpu" else [1]:
             torch.set_num_threads(n)
             ways = {}
-            for backend in ("torch", "onnxruntime"):
+            for backend, int8 in (("torch", False), ("onnxruntime", True), ("onnxruntime", False)):
                 try:
-                    tracker = tracker_for(pipe, backend, n, frames[0], objects)
+                    tracker = tracker_for(pipe, backend, n, frames[0], objects, int8)
                 except GroundingError as e:
                     print(f"{backend}: skipped ({e})")
                     continue
-                if tracker.backend.name not in ways:     # not a fallback to one already measured
-                    ways[tracker.backend.name] = tracker
+                name = f"{tracker.backend.name}, {tracker.backend.precision} encoder"
+                if name not in ways:     # not a fallback to one already measured
+                    ways[name] = tracker
             samples = {name: [] for name in [*ways, "re-ground"]}
             for i, (f, depth) in enumerate(zip(frames[1:], depths[1:])):
                 for name, tracker in ways.items():

@@ -78,12 +78,12 @@ def test_tracking_benchmark_smoke(tmp_path):
               "--threads", "1", "--json", str(tmp_path / "r.json"))
     result = json.loads((tmp_path / "r.json").read_text())
     ways = {r["backend"] for r in result["runs"]}
-    assert {"torch", "onnxruntime", "re-ground"} <= ways
+    assert {"torch, fp32 encoder", "onnxruntime, int8 encoder", "onnxruntime, fp32 encoder", "re-ground"} <= ways
     for run_ in result["runs"]:
         assert run_["total_ms"] > 0
         if run_["backend"] != "re-ground":
             assert run_["lost_at_end"] == 0 and run_["stage_ms"]["sam_decoder"] > 0 and run_["speedup"] > 0
-    assert re.search(r"track, onnxruntime .* \d+\.\dx \|", out)
+    assert re.search(r"track, onnxruntime, int8 encoder .* \d+\.\dx \|", out)
 
 
 @pytest.mark.ros

@@ -6,6 +6,7 @@ neck; the global-attention path is covered by the tiny model). The full 12-block
 blocks over 4096 tokens) takes about a minute to export and run on a 2-core CPU: marked slow.
 """
 import importlib.util
+import json
 import logging
 import sys
 from pathlib import Path
@@ -132,6 +133,35 @@ def test_fp16_encoder_keeps_norm_islands_fp32(tiny, cache):
     print("\ntiny fp16-encoder ORT vs torch fp32: " + ", ".join(f"{k} {v:.3g}" for k, v in report.items()))
     assert parity_failures(report, "fp16") == []
     assert report["encoder_max_abs"] > 1e-5  # it really ran in half precision
+
+
+def test_int8_encoder_is_a_cached_quantised_copy_of_the_fp32_graph(tiny, cache):
+    fp32 = export_sam_onnx(tiny, cache)
+    int8 = export_sam_onnx(tiny, cache, "int8")
+    assert int8.precision == "int8" and int8.decoder == fp32.decoder and int8.encoder != fp32.encoder
+    assert json.loads((int8.encoder.parent / "meta.json").read_text())["source"] == fp32.encoder.parent.name
+    stamp = int8.encoder.stat().st_mtime_ns
+    assert export_sam_onnx(tiny, cache, "int8") == int8 and int8.encoder.stat().st_mtime_ns == stamp   # cached
+    ops = {n.op_type for n in onnx.load(str(int8.encoder)).graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "Conv" in ops     # the patch embedding stays FP32
+
+    quantised = make_refiner_backend("onnxruntime", tiny, precision="int8", cache_dir=cache, fallback=False)
+    full = make_refiner_backend("onnxruntime", tiny, cache_dir=cache, fallback=False)
+    assert quantised.precision == "int8" and full.precision == "fp32"
+    image = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    a, b = quantised.encode(image), full.encode(image)
+    cosine = float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+    assert cosine > 0.999 and not torch.allclose(a, b, atol=1e-4)       # close, and really quantised
+
+
+def test_int8_is_only_for_onnxruntime_on_a_cpu(tiny, cache, monkeypatch, caplog):
+    for name, device in (("torch", "cpu"), ("tensorrt", "cpu"), ("onnxruntime", "cuda")):
+        with pytest.raises(GroundingError, match="int8 is for ONNX Runtime on a CPU"):
+            make_refiner_backend(name, tiny, device=device, precision="int8", cache_dir=cache)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)     # missing: PyTorch's FP32 encoder, said so
+    with caplog.at_level(logging.WARNING):
+        backend = make_refiner_backend("onnxruntime", tiny, precision="int8", cache_dir=cache)
+    assert backend.name == "torch" and backend.precision == "fp32" and "int8 SAM encoder needs onnxruntime" in caplog.text
 
 
 def test_export_cache_follows_the_weights(cache):

@@ -87,9 +87,11 @@ def test_sam_precision_follows_the_pipelines_dtype(dtype, precision):
     assert cfg.sam_precision == precision
 
 
-def test_on_a_cpu_the_trackers_sam_has_the_pipelines_precision(pipe):
+def test_on_a_cpu_the_trackers_sam_encoder_is_int8_unless_turned_off(pipe):
     assert pipe.config.dtype == "auto" and pipe.config.sam_precision == "fp32"
-    assert ObjectTracker(pipe, TrackerConfig(threads=1)).backend.models.precision == "fp32"
+    assert ObjectTracker(pipe, TrackerConfig(threads=1)).backend.models.precision == "int8"
+    assert ObjectTracker(pipe, TrackerConfig(int8_encoder=False)).backend.models.precision == "fp32"
+    assert ObjectTracker(pipe, TrackerConfig(backend="torch")).backend.precision == "fp32"     # ONNX Runtime's only
 
 
 # ---- following objects ----------------------------------------------------------------------------------
@@ -249,6 +251,8 @@ def test_new_thresholds_apply_from_the_next_frame_but_the_runtime_is_fixed(pipe,
     assert obj.state == "lost" and obj.lost_reason == "low_confidence" and obj.track_id == 1
     with pytest.raises(GroundingError, match="threads cannot change"):
         tracker.configure(TrackerConfig(threads=2))
+    with pytest.raises(GroundingError, match="int8_encoder cannot change"):
+        tracker.configure({"int8_encoder": False})
 
 
 def test_ids_are_never_reused_and_stop_removes_tracks(pipe, demo):
@@ -398,17 +402,20 @@ def test_the_colour_model_follows_touching_objects_better_than_sams_mask_alone()
 
 
 def test_boxes_meet_only_when_they_share_a_pixel():
-    box = torch.tensor([10.0, 10.0, 30.0, 20.0])
-    assert cues.boxes_meet(box, torch.tensor([29.0, 19.0, 40.0, 40.0]))
-    assert not cues.boxes_meet(box, torch.tensor([30.0, 10.0, 40.0, 20.0]))    # ends are exclusive: touching only
-    assert not cues.boxes_meet(box, torch.tensor([10.0, 20.0, 30.0, 30.0]))
+    box = (10.0, 10.0, 30.0, 20.0)
+    assert cues.boxes_meet(box, (29.0, 19.0, 40.0, 40.0))
+    assert not cues.boxes_meet(box, (30.0, 10.0, 40.0, 20.0))    # ends are exclusive: touching only
+    assert not cues.boxes_meet(box, (10.0, 20.0, 30.0, 30.0))
 
 
 def test_box_and_mask_geometry():
-    box = torch.tensor([10.0, 10.0, 30.0, 20.0])
-    assert cues.grow_box(box, 0.5, (25, 35)).tolist() == [0.0, 5.0, 35.0, 25.0]
+    box = (10.0, 10.0, 30.0, 20.0)
+    assert cues.grow_box(box, 0.5, (25, 35)) == (0.0, 5.0, 35.0, 25.0)
+    assert cues.grow_box(box, 0.1, (25, 35)) == pytest.approx((8.0, 9.0, 32.0, 21.0))
     mask = torch.zeros(8, 8, dtype=torch.bool)
+    assert cues.mask_box(mask) is None
     mask[2:4, 2:4] = True
+    assert cues.mask_box(mask) == (2.0, 2.0, 4.0, 4.0)
     moved = cues.shift_mask(mask, 3, -2)
     assert moved[0:2, 5:7].all() and moved.sum() == 4
     assert not cues.shift_mask(mask, 9, 0).any()

@@ -8,8 +8,8 @@
 - `colour_log_ratio`: per pixel, how much more likely its colour is on the object than around it (a colour model
   from the last frame that sharpens the decoder's mask where SAM's low-res logits blur two touching objects);
 - `embedding_descriptor`: SAM's image embedding pooled under a mask (a second appearance check);
-- `grow_box`, `boxes_meet`, `shift_mask`, `warp_prompt`, `mask_iou`, `mask_bounds`, `touches_border`: box and map
-  geometry.
+- `grow_box`, `mask_box`, `boxes_meet`, `shift_mask`, `warp_prompt`, `mask_iou`, `mask_bounds`, `touches_border`:
+  box and map geometry (boxes as numbers: `Box`).
 """
 from __future__ import annotations
 
@@ -20,19 +20,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .sam.prompts import mask_to_box
+
 COLOUR_BINS = 4     # per RGB channel: coarse enough for lighting changes, fine enough to tell colours apart
 MODEL_BITS = 4      # the colour model's (`colour_log_ratio`) 2^4 = 16 bins per RGB channel: finer than the check's
 MODEL_BINS = 2 ** MODEL_BITS
 MIN_MODEL_PIXELS = 16
 MODEL_PIXELS = 512 * 512   # a larger window's colour model reads every n-th pixel (colour_log_ratio)
+_NEAR = np.ones((5, 5), np.uint8)     # the colour model's "around the object": over 2 px from its mask
 
 
-def grow_box(box: torch.Tensor, margin: float, image_hw: tuple[int, int]) -> torch.Tensor:
-    """(4,) x0, y0, x1, y1 grown by `margin` of its width / height on every side, clipped to the image."""
+Box = tuple[float, float, float, float]     # x0, y0, x1, y1 in image pixels (x1, y1 exclusive)
+
+
+def grow_box(box: Box, margin: float, image_hw: tuple[int, int]) -> Box:
+    """`box` grown by `margin` of its width / height on every side, clipped to the image. The tracker keeps its boxes
+    as numbers: torch operations on 4-element tensors cost more than the arithmetic."""
     h, w = image_hw
-    bw, bh = box[2] - box[0], box[3] - box[1]
-    return torch.stack([(box[0] - margin * bw).clamp(0, w), (box[1] - margin * bh).clamp(0, h),
-                        (box[2] + margin * bw).clamp(0, w), (box[3] + margin * bh).clamp(0, h)])
+    x0, y0, x1, y1 = box
+    bw, bh = x1 - x0, y1 - y0
+    return (min(max(x0 - margin * bw, 0.0), w), min(max(y0 - margin * bh, 0.0), h),
+            min(max(x1 + margin * bw, 0.0), w), min(max(y1 + margin * bh, 0.0), h))
+
+
+def mask_box(mask: torch.Tensor) -> Box | None:
+    """The box of a boolean (H, W) mask (`mask_to_box`) as numbers; None if it is empty."""
+    box = mask_to_box(mask)
+    return None if box is None else tuple(float(v) for v in box.tolist())
 
 
 def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -40,15 +54,15 @@ def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
     return int((a & b).sum()) / union if union else 0.0
 
 
-def boxes_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two boxes (x0, y0, x1, y1, ends exclusive) share a pixel."""
-    return bool(a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3])
+def boxes_meet(a: Box, b: Box) -> bool:
+    """Whether two boxes share a pixel."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
-def touches_border(box: torch.Tensor, image_hw: tuple[int, int], pixels: int = 2) -> bool:
-    """Whether a box (x0, y0, x1, y1) comes within `pixels` of the image's edge."""
+def touches_border(box: Box, image_hw: tuple[int, int], pixels: int = 2) -> bool:
+    """Whether a box comes within `pixels` of the image's edge."""
     h, w = image_hw
-    x0, y0, x1, y1 = (float(v) for v in box)
+    x0, y0, x1, y1 = box
     return x0 <= pixels or y0 <= pixels or x1 >= w - pixels or y1 >= h - pixels
 
 
@@ -64,14 +78,13 @@ def shift_mask(mask: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return out
 
 
-def warp_prompt(prompt: torch.Tensor, old_box: torch.Tensor, new_box: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-    """Move and scale a (1, 1, h, w) map so that `old_box` lands on `new_box` (boxes in the map's own
-    normalised [-1, 1] coordinates); `fill` is what comes in from outside."""
-    scale = (old_box[2:] - old_box[:2]) / (new_box[2:] - new_box[:2]).clamp(min=1e-6)
-    shift = (old_box[:2] + old_box[2:]) / 2 - (new_box[:2] + new_box[2:]) / 2 * scale
-    theta = torch.zeros(1, 2, 3, device=prompt.device)
-    theta[0, 0, 0], theta[0, 1, 1] = scale[0], scale[1]
-    theta[0, :, 2] = shift
+def warp_prompt(prompt: torch.Tensor, old_box: Box, new_box: Box, fill: float = 0.0) -> torch.Tensor:
+    """Move and scale a (1, 1, h, w) map so that `old_box` lands on `new_box` (boxes in the map's own normalised
+    [-1, 1] coordinates); `fill` is what comes in from outside."""
+    (ox0, oy0, ox1, oy1), (nx0, ny0, nx1, ny1) = old_box, new_box
+    sx, sy = (ox1 - ox0) / max(nx1 - nx0, 1e-6), (oy1 - oy0) / max(ny1 - ny0, 1e-6)
+    tx, ty = (ox0 + ox1) / 2 - (nx0 + nx1) / 2 * sx, (oy0 + oy1) / 2 - (ny0 + ny1) / 2 * sy
+    theta = torch.tensor([[[sx, 0.0, tx], [0.0, sy, ty]]], dtype=prompt.dtype, device=prompt.device)
     grid = F.affine_grid(theta, list(prompt.shape), align_corners=False)
     return F.grid_sample(prompt - fill, grid, align_corners=False) + fill
 
@@ -135,15 +148,17 @@ def colour_log_ratio(previous: np.ndarray, previous_mask: np.ndarray, image: np.
     that both share scores about 0, so the ratio only speaks where colour tells the object from its surroundings.
     None when either side has fewer than MIN_MODEL_PIXELS pixels. A window over MODEL_PIXELS pixels is read every
     `step` pixels and the ratio resized back (bilinear): the cost stays that of a 512 x 512 window (~2 ms)."""
-    surroundings = ~cv2.dilate(previous_mask.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    near = cv2.dilate(previous_mask.astype(np.uint8), _NEAR)
     step = max(1, math.ceil(math.sqrt(previous_mask.size / MODEL_PIXELS)))
-    obj, around, old = previous_mask[::step, ::step], surroundings[::step, ::step], previous[::step, ::step]
-    if obj.sum() < MIN_MODEL_PIXELS or around.sum() < MIN_MODEL_PIXELS:
+    obj, around = previous_mask[::step, ::step], near[::step, ::step] == 0
+    bins = _colour_bins(previous[::step, ::step])
+    counts = [np.bincount(bins[m], minlength=MODEL_BINS ** 3) for m in (obj, around)]
+    totals = [int(c.sum()) for c in counts]
+    if min(totals) < MIN_MODEL_PIXELS:
         return None
-    bins = _colour_bins(old)
     eps = 1.0 / MODEL_BINS ** 3
-    log_p = [np.log(np.bincount(bins[m], minlength=MODEL_BINS ** 3) / m.sum() + eps) for m in (obj, around)]
-    ratio = (log_p[0] - log_p[1]).clip(-limit, limit).astype(np.float32)
+    ratio = (np.log(counts[0] / totals[0] + eps) - np.log(counts[1] / totals[1] + eps)).clip(-limit, limit)
+    ratio = ratio.astype(np.float32)
     out = np.take(ratio, _colour_bins(image[::step, ::step]))
     if step > 1:
         out = cv2.resize(out, (image.shape[1], image.shape[0]), interpolation=cv2.INTER_LINEAR)
@@ -196,16 +211,16 @@ def estimate_shift(previous: np.ndarray, image: np.ndarray, mask: np.ndarray, bo
         tmask = cv2.resize(tmask, size, interpolation=cv2.INTER_NEAREST)
         search = cv2.resize(search, (size[0] + 2 * round(radius * scale), size[1] + 2 * round(radius * scale)),
                             interpolation=cv2.INTER_AREA)
-    if tmask.sum() < 8:
+    if cv2.countNonZero(tmask) < 8:
         return 0.0, 0.0
     scores = cv2.matchTemplate(np.ascontiguousarray(search), np.ascontiguousarray(template), cv2.TM_CCOEFF_NORMED,
                                mask=tmask)
-    scores = np.nan_to_num(scores, nan=-1.0, posinf=-1.0, neginf=-1.0)
+    np.nan_to_num(scores, copy=False, nan=-1.0, posinf=-1.0, neginf=-1.0)
     iy, ix = np.unravel_index(int(np.argmax(scores)), scores.shape)
     fx = ix + _parabola_peak(scores[iy, ix - 1:ix + 2]) if 0 < ix < scores.shape[1] - 1 else float(ix)
     fy = iy + _parabola_peak(scores[iy - 1:iy + 2, ix]) if 0 < iy < scores.shape[0] - 1 else float(iy)
     centre_x, centre_y = (scores.shape[1] - 1) / 2, (scores.shape[0] - 1) / 2    # score of no shift
-    return (fx - centre_x) / scale, (fy - centre_y) / scale
+    return float((fx - centre_x) / scale), float((fy - centre_y) / scale)
 
 
 def _grey(rgb: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .track_cues import Box
 from .tracking_config import TrackedObject
 
 
@@ -13,7 +14,7 @@ from .tracking_config import TrackedObject
 class Candidate:
     """What one decoder pass proposes for a track on one frame, before the lost rule judges it."""
     mask: torch.Tensor | None       # (H, W) bool, set by _finish
-    box: torch.Tensor | None        # (4,) image pixels; None if empty
+    box: Box | None                 # image pixels; None if empty
     area: int
     score: float
     confidence: float
@@ -32,7 +33,7 @@ class Track:
     tokens: torch.Tensor            # (1, T, C) the phrase's prompt tokens
     image_hw: tuple[int, int]
     mask: torch.Tensor              # (H, W) bool, the last good mask
-    box: torch.Tensor               # (4,) its box in image pixels
+    box: Box                        # its box in image pixels
     area: int
     largest_area: int
     prompt: torch.Tensor            # (1, 1, h, w) dense prompt (probability memory, see TrackerConfig.memory)

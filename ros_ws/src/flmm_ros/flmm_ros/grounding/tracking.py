@@ -24,6 +24,7 @@ same rule decides whether what was found is the object, which then keeps its tra
 """
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 
@@ -32,11 +33,10 @@ import torch
 
 from . import track_cues as cues
 from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_image
-from .presence import foreground_mean
-from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend, mask_to_box
+from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend
 from .sam.resize import SamResizeMaps
 from .track_state import Candidate, Track
-from .tracking_config import LOST_REASONS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
+from .tracking_config import LOST_REASONS, RUNTIME_SETTINGS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
 from .types import GroundedObject, GroundingCancelled, GroundingError
 
 __all__ = ["LOST_REASONS", "TRACK_STATES", "ObjectTracker", "TrackedObject", "TrackerConfig", "TrackingUpdate"]
@@ -65,6 +65,8 @@ class ObjectTracker:
         # is float32, for speed (tracking is not F-LMM's path, which grounding reproduces).
         precision = (pipeline.config.sam_precision if device.type == "cpu"
                      else "fp32" if pipeline.config.dtype == "float32" else "fp16")
+        if cfg.int8_encoder and name == "onnxruntime" and device.type == "cpu":
+            precision = "int8"      # ~30 % faster encoder; tracking quality unchanged (onnx_export.py)
         self.backend = make_refiner_backend(name, pipeline.head.sam, device=device, precision=precision,
                                             cache_dir=pipeline.config.engine_dir or None)
         if isinstance(self.backend, OnnxRuntimeBackend) and self.backend.device.type == "cpu" and cfg.threads:
@@ -93,10 +95,10 @@ class ObjectTracker:
             return [t.out for t in new]
 
     def configure(self, config: TrackerConfig | dict) -> None:
-        """New thresholds from the next frame on (tracks kept); `backend` and `threads` cannot change."""
+        """New thresholds from the next frame on (tracks kept); the runtime's settings (RUNTIME_SETTINGS) cannot."""
         cfg = TrackerConfig.from_dict(config) if isinstance(config, dict) else config
         cfg.validate()
-        for name in (n for n in ("backend", "threads") if getattr(cfg, n) != getattr(self.config, n)):
+        for name in (n for n in RUNTIME_SETTINGS if getattr(cfg, n) != getattr(self.config, n)):
             raise GroundingError(f"tracker {name} cannot change on a running tracker: make a new one")
         with self._lock:
             self.config = cfg
@@ -122,13 +124,12 @@ class ObjectTracker:
         device = self.refiner.device
         mask = torch.as_tensor(mask_np, device=device)
         h, w = mask.shape
-        box = mask_to_box(mask)
+        box = cues.mask_box(mask)
         area = int(mask.sum())
         prompt = self._mask_prompt(mask, (h, w))
         track = Track(self._next_id, obj.phrase, torch.as_tensor(obj.prompt_tokens, dtype=torch.float32,
                                                                  device=device)[None],
-                      (h, w), mask, box if box is not None else torch.zeros(4, device=device),
-                      area, area, torch.sigmoid(prompt), image)
+                      (h, w), mask, box or (0.0, 0.0, 0.0, 0.0), area, area, torch.sigmoid(prompt), image)
         self._next_id += 1
         if box is None or area < self.config.min_area * h * w:
             track.state, track.reason = "lost", "empty" if box is None else "too_small"
@@ -190,10 +191,10 @@ class ObjectTracker:
         prompt, box, previous = track.prompt, track.box, track.mask
         if self.config.motion == "template" and track.state == "tracking" and track.image is not None:
             with clock.stage("motion"):
-                int_box = tuple(int(v) for v in track.box.round().tolist())
+                int_box = tuple(round(v) for v in track.box)
                 dx, dy = cues.estimate_shift(track.image, image, track.mask.cpu().numpy(), int_box)
                 if dx or dy:
-                    box = track.box + torch.tensor([dx, dy, dx, dy], device=track.box.device)
+                    box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
                     prompt = self._warp(track.prompt, track.box, box, track.image_hw)
                     track.prompt = prompt            # the memory moves with the object, kept or not
                     previous = cues.shift_mask(track.mask, dx, dy)
@@ -273,7 +274,7 @@ class ObjectTracker:
                 return "colour"
         # Re-finding an object needs more evidence than following it from one frame to the next.
         min_similarity = cfg.min_similarity if track.state == "tracking" else cfg.min_refound_similarity
-        if track.descriptor is not None and cand.descriptor is not None:
+        if min_similarity > 0 and track.descriptor is not None and cand.descriptor is not None:
             if float(torch.dot(track.descriptor, cand.descriptor)) < min_similarity:
                 return "appearance"
         return ""
@@ -300,7 +301,7 @@ class ObjectTracker:
         found = {}
         for track, obj in zip(lost, grounded):
             mask = torch.as_tensor(cues.largest_component(obj.mask > 0), device=self.refiner.device)
-            box = mask_to_box(mask)
+            box = cues.mask_box(mask)
             if box is None:
                 continue
             cand = self._decode(encoding, self._mask_prompt(mask, track.image_hw), box, track.tokens)
@@ -341,47 +342,47 @@ class ObjectTracker:
     def _prompt_logits(memory: torch.Tensor) -> torch.Tensor:
         return torch.logit(memory.clamp(1e-4, 1 - 1e-4)).clamp(-PROMPT_LOGIT, PROMPT_LOGIT)
 
-    def _warp(self, memory: torch.Tensor, old_box: torch.Tensor, new_box: torch.Tensor, image_hw) -> torch.Tensor:
+    def _warp(self, memory: torch.Tensor, old_box: cues.Box, new_box: cues.Box, image_hw) -> torch.Tensor:
         """The memory moved with the object from `old_box` to `new_box` (image pixels)."""
         size = self.refiner.prompts.image_size
-        old, new = (self.refiner.prompts.scale_boxes(b[None], image_hw)[0] / size * 2 - 1
+        old, new = (tuple(v / size * 2 - 1 for v in self._maps(image_hw).to_input(b))
                     for b in (old_box, new_box))      # normalised coordinates of SAM's square input
         return cues.warp_prompt(memory, old, new)
 
-    def _decode(self, encoding: SamImageEncoding, prompt: torch.Tensor, box: torch.Tensor,
+    def _decode(self, encoding: SamImageEncoding, prompt: torch.Tensor, box: cues.Box,
                 tokens: torch.Tensor) -> Candidate:
-        grown = cues.grow_box(box, self.config.box_margin, encoding.image_hw)
-        sam_box = self.refiner.prompts.scale_boxes(grown[None], encoding.image_hw)
+        grown = self._maps(encoding.image_hw).to_input(cues.grow_box(box, self.config.box_margin, encoding.image_hw))
+        sam_box = torch.tensor([grown], dtype=torch.float32, device=prompt.device)
         low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
         return Candidate(None, None, 0, 0.0, float(iou.reshape(-1)[0].clamp(0, 1)), low_res.float())
 
-    def _finish(self, cand: Candidate, encoding: SamImageEncoding, image: np.ndarray, box: torch.Tensor,
+    def _finish(self, cand: Candidate, encoding: SamImageEncoding, image: np.ndarray, box: cues.Box,
                 previous: torch.Tensor, track: Track) -> Candidate:
         """Cut the mask to the search window, sharpen it with the object's colour model, clean it, and measure
-        its area, box and appearance (all on the window's crop: the rest of the image is empty)."""
-        x0, y0, x1, y1 = cand.window = tuple(
-            int(v) for v in cues.grow_box(box, self.config.search_margin, track.image_hw).round())
-        logits = self._maps(track.image_hw).postprocess(cand.low_res[0, 0], cand.window)   # window only
+        its area, box and appearance (all on the window's crop, in NumPy: the rest of the image is empty)."""
+        x0, y0, x1, y1 = cand.window = tuple(round(v) for v in cues.grow_box(box, self.config.search_margin,
+                                                                             track.image_hw))
+        logits = self._maps(track.image_hw).postprocess(cand.low_res[0, 0], cand.window).cpu().numpy()   # window only
         if self.config.colour_weight and track.state == "tracking" and track.image is not None:
             ratio = cues.colour_log_ratio(track.image[y0:y1, x0:x1], track.mask[y0:y1, x0:x1].cpu().numpy(),
                                           image[y0:y1, x0:x1])
             if ratio is not None:
-                logits = logits + self.config.colour_weight * torch.from_numpy(ratio).to(logits.device)
-        prob = logits.sigmoid()
-        crop = (prob > self.config.mask_threshold).cpu().numpy()
+                logits += self.config.colour_weight * ratio
+        threshold = self.config.mask_threshold
+        crop = logits > math.log(threshold / (1 - threshold))        # sigmoid(logits) > mask_threshold
         if self.config.clean and crop.any():
             crop = cues.clean_mask(crop, previous[y0:y1, x0:x1].cpu().numpy())
         mask = np.zeros(track.image_hw, bool)
         mask[y0:y1, x0:x1] = crop
-        cand.mask, cand.area = torch.as_tensor(mask, device=prob.device), int(crop.sum())
+        cand.mask, cand.area = torch.as_tensor(mask, device=track.mask.device), int(crop.sum())
         cand.box = None
         if cand.area:
             top, bottom, left, right = cues.mask_bounds(crop)
-            cand.box = torch.tensor([x0 + left, y0 + top, x0 + right, y0 + bottom],
-                                    dtype=torch.float32, device=prob.device)
-            cand.score = foreground_mean(prob, torch.as_tensor(crop, device=prob.device))
+            cand.box = (float(x0 + left), float(y0 + top), float(x0 + right), float(y0 + bottom))
+            cand.score = float((1 / (1 + np.exp(-logits[crop]))).mean())     # mean foreground probability
             cand.colours = cues.colour_histogram(image[y0:y1, x0:x1], crop)
-            cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)
+            if track.state != "tracking" or self.config.min_similarity > 0 or track.descriptor is None:
+                cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)   # else unused
         return cand
 
     def _snapshot(self, track: Track, mask: torch.Tensor | None, score: float, confidence: float,
@@ -390,7 +391,6 @@ class ObjectTracker:
             h, w = track.image_hw
             return TrackedObject(track.track_id, track.phrase, "lost", np.zeros((h, w), np.uint8), (0, 0, 0, 0),
                                  0.0, confidence, appearance, track.reason, track.frames_lost, track.age)
-        box = tuple(int(v) for v in track.box.tolist())     # the box of `mask` (set with it)
+        box = tuple(int(v) for v in track.box)     # the box of `mask` (set with it)
         return TrackedObject(track.track_id, track.phrase, "tracking", mask.to(torch.uint8).mul(255).cpu().numpy(),
                              box, score, confidence, appearance, "", 0, track.age, regrounded)
-

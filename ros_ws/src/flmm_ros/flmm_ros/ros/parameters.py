@@ -15,7 +15,7 @@ from typing import Any
 
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.region import PROMPTINGS as REGION_PROMPTINGS
-from flmm_ros.grounding.tracking_config import TrackerConfig
+from flmm_ros.grounding.tracking_config import RUNTIME_SETTINGS, TrackerConfig
 from flmm_ros.grounding.types import GroundingError
 
 BUSY_POLICIES = ('queue', 'preempt', 'reject')
@@ -100,7 +100,7 @@ def pipeline_parameters() -> tuple[ParamSpec, ...]:
 
 
 TRACKER_PREFIX = 'tracker.'
-TRACKER_READ_ONLY = frozenset({'backend', 'threads'})   # they shape the tracker's SAM runtime
+TRACKER_READ_ONLY = frozenset(RUNTIME_SETTINGS)   # they shape the tracker's SAM runtime
 
 
 def tracker_parameters() -> tuple[ParamSpec, ...]:

@@ -5,12 +5,13 @@
   chosen by name, its first build takes minutes). Falls back to 'torch' when onnxruntime is missing.
 - 'torch': `sam.image_encoder` + `SamPromptDecoder` on the model itself (decode is differentiable; training
   uses it). fp16 runs the encoder under autocast.
-- 'onnxruntime': the two ONNX graphs of `sam_onnx.py` (exported once per set of weights, cached), on the
+- 'onnxruntime': the two ONNX graphs of `onnx_export.py` (exported once per set of weights, cached), on the
   CPU or, for a CUDA device, the CUDA execution provider with tensors bound in place.
-- 'tensorrt': plans built from those graphs (`sam_tensorrt.py`), cached per GPU and TensorRT version.
+- 'tensorrt': plans built from those graphs (`tensorrt.py`), cached per GPU and TensorRT version.
 
-Precision applies to the image encoder; the prompt decoder always runs FP32 (it is small and bound by
-kernel launches, and FP16 would coarsen the Fourier encoding of the box corners).
+Precision applies to the image encoder (int8: ONNX Runtime on a CPU only, onnx_export.py); the prompt decoder
+always runs FP32 (it is small and bound by kernel launches, and FP16 would coarsen the Fourier encoding of the box
+corners).
 ONNX Runtime and TensorRT snapshot the weights when the backend is made: make a new backend after
 changing them.
 """
@@ -32,6 +33,7 @@ from .onnx_export import (
     DECODER_OUTPUTS,
     ENCODER_INPUT,
     ENCODER_OUTPUT,
+    ORT_PRECISIONS,
     PRECISIONS,
     SamOnnxModels,
     export_sam_onnx,
@@ -170,6 +172,9 @@ class OnnxRuntimeBackend:
 
 
 def _make_torch(sam, device, precision, cache_dir, logger):
+    if precision == "int8":     # ONNX Runtime's (missing: the fallback); PyTorch runs the FP32 encoder
+        logger.warning("the int8 SAM encoder needs onnxruntime; PyTorch runs it in fp32")
+        precision = "fp32"
     return TorchBackend(sam, device, precision)
 
 
@@ -198,9 +203,12 @@ def make_refiner_backend(name: str, sam: Sam, *, device="cpu", precision: str = 
     if name not in BACKENDS:
         raise GroundingError(f"unknown refiner backend {name!r}: use one of {list(BACKENDS)}")
     requested, name = name, resolve_backend(name, device)
-    if precision not in PRECISIONS:
-        raise GroundingError(f"unknown refiner precision {precision!r}: use one of {list(PRECISIONS)}")
+    if precision not in ORT_PRECISIONS:
+        raise GroundingError(f"unknown refiner precision {precision!r}: use one of {list(ORT_PRECISIONS)}")
     device = torch.device(device)
+    if precision == "int8" and (name != "onnxruntime" or device.type != "cpu"):
+        raise GroundingError(f"refiner precision int8 is for ONNX Runtime on a CPU, not {name} on {device}: "
+                             f"use {list(PRECISIONS)}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise GroundingError(f"device {device} requested but CUDA is not available")
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()

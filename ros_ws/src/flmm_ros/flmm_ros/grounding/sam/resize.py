@@ -11,6 +11,7 @@
   its rows of R and C:
   - `postprocess`: decoder logits -> a window of image-size logits (`Sam.postprocess_masks`: upsample to the
     square input, un-pad, resize to the image);
+  - `to_input`: a box in image pixels -> SAM's input frame;
   - `mask_prompt`: a boolean mask given by its window -> SAM's dense prompt of the mask as +-L logits
     (`SamPromptGeometry.dense_prompts`: resize to the input frame, pad with min(-1, min logit), resize to the
     mask-prompt size).
@@ -46,6 +47,7 @@ class SamResizeMaps:
     def __init__(self, image_size: int, low_res_hw: tuple[int, int], input_hw: tuple[int, int],
                  image_hw: tuple[int, int], prompt_hw: tuple[int, int]):
         self.image_hw = tuple(image_hw)
+        self.input_scale = (input_hw[1] / image_hw[1], input_hw[0] / image_hw[0])     # x, y: image -> input frame
         # decoder logits (low_res) -> square input (image_size) -> crop (input_hw) -> image
         self.up = [(resize_matrix(i, n) @ resize_matrix(lo, image_size)[:i]).float()
                    for lo, i, n in zip(low_res_hw, input_hw, image_hw)]
@@ -53,6 +55,11 @@ class SamResizeMaps:
         down = [resize_matrix(image_size, p) for p in prompt_hw]
         self.down = [(d[:, :i] @ resize_matrix(n, i)).float() for d, i, n in zip(down, input_hw, image_hw)]
         self.down_sums = [m.sum(1) for m in self.down]      # < 1 on prompt rows that read the padding
+
+    def to_input(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+        """A box (x0, y0, x1, y1) in image pixels in SAM's input frame (`SamPromptGeometry.scale_boxes`, on numbers)."""
+        sx, sy = self.input_scale
+        return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
     def postprocess(self, low_res: torch.Tensor, window: tuple[int, int, int, int]) -> torch.Tensor:
         """(h, w) decoder logits -> the logits at image pixels [y0:y1, x0:x1] of window (x0, y0, x1, y1)."""
