@@ -134,6 +134,7 @@ def test_runtime_parameters_are_validated_and_apply_to_the_next_instruction(tmp_
         bad_tracker = services.set('tracker.memory', 1.0)
         assert not bad_tracker.successful and 'memory' in bad_tracker.reason
         assert 'read-only' in services.set('tracker.threads', 2).reason.lower()
+        assert 'read-only' in services.set('tracker.int8_encoder', False).reason.lower()
 
         assert services.set('busy_policy', 'reject').successful       # takes effect at the next instruction
         fresh_frame(probe, 10)

@@ -31,10 +31,10 @@ def test_postprocess_window_is_sams_postprocess_masks_cut_to_the_window(size, lo
     up = F.interpolate(logits[None, None], (size, size), mode="bilinear", align_corners=False)
     full = F.interpolate(up[..., :input_hw[0], :input_hw[1]], image_hw, mode="bilinear", align_corners=False)[0, 0]
     for x0, y0, x1, y1 in _windows(image_hw):
-        got = maps.postprocess(logits, (x0, y0, x1, y1))
-        assert got.shape == (y1 - y0, x1 - x0)
+        got = maps.postprocess(logits.numpy(), (x0, y0, x1, y1))
+        assert got.shape == (y1 - y0, x1 - x0) and got.dtype == np.float32
         # float rounding of the same weights: ~1e-5 of the logits' range (40), not a shifted pixel
-        assert torch.allclose(got, full[y0:y1, x0:x1], atol=2e-3, rtol=0), (x0, y0, x1, y1)
+        assert np.allclose(got, full[y0:y1, x0:x1].numpy(), atol=2e-3, rtol=0), (x0, y0, x1, y1)
 
 
 @pytest.mark.parametrize("size, low, image_hw", GEOMETRIES)
@@ -54,8 +54,9 @@ def test_mask_prompt_is_dense_prompts_of_the_masks_logits(size, low, image_hw, k
         logits = torch.where(mask, 8.0, -8.0)[None]
         expected = _dense_prompts(logits, input_hw, size, low) if sam is None else \
             SamPromptGeometry(sam).dense_prompts(logits, input_hw)
-        got = maps.mask_prompt(mask[y0:y1, x0:x1], (x0, y0, x1, y1), 8.0)
-        assert got.shape == (1, 1, low, low) and torch.allclose(got, expected, atol=1e-3, rtol=0), (x0, y0, x1, y1)
+        got = maps.mask_prompt(mask[y0:y1, x0:x1].numpy(), (x0, y0, x1, y1), 8.0)
+        assert got.shape == (low, low) and got.dtype == np.float32, (x0, y0, x1, y1)
+        assert np.allclose(got, expected[0, 0].numpy(), atol=1e-3, rtol=0), (x0, y0, x1, y1)
 
 
 def _dense_prompts(coarse, input_hw, size, low):

@@ -4,9 +4,11 @@ import threading
 from dataclasses import fields, replace
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from flmm_ros.grounding import track_cues as cues
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.pipeline import GroundingPipeline
@@ -408,11 +410,27 @@ def test_boxes_meet_only_when_they_share_a_pixel():
     assert not cues.boxes_meet(box, (10.0, 20.0, 30.0, 30.0))
 
 
+@pytest.mark.parametrize("old, new, fill", [((-0.2, -0.3, 0.3, 0.2), (-0.15, -0.32, 0.35, 0.18), 0.0),    # moved
+                                             ((-0.2, -0.3, 0.3, 0.2), (-0.3, -0.4, 0.4, 0.3), 0.1),      # and grown
+                                             ((-0.9, -0.9, -0.5, -0.5), (-1.1, -1.0, -0.7, -0.6), 0.0)])  # off the edge
+def test_the_prompt_warp_is_torchs_affine_grid_sample(old, new, fill):
+    """The prompt memory moves with OpenCV on the CPU: the same numbers as torch's affine_grid + grid_sample."""
+    rng = np.random.default_rng(0)
+    prompt = cv2.blur((rng.random((64, 64)) > 0.5).astype(np.float32), (5, 5))
+    sx, sy = (old[2] - old[0]) / (new[2] - new[0]), (old[3] - old[1]) / (new[3] - new[1])
+    tx, ty = (old[0] + old[2]) / 2 - (new[0] + new[2]) / 2 * sx, (old[1] + old[3]) / 2 - (new[1] + new[3]) / 2 * sy
+    grid = F.affine_grid(torch.tensor([[[sx, 0, tx], [0, sy, ty]]]), [1, 1, 64, 64], align_corners=False)
+    expected = F.grid_sample(torch.from_numpy(prompt)[None, None] - fill, grid, align_corners=False)[0, 0] + fill
+    got = cues.warp_prompt(prompt, old, new, fill)
+    assert got.dtype == np.float32 and np.abs(got - expected.numpy()).max() < 1e-5
+    assert np.abs(got - prompt).max() > 0.1       # it moved
+
+
 def test_box_and_mask_geometry():
     box = (10.0, 10.0, 30.0, 20.0)
     assert cues.grow_box(box, 0.5, (25, 35)) == (0.0, 5.0, 35.0, 25.0)
     assert cues.grow_box(box, 0.1, (25, 35)) == pytest.approx((8.0, 9.0, 32.0, 21.0))
-    mask = torch.zeros(8, 8, dtype=torch.bool)
+    mask = np.zeros((8, 8), bool)
     assert cues.mask_box(mask) is None
     mask[2:4, 2:4] = True
     assert cues.mask_box(mask) == (2.0, 2.0, 4.0, 4.0)

@@ -20,8 +20,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .sam.prompts import mask_to_box
-
 COLOUR_BINS = 4     # per RGB channel: coarse enough for lighting changes, fine enough to tell colours apart
 MODEL_BITS = 4      # the colour model's (`colour_log_ratio`) 2^4 = 16 bins per RGB channel: finer than the check's
 MODEL_BINS = 2 ** MODEL_BITS
@@ -43,15 +41,18 @@ def grow_box(box: Box, margin: float, image_hw: tuple[int, int]) -> Box:
             min(max(x1 + margin * bw, 0.0), w), min(max(y1 + margin * bh, 0.0), h))
 
 
-def mask_box(mask: torch.Tensor) -> Box | None:
-    """The box of a boolean (H, W) mask (`mask_to_box`) as numbers; None if it is empty."""
-    box = mask_to_box(mask)
-    return None if box is None else tuple(float(v) for v in box.tolist())
+def mask_box(mask: np.ndarray) -> Box | None:
+    """The box of a boolean (H, W) mask (F-LMM's mask2box: x1, y1 exclusive); None if it is empty."""
+    bounds = mask_bounds(mask)
+    if bounds is None:
+        return None
+    y0, y1, x0, x1 = bounds
+    return float(x0), float(y0), float(x1), float(y1)
 
 
-def mask_iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    union = int((a | b).sum())
-    return int((a & b).sum()) / union if union else 0.0
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.count_nonzero(a | b)
+    return np.count_nonzero(a & b) / union if union else 0.0
 
 
 def boxes_meet(a: Box, b: Box) -> bool:
@@ -66,11 +67,11 @@ def touches_border(box: Box, image_hw: tuple[int, int], pixels: int = 2) -> bool
     return x0 <= pixels or y0 <= pixels or x1 >= w - pixels or y1 >= h - pixels
 
 
-def shift_mask(mask: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+def shift_mask(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
     """A boolean (H, W) mask moved by whole pixels (rounded); what leaves the image is dropped."""
     h, w = mask.shape
     ix, iy = int(round(dx)), int(round(dy))
-    out = torch.zeros_like(mask)
+    out = np.zeros_like(mask)
     if abs(ix) >= w or abs(iy) >= h:
         return out
     src = mask[max(0, -iy):h - max(0, iy), max(0, -ix):w - max(0, ix)]
@@ -78,15 +79,19 @@ def shift_mask(mask: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return out
 
 
-def warp_prompt(prompt: torch.Tensor, old_box: Box, new_box: Box, fill: float = 0.0) -> torch.Tensor:
-    """Move and scale a (1, 1, h, w) map so that `old_box` lands on `new_box` (boxes in the map's own normalised
-    [-1, 1] coordinates); `fill` is what comes in from outside."""
+def warp_prompt(prompt: np.ndarray, old_box: Box, new_box: Box, fill: float = 0.0) -> np.ndarray:
+    """Move and scale an (h, w) float32 map so that `old_box` lands on `new_box` (boxes in the map's own normalised
+    [-1, 1] coordinates, as torch's affine_grid reads them); `fill` is what comes in from outside. Bilinear
+    (OpenCV's, to 1/32 of a cell)."""
     (ox0, oy0, ox1, oy1), (nx0, ny0, nx1, ny1) = old_box, new_box
+    h, w = prompt.shape
     sx, sy = (ox1 - ox0) / max(nx1 - nx0, 1e-6), (oy1 - oy0) / max(ny1 - ny0, 1e-6)
     tx, ty = (ox0 + ox1) / 2 - (nx0 + nx1) / 2 * sx, (oy0 + oy1) / 2 - (ny0 + ny1) / 2 * sy
-    theta = torch.tensor([[[sx, 0.0, tx], [0.0, sy, ty]]], dtype=prompt.dtype, device=prompt.device)
-    grid = F.affine_grid(theta, list(prompt.shape), align_corners=False)
-    return F.grid_sample(prompt - fill, grid, align_corners=False) + fill
+    # normalised x_in = sx x_out + tx in pixel centres (align_corners=False: x = (2 p + 1) / w - 1)
+    bx, by = (sx * (1 - w) + (tx + 1) * w - 1) / 2, (sy * (1 - h) + (ty + 1) * h - 1) / 2
+    matrix = np.array([[sx, 0.0, bx], [0.0, sy, by]])
+    return cv2.warpAffine(prompt, matrix, (w, h), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                          borderMode=cv2.BORDER_CONSTANT, borderValue=fill)
 
 
 def clean_mask(mask: np.ndarray, previous: np.ndarray) -> np.ndarray:
@@ -117,6 +122,11 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     if count <= 2:
         return mask
     return labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-x)), without overflow warnings for large negative x."""
+    return 0.5 * (1 + np.tanh(0.5 * x))
 
 
 def mask_bounds(mask: np.ndarray) -> tuple[int, int, int, int] | None:
@@ -177,9 +187,10 @@ def histogram_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(a * b).sum())
 
 
-def embedding_descriptor(embedding: torch.Tensor, low_res: torch.Tensor) -> torch.Tensor | None:
-    """SAM's (1, C, h, w) image embedding averaged under a mask given as (1, 1, 4h, 4w) low-res logits of
-    the same square frame (each cell weighted by its mean probability); unit norm, None if the mask is empty."""
+def embedding_descriptor(embedding: torch.Tensor, low_res: torch.Tensor | np.ndarray) -> torch.Tensor | None:
+    """SAM's (1, C, h, w) image embedding averaged under a mask given as (4h, 4w) low-res logits of the same square
+    frame (each cell weighted by its mean probability); unit norm, None if the mask is empty."""
+    low_res = torch.as_tensor(low_res, device=embedding.device).reshape(1, 1, *low_res.shape[-2:])
     weights = F.adaptive_avg_pool2d(low_res.float().sigmoid(), embedding.shape[-2:])
     total = weights.sum()
     if total <= 1e-6:

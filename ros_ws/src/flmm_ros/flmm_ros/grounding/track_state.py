@@ -13,12 +13,12 @@ from .tracking_config import TrackedObject
 @dataclass
 class Candidate:
     """What one decoder pass proposes for a track on one frame, before the lost rule judges it."""
-    mask: torch.Tensor | None       # (H, W) bool, set by _finish
+    mask: np.ndarray | None         # (H, W) bool, set by _finish
     box: Box | None                 # image pixels; None if empty
     area: int
     score: float
     confidence: float
-    low_res: torch.Tensor           # (1, 1, h, w) decoder logits in SAM's square input frame
+    low_res: np.ndarray             # (h, w) float32 decoder logits in SAM's square input frame
     window: tuple[int, int, int, int] = (0, 0, 0, 0)    # x0, y0, x1, y1: the search window (mask is empty outside)
     colours: np.ndarray | None = None
     descriptor: torch.Tensor | None = None
@@ -32,11 +32,11 @@ class Track:
     phrase: str
     tokens: torch.Tensor            # (1, T, C) the phrase's prompt tokens
     image_hw: tuple[int, int]
-    mask: torch.Tensor              # (H, W) bool, the last good mask
+    mask: np.ndarray                # (H, W) bool, the last good mask
     box: Box                        # its box in image pixels
     area: int
     largest_area: int
-    prompt: torch.Tensor            # (1, 1, h, w) dense prompt (probability memory, see TrackerConfig.memory)
+    prompt: np.ndarray              # (h, w) float32 dense prompt (probability memory, see TrackerConfig.memory)
     image: np.ndarray | None = None          # the last good mask's frame (template matching, colour model)
     colours: np.ndarray | None = None        # appearance at grounding
     descriptor: torch.Tensor | None = None

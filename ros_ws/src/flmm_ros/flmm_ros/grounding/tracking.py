@@ -118,23 +118,21 @@ class ObjectTracker:
         if obj.prompt_tokens is None:
             raise GroundingError(f"{obj.phrase!r} has no prompt tokens to track it with: ground it with the SAM "
                                  "refiner on (refine: true)")
-        mask_np = np.asarray(obj.mask) > 0
-        if image is not None and image.shape[:2] != mask_np.shape:
-            raise GroundingError(f"the mask of {obj.phrase!r} is {mask_np.shape}, the image {image.shape[:2]}")
-        device = self.refiner.device
-        mask = torch.as_tensor(mask_np, device=device)
+        mask = np.asarray(obj.mask) > 0
+        if image is not None and image.shape[:2] != mask.shape:
+            raise GroundingError(f"the mask of {obj.phrase!r} is {mask.shape}, the image {image.shape[:2]}")
         h, w = mask.shape
         box = cues.mask_box(mask)
-        area = int(mask.sum())
+        area = int(np.count_nonzero(mask))
         prompt = self._mask_prompt(mask, (h, w))
-        track = Track(self._next_id, obj.phrase, torch.as_tensor(obj.prompt_tokens, dtype=torch.float32,
-                                                                 device=device)[None],
-                      (h, w), mask, box or (0.0, 0.0, 0.0, 0.0), area, area, torch.sigmoid(prompt), image)
+        tokens = torch.as_tensor(obj.prompt_tokens, dtype=torch.float32, device=self.refiner.device)[None]
+        track = Track(self._next_id, obj.phrase, tokens, (h, w), mask, box or (0.0, 0.0, 0.0, 0.0), area, area,
+                      cues.sigmoid(prompt), image)
         self._next_id += 1
         if box is None or area < self.config.min_area * h * w:
             track.state, track.reason = "lost", "empty" if box is None else "too_small"
         elif image is not None:
-            track.colours = cues.colour_histogram(image, mask_np)
+            track.colours = cues.colour_histogram(image, mask)
             track.descriptor = cues.embedding_descriptor(encoding.embedding, prompt)
         track.out = self._snapshot(track, mask if track.state == "tracking" else None, obj.score, obj.score)
         return track
@@ -192,7 +190,7 @@ class ObjectTracker:
         if self.config.motion == "template" and track.state == "tracking" and track.image is not None:
             with clock.stage("motion"):
                 int_box = tuple(round(v) for v in track.box)
-                dx, dy = cues.estimate_shift(track.image, image, track.mask.cpu().numpy(), int_box)
+                dx, dy = cues.estimate_shift(track.image, image, track.mask, int_box)
                 if dx or dy:
                     box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
                     prompt = self._warp(track.prompt, track.box, box, track.image_hw)
@@ -239,7 +237,7 @@ class ObjectTracker:
         new = (self._mask_prompt(cand.mask, track.image_hw, cand.window) if self.config.dense_prompt == "mask"
                else cand.low_res)
         m = self.config.memory if track.state == "tracking" else 0.0   # re-found: the old memory is elsewhere
-        track.prompt = m * track.prompt + (1 - m) * torch.sigmoid(new)
+        track.prompt = m * track.prompt + (1 - m) * cues.sigmoid(new)
         track.state, track.reason, track.frames_lost = "tracking", "", 0
         track.age += 1
         track.mask, track.box, track.area, track.image = cand.mask, cand.box, cand.area, image
@@ -300,7 +298,7 @@ class ObjectTracker:
             return set()
         found = {}
         for track, obj in zip(lost, grounded):
-            mask = torch.as_tensor(cues.largest_component(obj.mask > 0), device=self.refiner.device)
+            mask = cues.largest_component(obj.mask > 0)
             box = cues.mask_box(mask)
             if box is None:
                 continue
@@ -331,66 +329,69 @@ class ObjectTracker:
             self._resize_maps[image_hw] = SamResizeMaps(size, low, input_hw, image_hw, low)
         return self._resize_maps[image_hw]
 
-    def _mask_prompt(self, mask: torch.Tensor, image_hw: tuple[int, int],
-                     window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    def _mask_prompt(self, mask: np.ndarray, image_hw: tuple[int, int],
+                     window: tuple[int, int, int, int] | None = None) -> np.ndarray:
         """A boolean image-size mask, empty outside `window` (x0, y0, x1, y1; default the whole image), as the
-        (1, 1, h, w) dense prompt of its +-PROMPT_LOGIT logits (`SamPromptGeometry.dense_prompts`' numbers)."""
+        (h, w) dense prompt of its +-PROMPT_LOGIT logits (`SamPromptGeometry.dense_prompts`' numbers)."""
         x0, y0, x1, y1 = window or (0, 0, image_hw[1], image_hw[0])
         return self._maps(image_hw).mask_prompt(mask[y0:y1, x0:x1], (x0, y0, x1, y1), PROMPT_LOGIT)
 
     @staticmethod
-    def _prompt_logits(memory: torch.Tensor) -> torch.Tensor:
-        return torch.logit(memory.clamp(1e-4, 1 - 1e-4)).clamp(-PROMPT_LOGIT, PROMPT_LOGIT)
+    def _prompt_logits(memory: np.ndarray) -> np.ndarray:
+        """A probability memory as the decoder's dense-prompt logits."""
+        p = np.clip(memory, 1e-4, 1 - 1e-4)
+        return np.clip(np.log(p / (1 - p)), -PROMPT_LOGIT, PROMPT_LOGIT).astype(np.float32)
 
-    def _warp(self, memory: torch.Tensor, old_box: cues.Box, new_box: cues.Box, image_hw) -> torch.Tensor:
+    def _warp(self, memory: np.ndarray, old_box: cues.Box, new_box: cues.Box, image_hw) -> np.ndarray:
         """The memory moved with the object from `old_box` to `new_box` (image pixels)."""
         size = self.refiner.prompts.image_size
         old, new = (tuple(v / size * 2 - 1 for v in self._maps(image_hw).to_input(b))
                     for b in (old_box, new_box))      # normalised coordinates of SAM's square input
         return cues.warp_prompt(memory, old, new)
 
-    def _decode(self, encoding: SamImageEncoding, prompt: torch.Tensor, box: cues.Box,
-                tokens: torch.Tensor) -> Candidate:
+    def _decode(self, encoding: SamImageEncoding, prompt: np.ndarray, box: cues.Box, tokens: torch.Tensor) -> Candidate:
+        """One decoder pass: `prompt` (h, w) dense-prompt logits, `box` (grown by box_margin) in image pixels."""
         grown = self._maps(encoding.image_hw).to_input(cues.grow_box(box, self.config.box_margin, encoding.image_hw))
-        sam_box = torch.tensor([grown], dtype=torch.float32, device=prompt.device)
+        sam_box = torch.tensor([grown], dtype=torch.float32, device=self.refiner.device)
+        prompt = torch.from_numpy(np.ascontiguousarray(prompt, np.float32))[None, None].to(sam_box.device)
         low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
-        return Candidate(None, None, 0, 0.0, float(iou.reshape(-1)[0].clamp(0, 1)), low_res.float())
+        confidence = min(max(float(iou.reshape(-1)[0]), 0.0), 1.0)
+        return Candidate(None, None, 0, 0.0, confidence, low_res[0, 0].float().cpu().numpy())
 
     def _finish(self, cand: Candidate, encoding: SamImageEncoding, image: np.ndarray, box: cues.Box,
-                previous: torch.Tensor, track: Track) -> Candidate:
+                previous: np.ndarray, track: Track) -> Candidate:
         """Cut the mask to the search window, sharpen it with the object's colour model, clean it, and measure
         its area, box and appearance (all on the window's crop, in NumPy: the rest of the image is empty)."""
         x0, y0, x1, y1 = cand.window = tuple(round(v) for v in cues.grow_box(box, self.config.search_margin,
                                                                              track.image_hw))
-        logits = self._maps(track.image_hw).postprocess(cand.low_res[0, 0], cand.window).cpu().numpy()   # window only
+        logits = self._maps(track.image_hw).postprocess(cand.low_res, cand.window)   # window only
         if self.config.colour_weight and track.state == "tracking" and track.image is not None:
-            ratio = cues.colour_log_ratio(track.image[y0:y1, x0:x1], track.mask[y0:y1, x0:x1].cpu().numpy(),
-                                          image[y0:y1, x0:x1])
+            ratio = cues.colour_log_ratio(track.image[y0:y1, x0:x1], track.mask[y0:y1, x0:x1], image[y0:y1, x0:x1])
             if ratio is not None:
                 logits += self.config.colour_weight * ratio
         threshold = self.config.mask_threshold
         crop = logits > math.log(threshold / (1 - threshold))        # sigmoid(logits) > mask_threshold
         if self.config.clean and crop.any():
-            crop = cues.clean_mask(crop, previous[y0:y1, x0:x1].cpu().numpy())
-        mask = np.zeros(track.image_hw, bool)
-        mask[y0:y1, x0:x1] = crop
-        cand.mask, cand.area = torch.as_tensor(mask, device=track.mask.device), int(crop.sum())
+            crop = cues.clean_mask(crop, previous[y0:y1, x0:x1])
+        cand.mask = np.zeros(track.image_hw, bool)
+        cand.mask[y0:y1, x0:x1] = crop
+        cand.area = int(np.count_nonzero(crop))
         cand.box = None
         if cand.area:
             top, bottom, left, right = cues.mask_bounds(crop)
             cand.box = (float(x0 + left), float(y0 + top), float(x0 + right), float(y0 + bottom))
-            cand.score = float((1 / (1 + np.exp(-logits[crop]))).mean())     # mean foreground probability
+            cand.score = float(cues.sigmoid(logits[crop]).mean())     # mean foreground probability
             cand.colours = cues.colour_histogram(image[y0:y1, x0:x1], crop)
             if track.state != "tracking" or self.config.min_similarity > 0 or track.descriptor is None:
                 cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)   # else unused
         return cand
 
-    def _snapshot(self, track: Track, mask: torch.Tensor | None, score: float, confidence: float,
+    def _snapshot(self, track: Track, mask: np.ndarray | None, score: float, confidence: float,
                   appearance: float = 1.0, regrounded: bool = False) -> TrackedObject:
         if mask is None:
             h, w = track.image_hw
             return TrackedObject(track.track_id, track.phrase, "lost", np.zeros((h, w), np.uint8), (0, 0, 0, 0),
                                  0.0, confidence, appearance, track.reason, track.frames_lost, track.age)
         box = tuple(int(v) for v in track.box)     # the box of `mask` (set with it)
-        return TrackedObject(track.track_id, track.phrase, "tracking", mask.to(torch.uint8).mul(255).cpu().numpy(),
-                             box, score, confidence, appearance, "", 0, track.age, regrounded)
+        return TrackedObject(track.track_id, track.phrase, "tracking", mask.view(np.uint8) * np.uint8(255), box, score,
+                             confidence, appearance, "", 0, track.age, regrounded)

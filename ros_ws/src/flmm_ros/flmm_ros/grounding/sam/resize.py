@@ -42,40 +42,40 @@ def resize_matrix(in_len: int, out_len: int) -> torch.Tensor:
 
 
 class SamResizeMaps:
-    """SAM's resize chains for one image size, per axis (see the module doc). Read-only once built."""
+    """SAM's resize chains for one image size, per axis (see the module doc), as NumPy float32 matrices: the tracker
+    post-processes on the CPU in NumPy, which costs less per call than torch on windows this small. Read-only once
+    built."""
 
     def __init__(self, image_size: int, low_res_hw: tuple[int, int], input_hw: tuple[int, int],
                  image_hw: tuple[int, int], prompt_hw: tuple[int, int]):
         self.image_hw = tuple(image_hw)
         self.input_scale = (input_hw[1] / image_hw[1], input_hw[0] / image_hw[0])     # x, y: image -> input frame
         # decoder logits (low_res) -> square input (image_size) -> crop (input_hw) -> image
-        self.up = [(resize_matrix(i, n) @ resize_matrix(lo, image_size)[:i]).float()
+        self.up = [(resize_matrix(i, n) @ resize_matrix(lo, image_size)[:i]).float().numpy()
                    for lo, i, n in zip(low_res_hw, input_hw, image_hw)]
         # image -> input frame -> padded square (the padding's columns of the last resize) -> prompt size
         down = [resize_matrix(image_size, p) for p in prompt_hw]
-        self.down = [(d[:, :i] @ resize_matrix(n, i)).float() for d, i, n in zip(down, input_hw, image_hw)]
-        self.down_sums = [m.sum(1) for m in self.down]      # < 1 on prompt rows that read the padding
+        self.down = [(d[:, :i] @ resize_matrix(n, i)).float().numpy() for d, i, n in zip(down, input_hw, image_hw)]
+        sums = [m.sum(1) for m in self.down]      # < 1 on prompt rows that read the padding
+        self.down_sums = np.outer(*sums)
 
     def to_input(self, box: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
         """A box (x0, y0, x1, y1) in image pixels in SAM's input frame (`SamPromptGeometry.scale_boxes`, on numbers)."""
         sx, sy = self.input_scale
         return box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
 
-    def postprocess(self, low_res: torch.Tensor, window: tuple[int, int, int, int]) -> torch.Tensor:
-        """(h, w) decoder logits -> the logits at image pixels [y0:y1, x0:x1] of window (x0, y0, x1, y1)."""
+    def postprocess(self, low_res: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+        """(h, w) decoder logits -> the float32 logits at image pixels [y0:y1, x0:x1] of window (x0, y0, x1, y1)."""
         x0, y0, x1, y1 = window
-        rows, cols = self.up[0][y0:y1].to(low_res.device), self.up[1][x0:x1].to(low_res.device)
-        return rows @ low_res.float() @ cols.T
+        return self.up[0][y0:y1] @ low_res.astype(np.float32, copy=False) @ self.up[1][x0:x1].T
 
-    def mask_prompt(self, mask: torch.Tensor, window: tuple[int, int, int, int], logit: float) -> torch.Tensor:
-        """(1, 1, *prompt_hw) dense prompt of the image-size boolean mask with +-`logit` values that is
-        `mask` (the window's crop, bool) inside `window` and False elsewhere."""
+    def mask_prompt(self, mask: np.ndarray, window: tuple[int, int, int, int], logit: float) -> np.ndarray:
+        """The (*prompt_hw) float32 dense prompt of the image-size boolean mask with +-`logit` values that is `mask`
+        (the window's crop, bool) inside `window` and False elsewhere."""
         x0, y0, x1, y1 = window
-        whole_image = tuple(mask.shape) == self.image_hw and bool(mask.all())
+        whole_image = mask.shape == self.image_hw and bool(mask.all())
         pad = -1.0 if whole_image else -logit      # min(-1, min logit)
-        rows, cols = (m.to(mask.device) for m in self.down)
-        sums = [s.to(mask.device) for s in self.down_sums]
         # resize(pad + (map - pad)) = pad + R (map - pad) C.T, and map - pad = (-logit - pad) + 2 logit * mask
-        out = pad + (-logit - pad) * sums[0][:, None] * sums[1][None]
-        out = out + 2 * logit * (rows[:, y0:y1] @ mask.float() @ cols[:, x0:x1].T)
-        return out[None, None]
+        out = pad + (-logit - pad) * self.down_sums
+        out += 2 * logit * (self.down[0][:, y0:y1] @ mask.astype(np.float32) @ self.down[1][:, x0:x1].T)
+        return out.astype(np.float32, copy=False)
