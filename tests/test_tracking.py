@@ -309,6 +309,56 @@ def test_updates_and_restarts_from_two_threads(pipe, demo):
     assert not errors and [t.state for t in tracker.tracks] == ["tracking"]
 
 
+def test_start_and_stop_never_wait_for_the_update_in_progress(pipe, demo):
+    """An instruction that starts tracking must not wait for the frame being tracked: with an update held inside
+    its decoder pass, start() and stop() return, and that update then leaves out the tracks they replaced."""
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    old = tracker.start(objects, image=scene.image)[0].track_id
+    in_decoder, release = threading.Event(), threading.Event()
+    decode = tracker.backend.decode
+
+    def held_decode(*args):
+        in_decoder.set()
+        assert release.wait(60), "the test did not release the update"
+        return decode(*args)
+
+    tracker.backend.decode = held_decode
+    result = {}
+    updating = threading.Thread(target=lambda: result.setdefault("update", tracker.update(scene.image)))
+    updating.start()
+    try:
+        assert in_decoder.wait(60)
+        tracker.backend.decode = decode                      # the new tracks' own work must not be held
+        _returns_while_held(lambda: result.setdefault("new", tracker.start(objects, image=scene.image)))
+        assert [t.track_id for t in result["new"]] == [old + 1] and [t.track_id for t in tracker.tracks] == [old + 1]
+    finally:
+        release.set()
+        updating.join(60)
+    assert result["update"].objects == []                    # the replaced track is not reported as current
+    assert [o.track_id for o in tracker.update(scene.image).objects] == [old + 1]
+    follower = threading.Thread(target=lambda: tracker.update(scene.image))
+    tracker.backend.decode = held_decode
+    in_decoder.clear()
+    release.clear()
+    follower.start()
+    try:
+        assert in_decoder.wait(60)
+        _returns_while_held(tracker.stop)
+        assert tracker.tracks == []
+    finally:
+        release.set()
+        follower.join(60)
+    tracker.backend.decode = decode
+
+
+def _returns_while_held(call):
+    thread = threading.Thread(target=call)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "it waited for the update in progress"
+
+
 # ---- the image cues ---------------------------------------------------------------------------------------
 def test_estimate_shift_finds_a_known_shift_to_a_pixel():
     rng = np.random.default_rng(0)

@@ -45,3 +45,13 @@ class Track:
     frames_lost: int = 0
     age: int = 0
     out: TrackedObject | None = None
+
+    def snapshot(self, mask: np.ndarray | None, score: float, confidence: float, appearance: float = 1.0,
+                 regrounded: bool = False) -> TrackedObject:
+        """This frame's TrackedObject: tracking with `mask` (the one `box` was set with), or lost (mask None)."""
+        if mask is None:
+            return TrackedObject(self.track_id, self.phrase, "lost", np.zeros(self.image_hw, np.uint8), (0, 0, 0, 0),
+                                 0.0, confidence, appearance, self.reason, self.frames_lost, self.age)
+        box = tuple(int(v) for v in self.box)
+        return TrackedObject(self.track_id, self.phrase, "tracking", mask.view(np.uint8) * np.uint8(255), box, score,
+                             confidence, appearance, "", 0, self.age, regrounded)

@@ -7,8 +7,9 @@
         for obj in tracker.update(rgb).objects:    # obj.track_id, .state, .mask, .box, .confidence
             ...
 
-Per frame the SAM image encoder runs once; then, per object, one pass of the prompt decoder with F-LMM's
-prompt set (`sam_decoder.SamPromptDecoder`): a dense mask prompt (the object's recent masks), a box (the last
+Per frame the SAM image encoder runs once (int8 weights on a CPU: `int8_encoder`); then, per object, one pass of
+the prompt decoder with F-LMM's prompt set (`sam.prompt_decoder.SamPromptDecoder`; between the passes the tracker
+works in NumPy on the search window): a dense mask prompt (the object's recent masks), a box (the last
 mask's, grown by `box_margin`) and the phrase's tokens from the grounding pass (`GroundedObject.prompt_tokens`).
 Before the pass the prompt is moved to where the object's pixels went (masked template matching); after it,
 the mask is cut to the last box grown by `search_margin`, its logits get `colour_weight` x the log-ratio of the
@@ -46,9 +47,11 @@ PROMPT_LOGIT = 8.0          # a mask as a dense prompt: +-8, the range of a conf
 class ObjectTracker:
     """Keeps grounded objects on every new camera frame (method and lost rule: the module docstring).
 
-    Thread-safety: every public method takes the tracker's lock, so `update` (camera thread) and `start` /
-    `stop` (instruction thread) may be called from different threads. SAM runs outside the pipeline's lock;
-    only re-grounding takes it (through `pipeline.encode` / `ground`)."""
+    Thread-safety: `update` (camera thread) and `start` / `stop` (instruction thread) may be called from different
+    threads. Updates run one at a time on the tracks there were when they began; `start` and `stop` swap the list of
+    tracks under a short lock, so they never wait for an update (an instruction that starts tracking is not delayed
+    by the frame being tracked), and an update leaves out of its result the tracks stopped or replaced meanwhile.
+    SAM runs outside the pipeline's lock; only re-grounding takes it (through `pipeline.encode` / `ground`)."""
 
     def __init__(self, pipeline: GroundingPipeline, config: TrackerConfig | dict | None = None,
                  yield_to: Callable[[], bool] | None = None):
@@ -76,7 +79,8 @@ class ObjectTracker:
         self._next_id = 1
         self._frame_index = 0
         self._last_reground = -10**9
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()              # the list of tracks, ids and config: held for moments only
+        self._update_lock = threading.Lock()       # one update (or re-grounding) at a time
         self._resize_maps: dict[tuple[int, int], SamResizeMaps] = {}    # per image size
 
     # ---- starting and stopping --------------------------------------------------------------------
@@ -85,14 +89,14 @@ class ObjectTracker:
               frame: FrameEncoding | None = None, replace: bool = True) -> list[TrackedObject]:
         """Track `objects`, grounded on `image` (give it: the objects' appearance and first motion come from
         it; `frame`, its encoding, saves a SAM encoder pass). `replace` drops the tracks so far."""
+        image = None if image is None else validate_image(image).copy()
+        encoding = self._encoding(image, frame) if image is not None else None
         with self._lock:
-            if replace:
-                self._tracks = []
-            image = None if image is None else validate_image(image).copy()
-            encoding = self._encoding(image, frame) if image is not None else None
-            new = [self._new_track(obj, image, encoding) for obj in objects]
-            self._tracks += new
-            return [t.out for t in new]
+            first_id, self._next_id = self._next_id, self._next_id + len(objects)
+        new = [self._new_track(first_id + i, obj, image, encoding) for i, obj in enumerate(objects)]
+        with self._lock:     # a new list: an update in progress keeps the one it began with
+            self._tracks = new if replace else self._tracks + new
+        return [t.out for t in new]
 
     def configure(self, config: TrackerConfig | dict) -> None:
         """New thresholds from the next frame on (tracks kept); the runtime's settings (RUNTIME_SETTINGS) cannot."""
@@ -114,7 +118,8 @@ class ObjectTracker:
         with self._lock:
             return [t.out for t in self._tracks]
 
-    def _new_track(self, obj: GroundedObject, image: np.ndarray | None, encoding: SamImageEncoding | None) -> Track:
+    def _new_track(self, track_id: int, obj: GroundedObject, image: np.ndarray | None,
+                   encoding: SamImageEncoding | None) -> Track:
         if obj.prompt_tokens is None:
             raise GroundingError(f"{obj.phrase!r} has no prompt tokens to track it with: ground it with the SAM "
                                  "refiner on (refine: true)")
@@ -126,15 +131,14 @@ class ObjectTracker:
         area = int(np.count_nonzero(mask))
         prompt = self._mask_prompt(mask, (h, w))
         tokens = torch.as_tensor(obj.prompt_tokens, dtype=torch.float32, device=self.refiner.device)[None]
-        track = Track(self._next_id, obj.phrase, tokens, (h, w), mask, box or (0.0, 0.0, 0.0, 0.0), area, area,
+        track = Track(track_id, obj.phrase, tokens, (h, w), mask, box or (0.0, 0.0, 0.0, 0.0), area, area,
                       cues.sigmoid(prompt), image)
-        self._next_id += 1
         if box is None or area < self.config.min_area * h * w:
             track.state, track.reason = "lost", "empty" if box is None else "too_small"
         elif image is not None:
             track.colours = cues.colour_histogram(image, mask)
             track.descriptor = cues.embedding_descriptor(encoding.embedding, prompt)
-        track.out = self._snapshot(track, mask if track.state == "tracking" else None, obj.score, obj.score)
+        track.out = track.snapshot(mask if track.state == "tracking" else None, obj.score, obj.score)
         return track
 
     # ---- per frame -------------------------------------------------------------------------------------
@@ -143,45 +147,50 @@ class ObjectTracker:
         """Follow every object onto `image` (RGB uint8). `frame`, the pipeline's encoding of this same image,
         saves the SAM encoder and, when re-grounding, the LMM's encoding."""
         image = validate_image(image)
-        with self._lock:
-            self._frame_index += 1
+        with self._update_lock:
+            with self._lock:
+                self._frame_index += 1
+                index, tracks = self._frame_index, self._tracks
             clock = _StageClock(None, self.pipeline.config.device)    # synchronises CUDA at stage edges
-            if not self._tracks:
-                return TrackingUpdate(self._frame_index, [], clock.timings)
+            if not tracks:
+                return TrackingUpdate(index, [], clock.timings)
             image = image.copy()         # kept for the next frame's template matching; the caller may reuse it
             with clock.stage("sam_encoder"):
                 encoding = self._encoding(image, frame)
-            if any(t.image_hw != encoding.image_hw for t in self._tracks):
-                raise GroundingError(f"the image size changed from {self._tracks[0].image_hw} to "
+            if any(t.image_hw != encoding.image_hw for t in tracks):
+                raise GroundingError(f"the image size changed from {tracks[0].image_hw} to "
                                      f"{encoding.image_hw}: start tracking again on the new images")
             found = {}
-            for track in self._tracks:
+            for track in tracks:
                 if track.state == "tracking" or self.config.recover:
                     cand = self._follow(track, encoding, image, clock)
                     if cand is not None:
                         found[track.track_id] = cand
             with clock.stage("post"):
-                self._settle(found, image)
+                self._settle(tracks, found, image)
             regrounded = set()
-            if self._reground_due():
+            if self._reground_due(tracks):
                 with clock.stage("reground"):
-                    regrounded = self._reground(image, frame, encoding, self._yield)
-            for track in self._tracks:
+                    regrounded = self._reground(tracks, image, frame, encoding, self._yield)
+            for track in tracks:
                 if track.state == "lost" and track.track_id not in regrounded:
                     track.frames_lost += 1
-                    track.out = self._snapshot(track, None, 0.0, track.out.confidence, track.out.appearance)
-            return TrackingUpdate(self._frame_index, [t.out for t in self._tracks], clock.timings)
+                    track.out = track.snapshot(None, 0.0, track.out.confidence, track.out.appearance)
+            with self._lock:     # not the tracks stopped or replaced meanwhile
+                current = {id(t) for t in self._tracks}
+            return TrackingUpdate(index, [t.out for t in tracks if id(t) in current], clock.timings)
 
     def reground(self, image: np.ndarray, frame: FrameEncoding | None = None) -> list[int]:
         """Ground every lost object's phrase again with the LMM now (also done by `update` with `regrounding:
         auto`); returns the ids found again. Call it after `update` on the same image."""
         image = validate_image(image)
-        with self._lock:
+        with self._update_lock:
+            tracks = self._tracks
             encoding = self._encoding(image, frame)
-            found = self._reground(image, frame, encoding)
-            for track in self._tracks:
+            found = self._reground(tracks, image, frame, encoding)
+            for track in tracks:
                 if track.state == "lost" and track.track_id not in found:
-                    track.out = self._snapshot(track, None, 0.0, track.out.confidence, track.out.appearance)
+                    track.out = track.snapshot(None, 0.0, track.out.confidence, track.out.appearance)
             return sorted(found)
 
     def _follow(self, track: Track, encoding: SamImageEncoding, image: np.ndarray, clock) -> Candidate | None:
@@ -207,25 +216,26 @@ class ObjectTracker:
             return None
         return cand
 
-    def _settle(self, found: dict[int, Candidate], image: np.ndarray, regrounded: bool = False) -> None:
+    def _settle(self, tracks: list[Track], found: dict[int, Candidate], image: np.ndarray,
+                regrounded: bool = False) -> None:
         """Accept the candidates that passed the rule; one object, one track: tracks still tracking first (a
         re-found object never takes over one that is tracked), among them the one whose mask changed least since
         its last frame (a track drifting onto a neighbour changes a lot, the neighbour's own track little), then
         the most confident."""
-        tracks = {t.track_id: t for t in self._tracks}
+        by_id = {t.track_id: t for t in tracks}
 
         def priority(i: int) -> tuple:
             # Steadiness only orders candidates that may claim one object (their boxes meet): image-size mask IoUs
             # for every object on every frame would cost more than the rest of the rule.
-            track, box = tracks[i], found[i].box
+            track, box = by_id[i], found[i].box
             contested = any(j != i and cues.boxes_meet(box, found[j].box) for j in found)
             steady = cues.mask_iou(found[i].mask, track.mask) if contested and track.state == "tracking" else 0.0
             return track.state != "tracking", -steady, -found[i].confidence
 
         order = sorted(found, key=priority)
-        taken = [t.mask for t in self._tracks if t.state == "tracking" and t.track_id not in found]
+        taken = [t.mask for t in tracks if t.state == "tracking" and t.track_id not in found]
         for track_id in order:
-            cand, track = found[track_id], tracks[track_id]
+            cand, track = found[track_id], by_id[track_id]
             if any(cues.mask_iou(cand.mask, m) > self.config.max_overlap for m in taken):
                 if track.state == "tracking":
                     self._lose(track, "duplicate", cand)
@@ -244,12 +254,12 @@ class ObjectTracker:
         track.largest_area = max(track.largest_area, cand.area)
         if track.colours is None:            # started without its image: the first tracked frame decides
             track.colours, track.descriptor = cand.colours, cand.descriptor
-        track.out = self._snapshot(track, cand.mask, cand.score, cand.confidence, cand.appearance, regrounded)
+        track.out = track.snapshot(cand.mask, cand.score, cand.confidence, cand.appearance, regrounded)
 
     def _lose(self, track: Track, reason: str, cand: Candidate) -> None:
         """Lost: the prompt, box and mask stay those of the last good frame, to look for it there again."""
         track.state, track.reason = "lost", reason
-        track.out = self._snapshot(track, None, 0.0, cand.confidence, cand.appearance)
+        track.out = track.snapshot(None, 0.0, cand.confidence, cand.appearance)
 
     def _check(self, track: Track, cand: Candidate) -> str:
         """'' when the candidate passes the lost rule, else the reason it fails."""
@@ -278,16 +288,16 @@ class ObjectTracker:
         return ""
 
     # ---- re-grounding ------------------------------------------------------------------------------------
-    def _reground_due(self) -> bool:
-        return (self.config.regrounding == "auto" and any(t.state == "lost" for t in self._tracks)
+    def _reground_due(self, tracks: list[Track]) -> bool:
+        return (self.config.regrounding == "auto" and any(t.state == "lost" for t in tracks)
                 and self._frame_index - self._last_reground >= self.config.reground_every)
 
-    def _reground(self, image: np.ndarray, frame: FrameEncoding | None, encoding: SamImageEncoding,
+    def _reground(self, tracks: list[Track], image: np.ndarray, frame: FrameEncoding | None, encoding: SamImageEncoding,
                   progress: Callable[[str], None] | None = None) -> set[int]:
         """Ground the lost objects' phrases with the LMM; a mask that passes the rule (after one pass of the
         tracker's decoder prompted with it) gives the object back under its id. Returns the ids found."""
         self._last_reground = self._frame_index
-        lost = [t for t in self._tracks if t.state == "lost"]
+        lost = [t for t in tracks if t.state == "lost"]
         if not lost:
             return set()
         try:
@@ -306,7 +316,7 @@ class ObjectTracker:
             cand = self._finish(cand, encoding, image, box, mask, track)
             if not self._check(track, cand):
                 found[track.track_id] = cand
-        self._settle(found, image, regrounded=True)
+        self._settle(tracks, found, image, regrounded=True)
         return {t.track_id for t in lost if t.track_id in found and t.state == "tracking"}
 
     def _yield(self, _stage: str) -> None:
@@ -385,13 +395,3 @@ class ObjectTracker:
             if track.state != "tracking" or self.config.min_similarity > 0 or track.descriptor is None:
                 cand.descriptor = cues.embedding_descriptor(encoding.embedding, cand.low_res)   # else unused
         return cand
-
-    def _snapshot(self, track: Track, mask: np.ndarray | None, score: float, confidence: float,
-                  appearance: float = 1.0, regrounded: bool = False) -> TrackedObject:
-        if mask is None:
-            h, w = track.image_hw
-            return TrackedObject(track.track_id, track.phrase, "lost", np.zeros((h, w), np.uint8), (0, 0, 0, 0),
-                                 0.0, confidence, appearance, track.reason, track.frames_lost, track.age)
-        box = tuple(int(v) for v in track.box)     # the box of `mask` (set with it)
-        return TrackedObject(track.track_id, track.phrase, "tracking", mask.view(np.uint8) * np.uint8(255), box, score,
-                             confidence, appearance, "", 0, track.age, regrounded)

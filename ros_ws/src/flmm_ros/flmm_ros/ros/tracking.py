@@ -4,8 +4,9 @@
 One thread takes the newest camera frame whenever it is free (frames that came meanwhile are skipped, never
 queued), updates every track, adds 3D from the depth of that frame's stamp and publishes flmm_msgs/
 TrackedObjects, the overlay and markers with the track ids. State changes (lost, found again, stopped) go to
-~/status. An update never starts while an instruction is served (instructions first), so an instruction waits
-at most for the one update already running when it came; the tracker's SAM runs outside the pipeline's lock.
+~/status. An update never starts while an instruction is served (instructions first), so an instruction shares the
+CPU with at most the one update already running when it came, and starting its tracks does not wait for that update
+(ObjectTracker swaps its list of tracks); the tracker's SAM runs outside the pipeline's lock.
 """
 from __future__ import annotations
 
@@ -115,6 +116,8 @@ class TrackingServer:
         header = frame.image.header
         rgb = image_to_rgb(frame.image)
         update = tracker.update(rgb)
+        if not update.objects and tracker.tracks:   # an instruction replaced its tracks meanwhile: the next frame
+            return                                  # has the new ones (an empty message would read as "stopped")
         timings = dict(update.timings)
         poses, pose_status = [None] * len(update.objects), ['lost'] * len(update.objects)
         visible = [i for i, obj in enumerate(update.objects) if obj.state == 'tracking']
