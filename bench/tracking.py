@@ -8,9 +8,9 @@ One run, same frames (a 640x480 camera pan from `tabletop/sequences.py`), same o
   re-ground  the slow way: per frame `pipe.encode` (vision tower, LMM prefix, SAM encoder) and
              `pipe.ground(phrases)` (phrase pass, mask head, SAM decoder), plus the same 3D.
 Tracking runs on each SAM backend that runs here (torch; ONNX Runtime on a CPU, with its default int8 image encoder
-and with the FP32 one) with 1 and 2 threads (torch threads, and ONNX Runtime intra-op threads). Every way runs on every frame in turn (interleaved, so that
-a change of machine load hits all alike); medians over --repeats frames after --warmup, wall time and the
-process's CPU time.
+and with the FP32 one) with 1 and 2 threads (torch threads, and ONNX Runtime intra-op threads). Every way runs on
+every frame in turn (interleaved, so that a change of machine load hits all alike); medians over --repeats frames
+after --warmup, wall time and the process's CPU time.
 
     python bench/tracking.py                                       # embedded tabletop-tiny on this CPU
     python bench/tracking.py --config llava15-7b --device cuda     # LLaVA-1.5-7B + SAM ViT-L shapes (GPU)
