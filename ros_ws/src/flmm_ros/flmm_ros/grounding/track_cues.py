@@ -81,8 +81,8 @@ def shift_mask(mask: np.ndarray, dx: float, dy: float) -> np.ndarray:
 
 def warp_prompt(prompt: np.ndarray, old_box: Box, new_box: Box, fill: float = 0.0) -> np.ndarray:
     """Move and scale an (h, w) float32 map so that `old_box` lands on `new_box` (boxes in the map's own normalised
-    [-1, 1] coordinates, as torch's affine_grid reads them); `fill` is what comes in from outside. Bilinear
-    (OpenCV's, to 1/32 of a cell)."""
+    [-1, 1] coordinates, as torch's affine_grid reads them); `fill` is what comes in from outside. Bilinear: the
+    numbers of torch's affine_grid + grid_sample (align_corners=False), in one OpenCV call."""
     (ox0, oy0, ox1, oy1), (nx0, ny0, nx1, ny1) = old_box, new_box
     h, w = prompt.shape
     sx, sy = (ox1 - ox0) / max(nx1 - nx0, 1e-6), (oy1 - oy0) / max(ny1 - ny0, 1e-6)
