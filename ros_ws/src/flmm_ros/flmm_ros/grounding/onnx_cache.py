@@ -82,7 +82,8 @@ def cached_export(root: Path, prefix: str, fields: dict, file_name: str, export,
         log.info("exporting %s to ONNX (%s)", prefix, final)
         export(staging / file_name)
         for part in staging.iterdir():   # some writers (onnx's external data) make files private
-            part.chmod(0o644)
+            if part.is_file():
+                part.chmod(0o644)
         (staging / META_FILE).write_text(json.dumps(fields, indent=1, sort_keys=True))
         if final.exists() and (force or not (final / file_name).is_file()):
             shutil.rmtree(final)

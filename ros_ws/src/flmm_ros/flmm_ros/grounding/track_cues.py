@@ -187,10 +187,10 @@ def histogram_similarity(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(a * b).sum())
 
 
-def embedding_descriptor(embedding: torch.Tensor, low_res: torch.Tensor | np.ndarray) -> torch.Tensor | None:
+def embedding_descriptor(embedding: torch.Tensor, low_res: np.ndarray) -> torch.Tensor | None:
     """SAM's (1, C, h, w) image embedding averaged under a mask given as (4h, 4w) low-res logits of the same square
     frame (each cell weighted by its mean probability); unit norm, None if the mask is empty."""
-    low_res = torch.as_tensor(low_res, device=embedding.device).reshape(1, 1, *low_res.shape[-2:])
+    low_res = torch.from_numpy(np.ascontiguousarray(low_res))[None, None].to(embedding.device)
     weights = F.adaptive_avg_pool2d(low_res.float().sigmoid(), embedding.shape[-2:])
     total = weights.sum()
     if total <= 1e-6:
