@@ -4,9 +4,13 @@ and when it is found again with the same id, and ~/stop_tracking ends it; every 
 Embedded model, a generated sequence with exact masks.
 
 Each frame is published only after the tracks of the previous one arrived, so no frame is skipped by the
-node's latest-frame policy and the test does not depend on the machine's speed.
+node's latest-frame policy and the test does not depend on the machine's speed. Each test stamps its frames from a
+base of its own and reads only the status lines that came after it began, so the tests hold in any order and
+repeated (`--count`) against one node.
 """
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ pytestmark = pytest.mark.ros
 # The purple ball leaves the view at frame 21 and is back whole from frame 35.
 SEQUENCE = generate_sequence(3, (240, 320), scenario='reentry')
 TARGET = SEQUENCE.targets[0]
+STAMP_BASES = itertools.count(1000, 1000)      # seconds: each test's frames get stamps of their own
 
 
 @pytest.fixture(scope='module')
@@ -36,14 +41,14 @@ def node(tmp_path_factory):
         process.close()
 
 
-def publish(probe, t: int):
-    image = stamped(rgb_to_image(SEQUENCE.frame(t).image), 1000 + t, frame_id='camera')
+def publish(probe, t: int, base: int):
+    image = stamped(rgb_to_image(SEQUENCE.frame(t).image), base + t, frame_id='camera')
     probe.image_pub.publish(image)
     return image.header
 
 
-def stamp_of(t: int):
-    return stamped(rgb_to_image(SEQUENCE.frame(0).image[:8, :8]), 1000 + t, frame_id='camera').header
+def stamp_of(t: int, base: int):
+    return stamped(rgb_to_image(SEQUENCE.frame(0).image[:8, :8]), base + t, frame_id='camera').header
 
 
 def tracks_for(probe, header):
@@ -62,23 +67,29 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def statuses(probe) -> list[str]:
-    return [s.data for s in probe.outputs['status']]
+def statuses(probe, since: int = 0) -> list[str]:
+    return [s.data for s in probe.outputs['status'][since:]]
 
 
-def test_a_tracked_goal_follows_its_target_with_one_id_through_leaving_and_reentering_the_view(node):
-    probe = node.probe
-    probe.wait_frame(publish(probe, 0))
+def start_tracking(probe, base: int) -> int:
+    """A goal with track: true on the sequence's first frame; its one track id."""
+    probe.wait_frame(publish(probe, 0, base))
     phrase = SEQUENCE.phrases[0]
     status, result = wait_result(send_goal(probe, f'pick {phrase}', track=True))
     assert result.success, result.error
     assert [o.phrase for o in result.objects] == [phrase] and len(result.track_ids) == 1
-    track_id = result.track_ids[0]
-    probe.wait_for(lambda: any(s.startswith('tracking #') for s in statuses(probe)), 30, "status 'tracking'")
+    return result.track_ids[0]
+
+
+def test_a_tracked_goal_follows_its_target_with_one_id_through_leaving_and_reentering_the_view(node):
+    probe, base, since = node.probe, next(STAMP_BASES), len(node.probe.outputs['status'])
+    track_id = start_tracking(probe, base)
+    probe.wait_for(lambda: any(s.startswith(f'tracking #{track_id}') for s in statuses(probe, since)), 30,
+                   "status 'tracking'")
 
     ious, states = [], []
     for t in range(1, 50):
-        frame = tracks_for(probe, publish(probe, t))
+        frame = tracks_for(probe, publish(probe, t, base))
         assert [o.track_id for o in frame.objects] == [track_id]        # one stable id, frame after frame
         (obj,) = frame.objects
         states.append((t, obj.state, obj.lost_reason))
@@ -90,21 +101,25 @@ def test_a_tracked_goal_follows_its_target_with_one_id_through_leaving_and_reent
     assert np.mean(ious) >= 0.6, f"mean IoU {np.mean(ious):.2f} while the target was in view"
     gone = [(state, reason) for t, state, reason in states if 21 <= t <= 32]
     assert ('lost', '') not in gone and any(state == 'lost' and reason for state, reason in gone), states
-    assert any(s.startswith(f'track #{track_id}') and 'lost (' in s for s in statuses(probe))
+    assert any(s.startswith(f'track #{track_id}') and 'lost (' in s for s in statuses(probe, since))
     back = [t for t, state, _ in states if t >= 35 and state == 'tracking']
     assert back, f"never found again after re-entering the view: {states[34:]}"
-    assert iou(mask_of(tracks_for(probe, stamp_of(back[-1])).objects[0]), SEQUENCE.frame(back[-1]).masks[TARGET]) > 0.5
-    assert any(s.startswith(f'track #{track_id}') and 'found again' in s for s in statuses(probe))
+    last = tracks_for(probe, stamp_of(back[-1], base)).objects[0]
+    assert iou(mask_of(last), SEQUENCE.frame(back[-1]).masks[TARGET]) > 0.5
+    assert any(s.startswith(f'track #{track_id}') and 'found again' in s for s in statuses(probe, since))
 
 
 def test_stop_tracking_ends_the_tracks_and_says_so(node):
     probe = node.probe
+    start_tracking(probe, next(STAMP_BASES))
+    since, tracks_since = len(probe.outputs['status']), len(probe.outputs['tracks'])
     client = probe.create_client(Trigger, '/flmm_grounding/stop_tracking')
     assert client.wait_for_service(timeout_sec=30)
     response = wait_future(client.call_async(Trigger.Request()), 30, 'stop_tracking')
     assert response.success and response.message.startswith('stopped tracking 1 object')
-    probe.wait_for(lambda: any(m.objects == [] for m in probe.outputs['tracks']), 30, 'an empty ~/tracks')
-    assert 'tracking stopped (~/stop_tracking)' in statuses(probe)
+    probe.wait_for(lambda: any(m.objects == [] for m in probe.outputs['tracks'][tracks_since:]), 30,
+                   'an empty ~/tracks')
+    assert 'tracking stopped (~/stop_tracking)' in statuses(probe, since)
     probe.wait_diagnostic('tracks_tracking', lambda v: v == '0', 'no tracks in /diagnostics')
     again = wait_future(client.call_async(Trigger.Request()), 30, 'stop_tracking again')
     assert again.success and again.message == 'nothing was being tracked'
@@ -124,7 +139,7 @@ def test_the_client_starts_and_stops_tracking(node):
     import subprocess
     import sys
     probe = node.probe
-    probe.wait_frame(publish(probe, 0))
+    probe.wait_frame(publish(probe, 0, next(STAMP_BASES)))
     env = dict(os.environ, ROS_DOMAIN_ID=str(node.domain_id), ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
 
     def client(*args):
