@@ -54,7 +54,7 @@ def bundle(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope='module')
-def grounding(tmp_path_factory, bundle):
+def grounding(tmp_path_factory, bundle, repetition):
     # Low mask threshold: the random-weight model then always marks pixels, so 3D is always computed.
     # Fast diagnostics: tests wait on the frame the node reports as its latest.
     node = GroundingProcess(tmp_path_factory.mktemp('node'), bundle,

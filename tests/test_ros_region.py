@@ -39,7 +39,7 @@ def mask_of(obj) -> np.ndarray:
 
 
 @pytest.fixture(scope='module')
-def node(tmp_path_factory):
+def node(tmp_path_factory, repetition):
     process = GroundingProcess(tmp_path_factory.mktemp('region'), None,
                                {'input_qos': 'RELIABLE', 'diagnostics_period': 0.1, 'max_frame_age': 0.0,
                                 'max_new_tokens': 48})

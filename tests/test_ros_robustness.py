@@ -34,7 +34,7 @@ def bundle(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def default_node(tmp_path_factory, bundle):
+def default_node(tmp_path_factory, bundle, repetition):
     """The shipped parameters (SENSOR_DATA input, queue / max_queued 1, max_frame_age 2) and a best-effort camera."""
     node = GroundingProcess(tmp_path_factory.mktemp('default'), bundle, dict(FAST_DIAGNOSTICS), camera_qos=SENSOR_DATA)
     try:

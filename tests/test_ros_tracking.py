@@ -30,7 +30,7 @@ STAMP_BASES = itertools.count(1000, 1000)      # seconds: each test's frames get
 
 
 @pytest.fixture(scope='module')
-def node(tmp_path_factory):
+def node(tmp_path_factory, repetition):
     process = GroundingProcess(tmp_path_factory.mktemp('tracking'), None,
                                {'input_qos': 'RELIABLE', 'diagnostics_period': 0.1, 'max_frame_age': 0.0,
                                 'use_3d': False})

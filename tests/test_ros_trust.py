@@ -33,7 +33,7 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.fixture(scope='module')
-def node(tmp_path_factory):
+def node(tmp_path_factory, repetition):
     process = GroundingProcess(tmp_path_factory.mktemp('trust'), None,
                                {'input_qos': 'RELIABLE', 'diagnostics_period': 0.1, 'max_frame_age': 0.0})
     try:
