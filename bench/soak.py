@@ -11,6 +11,10 @@ callback ("latency", as before), frames published vs frames grounded (the node k
 the latest frame: the rest are dropped by design), the age of the frame each result used, and the
 node's resident memory over time (first minute vs last minute).
 
+With --track the camera plays a held-out tracking video (objects slide, the camera drifts; forwards and back) and
+the instructions name its objects; in the second half every instruction also starts tracking them, and the report
+compares the time to mask of the two halves with the cost of one tracking update.
+
     python bench/soak.py --duration 600            # the 10-minute soak
     python bench/soak.py --duration 15             # smoke (CI)
 """
@@ -43,11 +47,13 @@ from std_msgs.msg import String
 from flmm_ros.ros.image_conversions import rgb_to_image
 from flmm_ros.ros.testing import SENSOR_DATA, GroundingProcess
 from flmm_ros.tabletop.scenes import generate_scene, split_seeds
+from flmm_ros.tabletop.sequences import generate_sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCTIONS = ("pick the red mug", "grab the blue ball", "where is the bowl?", "pick up the green box",
                 "take the yellow can", "what is on the left?")
 RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE)
+TRACK_SEED = 2000002        # a held-out `shift` sequence with three objects to name (tracking_stream)
 LATCHED = QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE, durability=DurabilityPolicy.TRANSIENT_LOCAL)
 H, W = 480, 640
 
@@ -55,9 +61,10 @@ H, W = 480, 640
 class Camera(Node):
     """Publishes the camera stream and the instructions; records results and status."""
 
-    def __init__(self, context: Context, frames: list[Image], fps: float, rate: float, camera_qos: QoSProfile):
+    def __init__(self, context: Context, frames: list[Image], instructions: tuple[str, ...], fps: float, rate: float,
+                 camera_qos: QoSProfile):
         super().__init__(f"flmm_soak_{os.getpid()}", context=context)
-        self.frames = frames
+        self.frames, self.instructions = frames, instructions
         self.image_pub = self.create_publisher(Image, "image", camera_qos)
         self.depth_pub = self.create_publisher(Image, "depth", camera_qos)
         self.info_pub = self.create_publisher(CameraInfo, "camera_info", camera_qos)
@@ -69,6 +76,7 @@ class Camera(Node):
         self.tracking_at: float | None = None         # the second of the run tracking was switched on (--track)
         self.track_updates: list[float] = []          # seconds per tracking update (its stages but 3D)
         self.track_3d: list[float] = []               # seconds of its objects' 3D poses (depth_3d)
+        self.track_states: Counter = Counter()         # "tracking" / "lost": objects on ~/tracks over the run
         self.depth, self.info = depth_and_info()
         self.lock = threading.Lock()
         self.published_frames = 0
@@ -100,7 +108,7 @@ class Camera(Node):
     def _publish_instruction(self):
         if not self.streaming or self.published_frames == 0:
             return
-        text = INSTRUCTIONS[self.sent_count % len(INSTRUCTIONS)]
+        text = self.instructions[self.sent_count % len(self.instructions)]
         with self.lock:
             self.sent[text].append({"sent": time.monotonic(), "sent_ns": time.time_ns(), "objects": None,
                                     "result": None, "failed": False, "tracking": self.tracking_at is not None})
@@ -146,6 +154,7 @@ class Camera(Node):
             self.results.append(record)
 
     def _on_tracks(self, msg: TrackedObjects):
+        self.track_states.update(o.state for o in msg.objects)
         if msg.objects:
             stages = dict(zip(msg.stage_names, msg.stage_seconds))
             self.track_3d.append(stages.pop('depth_3d', 0.0))
@@ -179,12 +188,24 @@ def depth_and_info() -> tuple[Image, CameraInfo]:
 
 
 def camera_frames(count: int) -> list[Image]:
-    frames = []
-    for seed in split_seeds("test", count):
-        msg = rgb_to_image(generate_scene(seed, (H, W)).image)
-        msg.header.frame_id = "camera_color_optical_frame"
-        frames.append(msg)
-    return frames
+    """`count` different held-out scenes (the camera shows a new one on every frame)."""
+    return [_image_msg(generate_scene(seed, (H, W)).image) for seed in split_seeds("test", count)]
+
+
+def tracking_stream() -> tuple[list[Image], tuple[str, ...]]:
+    """A held-out video that tracking can follow (objects slide along the table, the camera drifts: `shift`), played
+    forwards and back so that it loops without a jump, and instructions naming its objects."""
+    sequence = generate_sequence(TRACK_SEED, (H, W), "shift", length=60)
+    order = list(range(sequence.length)) + list(range(sequence.length - 2, 0, -1))
+    images = {t: _image_msg(sequence.frame(t).image) for t in range(sequence.length)}
+    verbs = ("pick {}", "grab {}", "where is {}?")
+    return [images[t] for t in order], tuple(verbs[i % len(verbs)].format(p) for i, p in enumerate(sequence.phrases))
+
+
+def _image_msg(rgb: np.ndarray) -> Image:
+    msg = rgb_to_image(rgb)
+    msg.header.frame_id = "camera_color_optical_frame"
+    return msg
 
 
 def rss_slope(memory: list[tuple[float, float]], after: float, switch: float | None = None) -> float:
@@ -212,7 +233,8 @@ def run(args: argparse.Namespace) -> dict:
                  "speak": False}
     camera_qos = RELIABLE if args.input_qos in ("RELIABLE", "DEFAULT") else SENSOR_DATA
     node = GroundingProcess(work, args.model or None, overrides, camera_qos=camera_qos)
-    camera = Camera(node.context, camera_frames(8), args.fps, args.rate, camera_qos)
+    frames, instructions = tracking_stream() if args.track else (camera_frames(8), INSTRUCTIONS)
+    camera = Camera(node.context, frames, instructions, args.fps, args.rate, camera_qos)
     node.executor.add_node(camera)
     memory: list[tuple[float, float]] = []
     exit_code = None
@@ -268,9 +290,18 @@ def tracking_comparison(results: list[dict], updates: list[float], poses: list[f
         return [r["node_mask_seconds"] * 1e3 for r in results
                 if r["success"] and r["node_mask_seconds"] > 0 and r["tracking"] == tracking]
 
+    def outside(tracking: bool) -> list[float]:   # DDS both ways and the node's wait for its executor
+        return [(r["mask_latency"] - r["node_mask_seconds"]) * 1e3 for r in results
+                if r["success"] and r["mask_latency"] is not None and r["node_mask_seconds"] > 0
+                and r["tracking"] == tracking]
+
     without, with_tracking = masks(False), masks(True)
     return {"node_mask_ms_without_tracking_p50": percentile(node_masks(False), 50),
             "node_mask_ms_with_tracking_p50": percentile(node_masks(True), 50),
+            "outside_node_ms_without_tracking_p50": percentile(outside(False), 50),
+            "outside_node_ms_with_tracking_p50": percentile(outside(True), 50),
+            "outside_node_ms_without_tracking_p95": percentile(outside(False), 95),
+            "outside_node_ms_with_tracking_p95": percentile(outside(True), 95),
             "mask_ms_without_tracking_p50": percentile(without, 50),
             "mask_ms_with_tracking_p50": percentile(with_tracking, 50),
             "mask_ms_without_tracking_p95": percentile(without, 95),
@@ -319,7 +350,8 @@ def summarise(camera: Camera, memory: list[tuple[float, float]], args, alive: bo
         "rss_slope_mib_per_min": rss_slope(memory, window, camera.tracking_at),
         "node_alive_at_end": alive, "node_exit_code_after_sigint": exit_code, "node_log": str(work / "node.log"),
         "rss_trace": [(round(t, 1), round(m, 1)) for t, m in memory],
-        "tracking": tracking_comparison(results, camera.track_updates, camera.track_3d) if args.track else None,
+        "tracking": tracking_comparison(results, camera.track_updates, camera.track_3d) | {
+            "tracked_object_states": dict(camera.track_states)} if args.track else None,
     }
 
 
@@ -362,9 +394,14 @@ def print_report(s: dict) -> None:
                                                      f"{t['mask_ms_with_tracking_p95']:.0f}"),
             ("node's mask_seconds p50 ms, no tracking / tracking",
              f"{t['node_mask_ms_without_tracking_p50']:.0f} / {t['node_mask_ms_with_tracking_p50']:.0f}"),
+            ("outside the node p50 / p95 ms, no tracking / tracking",
+             f"{t['outside_node_ms_without_tracking_p50']:.0f} / {t['outside_node_ms_without_tracking_p95']:.0f}, "
+             f"{t['outside_node_ms_with_tracking_p50']:.0f} / {t['outside_node_ms_with_tracking_p95']:.0f}"),
             ("tracking updates, p50 / p95 ms", f"{t['tracking_updates']}, {t['tracking_update_ms_p50']:.1f} / "
                                                f"{t['tracking_update_ms_p95']:.1f}"),
             ("tracking 3D poses p50 ms (not in the update)", f"{t['tracking_3d_ms_p50']:.1f}"),
+            ("tracked objects on ~/tracks by state", ", ".join(f"{k}: {v}" for k, v in
+                                                               sorted(t["tracked_object_states"].items())) or "none"),
         ]
     for name, value in rows:
         print(f"{name:<38} {value}")

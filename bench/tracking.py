@@ -35,6 +35,7 @@ import torch
 from pipeline import RANDOM_CONFIGS, build  # bench/pipeline.py: the same pipelines
 
 from flmm_ros.geometry3d import CameraIntrinsics, object_pose_from_depth
+from flmm_ros.grounding.blas_threads import single_threaded_numpy_blas
 from flmm_ros.grounding.tracking import ObjectTracker, TrackerConfig
 from flmm_ros.grounding.types import GroundingError
 from flmm_ros.tabletop.sequences import generate_sequence
@@ -179,6 +180,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
+    single_threaded_numpy_blas()      # as in the node (grounding/blas_threads.py)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: CUDA is not available on this machine")
     dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")

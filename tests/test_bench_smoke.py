@@ -101,6 +101,21 @@ def test_soak_smoke(tmp_path):
     assert "time to mask p50" in out
 
 
+@pytest.mark.ros
+def test_soak_track_smoke(tmp_path):
+    """--track: the camera plays a tracking video, the second half's instructions also start tracking; every
+    instruction still gets its result, and the tracks really follow the objects."""
+    out = run("bench/soak.py", "--duration", "10", "--track", "--json", str(tmp_path / "soak.json"),
+              "--work", str(tmp_path))
+    summary = json.loads((tmp_path / "soak.json").read_text())
+    assert summary["results_received"] == summary["instructions_sent"] >= 10 and summary["lost"] == 0
+    assert summary["node_alive_at_end"] and summary["node_exit_code_after_sigint"] == 0
+    tracking = summary["tracking"]
+    assert tracking["tracking_updates"] > 0 and tracking["tracked_object_states"].get("tracking", 0) > 0
+    assert tracking["mask_ms_without_tracking_p50"] > 0 and tracking["mask_ms_with_tracking_p50"] > 0
+    assert "time to mask p50 / p95 ms, tracking" in out
+
+
 def test_threads_benchmark_quick(tmp_path):
     out = run("bench/threads.py", "--quick", "--json", str(tmp_path / "t.json"))
     result = json.loads((tmp_path / "t.json").read_text())

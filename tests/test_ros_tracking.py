@@ -106,6 +106,11 @@ def test_a_tracked_goal_follows_its_target_with_one_id_through_leaving_and_reent
     assert back, f"never found again after re-entering the view: {states[34:]}"
     last = tracks_for(probe, stamp_of(back[-1], base)).objects[0]
     assert iou(mask_of(last), SEQUENCE.frame(back[-1]).masks[TARGET]) > 0.5
+    # The overlay follows the tracks (the probe subscribes to it): the tracked frame with its mask drawn.
+    overlay = probe.output_with_header('overlay', stamp_of(back[-1], base), timeout=60)
+    drawn = np.frombuffer(overlay.data, np.uint8).reshape(overlay.height, overlay.width, 3)
+    changed = (drawn != SEQUENCE.frame(back[-1]).image).any(-1)
+    assert changed[mask_of(last)].mean() > 0.8, "the overlay does not show the tracked mask"
     assert any(s.startswith(f'track #{track_id}') and 'found again' in s for s in statuses(probe, since))
 
 

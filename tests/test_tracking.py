@@ -192,23 +192,33 @@ def test_after_a_jump_only_regrounding_finds_the_object_and_it_keeps_its_id(pipe
 
 
 def test_a_regrounding_gives_way_when_the_lmm_is_wanted_and_comes_again_on_the_next_frame(pipe, jump):
-    """yield_to() True (the node: an instruction came) stops a re-grounding at its next stage; the object stays lost
-    and the re-grounding is tried again on the very next frame, even with reground_every 5."""
+    """yield_to() True (the node: an instruction came) while a re-grounding runs stops it at its next stage; the object
+    stays lost and the re-grounding is tried again on the very next frame, even with reground_every 5."""
     image, objects, jumped, moved_mask = jump
-    wanted = {"now": True, "asked": 0}
+    state = {"instruction": True, "regrounding": False, "asked": 0}
 
-    def lmm_wanted():
-        wanted["asked"] += 1
-        return wanted["now"]
+    def instruction_waits():
+        state["asked"] += state["regrounding"]
+        return state["instruction"] and state["regrounding"]   # it comes once the re-grounding has begun
 
-    tracker = ObjectTracker(pipe, TrackerConfig(reground_every=5, recover=False), yield_to=lmm_wanted)
+    tracker = ObjectTracker(pipe, TrackerConfig(reground_every=5, recover=False), yield_to=instruction_waits)
+    reground = tracker._reground
+
+    def regrounding(*args):
+        state["regrounding"] = True
+        try:
+            return reground(*args)
+        finally:
+            state["regrounding"] = False
+
+    tracker._reground = regrounding
     tracker.start(objects, image=image)
     first = tracker.update(jumped).objects[0]
-    assert first.state == "lost" and wanted["asked"] == 1     # asked before the first stage, gave way at once
-    wanted["now"] = False
+    assert first.state == "lost" and state["asked"] == 1     # asked before the first stage, gave way at once
+    state["instruction"] = False
     again = tracker.update(jumped).objects[0]
     assert again.state == "tracking" and again.regrounded and _iou(again.mask, moved_mask) >= 0.7
-    assert wanted["asked"] > 2                                # asked at each stage of the re-grounding
+    assert state["asked"] > 2                                 # asked at each stage of the re-grounding
 
 
 def test_public_reground_finds_lost_objects(pipe, jump):
@@ -350,6 +360,87 @@ def test_start_and_stop_never_wait_for_the_update_in_progress(pipe, demo):
         release.set()
         follower.join(60)
     tracker.backend.decode = decode
+
+
+def _track_state(tracker):
+    return [(t.track_id, t.state, t.age, t.frames_lost, t.mask.tobytes()) for t in tracker.tracks]
+
+
+@pytest.mark.parametrize("gives_way_from", [1, 2])
+def test_an_update_gives_way_while_an_instruction_waits_before_any_track_changes(pipe, demo, gives_way_from):
+    """yield_to() True before the SAM encoder pass (1st question) or right after it (2nd): the update returns
+    `interrupted`, no objects, no track changed and the frame not counted; the next frame is tracked as usual."""
+    scene, objects = demo
+    asked = []
+    tracker = ObjectTracker(pipe, yield_to=lambda: asked.append(1) or len(asked) >= gives_way_from)
+    tracker.start(objects, image=scene.image)
+    before = _track_state(tracker)
+    update = tracker.update(scene.image)
+    assert update.interrupted and update.objects == [] and update.frame_index == 0
+    assert ("sam_encoder" in update.timings) == (gives_way_from == 2) and len(asked) == gives_way_from
+    assert _track_state(tracker) == before
+    tracker.yield_to = None
+    after = tracker.update(scene.image)
+    assert not after.interrupted and after.frame_index == 1 and after.objects[0].state == "tracking"
+
+
+def _hold_encoder(tracker):
+    """Holds the tracker's next ONNX Runtime encoder pass until `release` is set; returns (in_encoder, release,
+    errors: what ONNX Runtime raised)."""
+    run, in_encoder, release, errors = tracker.backend._run, threading.Event(), threading.Event(), []
+
+    def held_run(session, feeds, outputs, options=None):
+        if session is tracker.backend.encoder and not release.is_set():
+            in_encoder.set()
+            assert release.wait(60), "the test did not release the encoder pass"
+        try:
+            return run(session, feeds, outputs, options)
+        except Exception as error:
+            errors.append(error)
+            raise
+
+    tracker.backend._run = held_run
+    return in_encoder, release, errors
+
+
+def test_interrupt_ends_the_encoder_pass_in_progress_with_no_track_changed(pipe, demo):
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    assert tracker.backend.name == "onnxruntime"
+    tracker.start(objects, image=scene.image)
+    before = _track_state(tracker)
+    in_encoder, release, errors = _hold_encoder(tracker)
+    result = {}
+    updating = threading.Thread(target=lambda: result.setdefault("update", tracker.update(scene.image)))
+    updating.start()
+    try:
+        assert in_encoder.wait(60)
+        tracker.interrupt()
+    finally:
+        release.set()
+        updating.join(60)
+    assert len(errors) == 1 and "terminate" in str(errors[0])     # ONNX Runtime ended the pass itself
+    assert result["update"].interrupted and result["update"].objects == [] and _track_state(tracker) == before
+    after = tracker.update(scene.image)                             # the interrupt was for that update only
+    assert not after.interrupted and after.objects[0].state == "tracking"
+
+
+def test_interrupt_never_ends_an_encoder_pass_outside_an_update(pipe, demo):
+    """start() encodes its image on the caller's thread (no frame encoding given): an interrupt meant for the
+    tracking thread must not make that instruction fail."""
+    scene, objects = demo
+    tracker = ObjectTracker(pipe)
+    in_encoder, release, errors = _hold_encoder(tracker)
+    result = {}
+    starting = threading.Thread(target=lambda: result.setdefault("tracks", tracker.start(objects, image=scene.image)))
+    starting.start()
+    try:
+        assert in_encoder.wait(60)
+        tracker.interrupt()
+    finally:
+        release.set()
+        starting.join(60)
+    assert errors == [] and [t.state for t in result["tracks"]] == ["tracking"]
 
 
 def _returns_while_held(call):

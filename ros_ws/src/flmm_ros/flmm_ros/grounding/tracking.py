@@ -34,14 +34,13 @@ import torch
 
 from . import track_cues as cues
 from .pipeline import FrameEncoding, GroundingPipeline, _StageClock, validate_image
-from .sam import OnnxRuntimeBackend, SamImageEncoding, SamRefiner, make_refiner_backend
-from .sam.resize import SamResizeMaps
+from .sam import SamImageEncoding
+from .track_sam import TrackerSam
 from .track_state import Candidate, Track
 from .tracking_config import LOST_REASONS, RUNTIME_SETTINGS, TRACK_STATES, TrackedObject, TrackerConfig, TrackingUpdate
 from .types import GroundedObject, GroundingCancelled, GroundingError
 
 __all__ = ["LOST_REASONS", "TRACK_STATES", "ObjectTracker", "TrackedObject", "TrackerConfig", "TrackingUpdate"]
-PROMPT_LOGIT = 8.0          # a mask as a dense prompt: +-8, the range of a confident coarse map
 
 
 class ObjectTracker:
@@ -55,33 +54,21 @@ class ObjectTracker:
 
     def __init__(self, pipeline: GroundingPipeline, config: TrackerConfig | dict | None = None,
                  yield_to: Callable[[], bool] | None = None):
-        """`yield_to()` True means the LMM is wanted elsewhere (the node: an instruction came): a re-grounding then
-        stops at its next stage and is tried again on the next frame, so an instruction never waits for one."""
+        """`yield_to()` True means the CPU is wanted elsewhere (the node: an instruction came or waits): an update
+        then gives way as `interrupt` makes it, and a re-grounding stops at its next stage and is tried again on the
+        next frame, so an instruction never waits for the LMM."""
         cfg = TrackerConfig.from_dict(config) if isinstance(config, dict) else (config or TrackerConfig())
         cfg.validate()
         self.pipeline, self.config, self.yield_to = pipeline, cfg, yield_to
-        device = torch.device(pipeline.config.device)
-        name = pipeline.config.backend if cfg.backend == "auto" else cfg.backend
-        if cfg.backend == "auto" and name in ("auto", "torch"):     # ONNX Runtime is ~3x faster on a CPU
-            name = "onnxruntime" if device.type == "cpu" else "torch"
-        # CPU: the pipeline's SAM precision (fp32 with dtype auto; fp16 is no faster there). GPU: fp16 unless the LMM
-        # is float32, for speed (tracking is not F-LMM's path, which grounding reproduces).
-        precision = (pipeline.config.sam_precision if device.type == "cpu"
-                     else "fp32" if pipeline.config.dtype == "float32" else "fp16")
-        if cfg.int8_encoder and name == "onnxruntime" and device.type == "cpu":
-            precision = "int8"      # ~30 % faster encoder; tracking quality unchanged (onnx_export.py)
-        self.backend = make_refiner_backend(name, pipeline.head.sam, device=device, precision=precision,
-                                            cache_dir=pipeline.config.engine_dir or None)
-        if isinstance(self.backend, OnnxRuntimeBackend) and self.backend.device.type == "cpu" and cfg.threads:
-            self.backend.set_threads(cfg.threads)
-        self.refiner = SamRefiner(pipeline.head.sam, self.backend)
+        self.sam = TrackerSam(pipeline, cfg)
+        self.backend, self.refiner = self.sam.backend, self.sam.refiner
         self._tracks: list[Track] = []
         self._next_id = 1
         self._frame_index = 0
         self._last_reground = -10**9
         self._lock = threading.Lock()              # the list of tracks, ids and config: held for moments only
         self._update_lock = threading.Lock()       # one update (or re-grounding) at a time
-        self._resize_maps: dict[tuple[int, int], SamResizeMaps] = {}    # per image size
+        self._interrupted = threading.Event()      # interrupt(): the update in progress gives way
 
     # ---- starting and stopping --------------------------------------------------------------------
     @torch.no_grad()
@@ -90,7 +77,7 @@ class ObjectTracker:
         """Track `objects`, grounded on `image` (give it: the objects' appearance and first motion come from
         it; `frame`, its encoding, saves a SAM encoder pass). `replace` drops the tracks so far."""
         image = None if image is None else validate_image(image).copy()
-        encoding = self._encoding(image, frame) if image is not None else None
+        encoding = self.sam.encode(image, frame) if image is not None else None
         with self._lock:
             first_id, self._next_id = self._next_id, self._next_id + len(objects)
         new = [self._new_track(first_id + i, obj, image, encoding) for i, obj in enumerate(objects)]
@@ -112,6 +99,13 @@ class ObjectTracker:
         with self._lock:
             self._tracks = [t for t in self._tracks if track_ids is not None and t.track_id not in track_ids]
 
+    def interrupt(self) -> None:
+        """Make the update in progress give way now (from another thread; the node calls it when an instruction
+        comes): before or right after its SAM encoder pass, which ONNX Runtime ends at once, it returns
+        `interrupted` with no track changed; one already past it finishes its objects, then skips re-grounding."""
+        self._interrupted.set()
+        self.sam.interrupt()
+
     @property
     def tracks(self) -> list[TrackedObject]:
         """The latest snapshot of every track."""
@@ -129,8 +123,8 @@ class ObjectTracker:
         h, w = mask.shape
         box = cues.mask_box(mask)
         area = int(np.count_nonzero(mask))
-        prompt = self._mask_prompt(mask, (h, w))
-        tokens = torch.as_tensor(obj.prompt_tokens, dtype=torch.float32, device=self.refiner.device)[None]
+        prompt = self.sam.mask_prompt(mask, (h, w))
+        tokens = torch.as_tensor(obj.prompt_tokens, dtype=torch.float32, device=self.sam.device)[None]
         track = Track(track_id, obj.phrase, tokens, (h, w), mask, box or (0.0, 0.0, 0.0, 0.0), area, area,
                       cues.sigmoid(prompt), image)
         if box is None or area < self.config.min_area * h * w:
@@ -148,15 +142,25 @@ class ObjectTracker:
         saves the SAM encoder and, when re-grounding, the LMM's encoding."""
         image = validate_image(image)
         with self._update_lock:
+            self._interrupted.clear()
+            with self._lock:
+                tracks = self._tracks
+            clock = _StageClock(None, self.pipeline.config.device)    # synchronises CUDA at stage edges
+            encoding = None
+            if tracks and not self._giving_way():
+                image = image.copy()     # kept for the next frame's template matching; the caller may reuse it
+                try:
+                    with clock.stage("sam_encoder"):
+                        encoding = self.sam.encode(image, frame, interruptible=True)
+                except GroundingCancelled:       # interrupt() ended the encoder pass
+                    pass
+            if tracks and (encoding is None or self._giving_way()):   # the last moment before any track changes
+                return TrackingUpdate(self._frame_index, [], clock.timings, interrupted=True)
             with self._lock:
                 self._frame_index += 1
-                index, tracks = self._frame_index, self._tracks
-            clock = _StageClock(None, self.pipeline.config.device)    # synchronises CUDA at stage edges
+                index = self._frame_index
             if not tracks:
                 return TrackingUpdate(index, [], clock.timings)
-            image = image.copy()         # kept for the next frame's template matching; the caller may reuse it
-            with clock.stage("sam_encoder"):
-                encoding = self._encoding(image, frame)
             if any(t.image_hw != encoding.image_hw for t in tracks):
                 raise GroundingError(f"the image size changed from {tracks[0].image_hw} to "
                                      f"{encoding.image_hw}: start tracking again on the new images")
@@ -186,7 +190,7 @@ class ObjectTracker:
         image = validate_image(image)
         with self._update_lock:
             tracks = self._tracks
-            encoding = self._encoding(image, frame)
+            encoding = self.sam.encode(image, frame)
             found = self._reground(tracks, image, frame, encoding)
             for track in tracks:
                 if track.state == "lost" and track.track_id not in found:
@@ -202,11 +206,11 @@ class ObjectTracker:
                 dx, dy = cues.estimate_shift(track.image, image, track.mask, int_box)
                 if dx or dy:
                     box = (box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy)
-                    prompt = self._warp(track.prompt, track.box, box, track.image_hw)
+                    prompt = self.sam.warp(track.prompt, track.box, box, track.image_hw)
                     track.prompt = prompt            # the memory moves with the object, kept or not
                     previous = cues.shift_mask(track.mask, dx, dy)
         with clock.stage("sam_decoder"):
-            cand = self._decode(encoding, self._prompt_logits(prompt), box, track.tokens)
+            cand = self._decode(encoding, self.sam.prompt_logits(prompt), box, track.tokens)
         with clock.stage("post"):
             cand = self._finish(cand, encoding, image, box, previous, track)
             reason = self._check(track, cand)
@@ -244,7 +248,7 @@ class ObjectTracker:
             self._accept(track, cand, image, regrounded)
 
     def _accept(self, track: Track, cand: Candidate, image: np.ndarray, regrounded: bool) -> None:
-        new = (self._mask_prompt(cand.mask, track.image_hw, cand.window) if self.config.dense_prompt == "mask"
+        new = (self.sam.mask_prompt(cand.mask, track.image_hw, cand.window) if self.config.dense_prompt == "mask"
                else cand.low_res)
         m = self.config.memory if track.state == "tracking" else 0.0   # re-found: the old memory is elsewhere
         track.prompt = m * track.prompt + (1 - m) * cues.sigmoid(new)
@@ -312,61 +316,24 @@ class ObjectTracker:
             box = cues.mask_box(mask)
             if box is None:
                 continue
-            cand = self._decode(encoding, self._mask_prompt(mask, track.image_hw), box, track.tokens)
+            cand = self._decode(encoding, self.sam.mask_prompt(mask, track.image_hw), box, track.tokens)
             cand = self._finish(cand, encoding, image, box, mask, track)
             if not self._check(track, cand):
                 found[track.track_id] = cand
         self._settle(tracks, found, image, regrounded=True)
         return {t.track_id for t in lost if t.track_id in found and t.state == "tracking"}
 
+    def _giving_way(self) -> bool:
+        return self._interrupted.is_set() or (self.yield_to is not None and self.yield_to())
+
     def _yield(self, _stage: str) -> None:
-        if self.yield_to is not None and self.yield_to():
+        if self._giving_way():
             raise GroundingCancelled("the LMM is wanted elsewhere")
 
-    # ---- SAM ---------------------------------------------------------------------------------------------
-    def _encoding(self, image: np.ndarray, frame: FrameEncoding | None) -> SamImageEncoding:
-        if frame is not None and frame.sam is not None:
-            if tuple(frame.image_hw) != image.shape[:2]:
-                raise GroundingError(f"the frame encoding is of a {frame.image_hw} image, not {image.shape[:2]}")
-            return frame.sam
-        return self.refiner.encode(image, resize="torch")     # within a grey level of PIL's, 3-4x faster
-
-    def _maps(self, image_hw: tuple[int, int]) -> SamResizeMaps:
-        """SAM's resizes for images of this size, as matrices (sam/resize.py): windows of them cost little."""
-        if image_hw not in self._resize_maps:
-            size, low = self.refiner.prompts.image_size, self.refiner.prompts.mask_prompt_size
-            input_hw = self.refiner.prompts.transform.get_preprocess_shape(*image_hw, size)
-            self._resize_maps[image_hw] = SamResizeMaps(size, low, input_hw, image_hw, low)
-        return self._resize_maps[image_hw]
-
-    def _mask_prompt(self, mask: np.ndarray, image_hw: tuple[int, int],
-                     window: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """A boolean image-size mask, empty outside `window` (x0, y0, x1, y1; default the whole image), as the
-        (h, w) dense prompt of its +-PROMPT_LOGIT logits (`SamPromptGeometry.dense_prompts`' numbers)."""
-        x0, y0, x1, y1 = window or (0, 0, image_hw[1], image_hw[0])
-        return self._maps(image_hw).mask_prompt(mask[y0:y1, x0:x1], (x0, y0, x1, y1), PROMPT_LOGIT)
-
-    @staticmethod
-    def _prompt_logits(memory: np.ndarray) -> np.ndarray:
-        """A probability memory as the decoder's dense-prompt logits."""
-        p = np.clip(memory, 1e-4, 1 - 1e-4)
-        return np.clip(np.log(p / (1 - p)), -PROMPT_LOGIT, PROMPT_LOGIT).astype(np.float32)
-
-    def _warp(self, memory: np.ndarray, old_box: cues.Box, new_box: cues.Box, image_hw) -> np.ndarray:
-        """The memory moved with the object from `old_box` to `new_box` (image pixels)."""
-        size = self.refiner.prompts.image_size
-        old, new = (tuple(v / size * 2 - 1 for v in self._maps(image_hw).to_input(b))
-                    for b in (old_box, new_box))      # normalised coordinates of SAM's square input
-        return cues.warp_prompt(memory, old, new)
-
+    # ---- SAM's passes -----------------------------------------------------------------------------------
     def _decode(self, encoding: SamImageEncoding, prompt: np.ndarray, box: cues.Box, tokens: torch.Tensor) -> Candidate:
-        """One decoder pass: `prompt` (h, w) dense-prompt logits, `box` (grown by box_margin) in image pixels."""
-        grown = self._maps(encoding.image_hw).to_input(cues.grow_box(box, self.config.box_margin, encoding.image_hw))
-        sam_box = torch.tensor([grown], dtype=torch.float32, device=self.refiner.device)
-        prompt = torch.from_numpy(np.ascontiguousarray(prompt, np.float32))[None, None].to(sam_box.device)
-        low_res, iou = self.backend.decode(encoding.embedding, prompt, sam_box, tokens)
-        confidence = min(max(float(iou.reshape(-1)[0]), 0.0), 1.0)
-        return Candidate(None, None, 0, 0.0, confidence, low_res[0, 0].float().cpu().numpy())
+        """One decoder pass (track_sam.py) with the box grown by box_margin."""
+        return self.sam.decode(encoding, prompt, cues.grow_box(box, self.config.box_margin, encoding.image_hw), tokens)
 
     def _finish(self, cand: Candidate, encoding: SamImageEncoding, image: np.ndarray, box: cues.Box,
                 previous: np.ndarray, track: Track) -> Candidate:
@@ -374,7 +341,7 @@ class ObjectTracker:
         its area, box and appearance (all on the window's crop, in NumPy: the rest of the image is empty)."""
         x0, y0, x1, y1 = cand.window = tuple(round(v) for v in cues.grow_box(box, self.config.search_margin,
                                                                              track.image_hw))
-        logits = self._maps(track.image_hw).postprocess(cand.low_res, cand.window)   # window only
+        logits = self.sam.maps(track.image_hw).postprocess(cand.low_res, cand.window)   # window only
         if self.config.colour_weight and track.state == "tracking" and track.image is not None:
             ratio = cues.colour_log_ratio(track.image[y0:y1, x0:x1], track.mask[y0:y1, x0:x1], image[y0:y1, x0:x1])
             if ratio is not None:

@@ -117,7 +117,9 @@ class TrackedObject:
 @dataclass
 class TrackingUpdate:
     """Every tracked object on one frame, and seconds per stage (sam_encoder, motion, sam_decoder, post,
-    reground: only the stages that ran)."""
+    reground: only the stages that ran). `interrupted`: the update gave way (`ObjectTracker.interrupt`) before
+    any track changed; no objects, and `frame_index` is the last frame tracked."""
     frame_index: int
     objects: list[TrackedObject]
     timings: dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False

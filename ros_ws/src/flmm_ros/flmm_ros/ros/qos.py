@@ -46,6 +46,12 @@ STATUS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Re
                         durability=DurabilityPolicy.TRANSIENT_LOCAL)
 
 
+def reaches_anyone(publisher) -> bool:
+    """Whether a message published now would reach anyone: someone subscribes, or the topic keeps it for later
+    subscribers (not volatile). The viewers' images are drawn only then (yolo_ros and image_transport do the same)."""
+    return publisher.get_subscription_count() > 0 or publisher.qos_profile.durability != DurabilityPolicy.VOLATILE
+
+
 def lost_message_callbacks(on_lost) -> SubscriptionEventCallbacks:
     """Event callbacks that report samples the middleware lost (e.g. incomplete best-effort images)."""
     return SubscriptionEventCallbacks(message_lost=lambda status: on_lost(status.total_count_change))

@@ -26,6 +26,7 @@ from flmm_ros.ros.image_conversions import (
     rgb_to_image,
 )
 from flmm_ros.ros.messages import marker_array, result_message
+from flmm_ros.ros.qos import reaches_anyone
 from flmm_ros.ros.requests import CANCELLED, Request
 from flmm_ros.ros.stamp_sync import stamp_ns
 
@@ -231,10 +232,12 @@ class InstructionServer:
         return poses, pose_status, timings
 
     def _publish_masks(self, rgb: np.ndarray, objects, poses, header: Header) -> None:
-        self.mask_pub.publish(mono_to_image(label_image(objects, rgb.shape), header))
-        if self.params['publish_overlay']:
+        """The viewers' topics (~/mask, ~/overlay, ~/markers), each drawn only when it reaches someone."""
+        if reaches_anyone(self.mask_pub):
+            self.mask_pub.publish(mono_to_image(label_image(objects, rgb.shape), header))
+        if self.params['publish_overlay'] and reaches_anyone(self.overlay_pub):
             self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, objects), header))
-        if self.params['use_3d']:
+        if self.params['use_3d'] and reaches_anyone(self.markers_pub):
             self.markers_pub.publish(marker_array(objects, poses, header))
 
     @staticmethod

@@ -3,10 +3,14 @@
 
 One thread takes the newest camera frame whenever it is free (frames that came meanwhile are skipped, never
 queued), updates every track, adds 3D from the depth of that frame's stamp and publishes flmm_msgs/
-TrackedObjects, the overlay and markers with the track ids. State changes (lost, found again, stopped) go to
-~/status. An update never starts while an instruction is served (instructions first), so an instruction shares the
-CPU with at most the one update already running when it came, and starting its tracks does not wait for that update
-(ObjectTracker swaps its list of tracks); the tracker's SAM runs outside the pipeline's lock.
+TrackedObjects, and the overlay and markers with the track ids while someone subscribes to them. State changes
+(lost, found again, stopped) go to ~/status.
+
+Instructions first: an update never starts while an instruction is served or waits, and the one in progress when
+an instruction comes gives way at once (`ObjectTracker.interrupt`: its SAM encoder pass is ended, or, when past it,
+its objects finish, the re-grounding stops and the frame is not published), so an instruction shares the CPU with at
+most the end of one update. Starting its tracks does not wait for that update (ObjectTracker swaps its list of
+tracks); the tracker's SAM runs outside the pipeline's lock.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from flmm_ros.ros import parameters
 from flmm_ros.ros.frames import Frame
 from flmm_ros.ros.image_conversions import image_to_rgb, rgb_to_image
 from flmm_ros.ros.messages import marker_array, tracks_message
-from flmm_ros.ros.qos import qos_profile
+from flmm_ros.ros.qos import qos_profile, reaches_anyone
 
 
 class TrackingServer:
@@ -73,6 +77,12 @@ class TrackingServer:
             self._status(f"tracking stopped ({why})")
         return count
 
+    def _give_way_to_instructions(self) -> None:
+        """An instruction was queued: the frame being tracked gives way at once (ObjectTracker.interrupt: its SAM
+        encoder pass ends, or its objects finish and the re-grounding stops), so the instruction has the CPU."""
+        if self._tracker is not None:
+            self._tracker.interrupt()
+
     def _on_stop_tracking(self, request, response):
         count = self.stop_tracking('~/stop_tracking')
         response.success = True
@@ -116,8 +126,13 @@ class TrackingServer:
         header = frame.image.header
         rgb = image_to_rgb(frame.image)
         update = tracker.update(rgb)
-        if not update.objects and tracker.tracks:   # an instruction replaced its tracks meanwhile: the next frame
-            return                                  # has the new ones (an empty message would read as "stopped")
+        # Gave way to an instruction, or one replaced the tracks meanwhile (the next frame has the new ones): skip
+        # the frame, as the latest-frame policy skips any (an empty message would read as "stopped").
+        if update.interrupted or (not update.objects and tracker.tracks):
+            return
+        self._report_changes(update.objects)
+        if self.queue.busy:   # an instruction came during the update: it has the CPU, ~/tracks gets the next frame
+            return
         timings = dict(update.timings)
         poses, pose_status = [None] * len(update.objects), ['lost'] * len(update.objects)
         visible = [i for i, obj in enumerate(update.objects) if obj.state == 'tracking']
@@ -129,14 +144,16 @@ class TrackingServer:
                 poses[i], pose_status[i] = pose, reason
             timings['depth_3d'] = time.perf_counter() - start
         self.tracks_pub.publish(tracks_message(update, header, poses, pose_status, timings))
-        self._report_changes(update.objects)
-        if self.queue.busy:   # an instruction came meanwhile: leave it the CPU, the viewers get the next frame
+        # The viewers' topics at camera rate only while someone watches them, and never ahead of an instruction.
+        overlay = self.params['publish_overlay'] and reaches_anyone(self.overlay_pub)
+        markers = self.params['use_3d'] and reaches_anyone(self.markers_pub)
+        if self.queue.busy or not (overlay or markers):
             return
         labelled = [GroundedObject(f"#{o.track_id} {o.phrase}", o.mask, o.box, o.score) for o in update.objects]
         ids = [o.track_id for o in update.objects]
-        if self.params['publish_overlay']:
+        if overlay:
             self.overlay_pub.publish(rgb_to_image(draw_overlay(rgb, labelled, colours=ids), header))
-        if self.params['use_3d']:
+        if markers:
             self.markers_pub.publish(marker_array(labelled, poses, header, indices=ids))
 
     def _report_changes(self, objects) -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..grounding.blas_threads import single_threaded_numpy_blas
 from ..grounding.config import PipelineConfig
 from ..grounding.pipeline import GroundingPipeline
 from ..grounding.tracking import ObjectTracker, TrackerConfig
@@ -147,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    single_threaded_numpy_blas()      # as in the node
     methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:

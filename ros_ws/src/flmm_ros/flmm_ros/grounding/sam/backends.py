@@ -18,6 +18,8 @@ changing them.
 from __future__ import annotations
 
 import logging
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -27,7 +29,7 @@ from segment_anything.modeling import Sam
 
 from ..onnx_cache import default_cache_dir
 from ..onnx_runtime import session_options
-from ..types import GroundingError
+from ..types import GroundingCancelled, GroundingError
 from .onnx_export import (
     DECODER_INPUTS,
     DECODER_OUTPUTS,
@@ -120,7 +122,8 @@ def onnxruntime_placement(device: torch.device) -> tuple[torch.device, list]:
 
 class OnnxRuntimeBackend:
     """The exported graphs on ONNX Runtime: CPU provider for a CPU device, CUDA provider (tensors bound
-    by address, no copies) for a CUDA device."""
+    by address, no copies) for a CUDA device. An image encoder pass run `interruptible` can be ended from another
+    thread (`interrupt`); decoder passes always finish."""
     name = "onnxruntime"
 
     def __init__(self, models: SamOnnxModels, shapes: SamShapes, device: torch.device) -> None:
@@ -132,6 +135,8 @@ class OnnxRuntimeBackend:
         embed = (1, shapes.embed_dim, *shapes.embedding_hw)
         self.encoder_outputs = {ENCODER_OUTPUT: embed}
         self.decoder_outputs = {DECODER_OUTPUTS[0]: (1, 1, *shapes.mask_hw), DECODER_OUTPUTS[1]: (1, 1)}
+        self._interruptible = threading.local()
+        self._encoder_run = None             # the RunOptions of the interruptible encoder pass in progress
 
     def _open_sessions(self, options) -> None:
         import onnxruntime as ort
@@ -145,10 +150,11 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads
         self._open_sessions(options)
 
-    def _run(self, session, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple]) -> list[torch.Tensor]:
+    def _run(self, session, feeds: dict[str, torch.Tensor], outputs: dict[str, tuple],
+             options=None) -> list[torch.Tensor]:
         feeds = {k: v.detach().to(self.device, torch.float32).contiguous() for k, v in feeds.items()}
         if self.device.type == "cpu":
-            results = session.run(list(outputs), {k: v.numpy() for k, v in feeds.items()})
+            results = session.run(list(outputs), {k: v.numpy() for k, v in feeds.items()}, options)
             return [torch.from_numpy(r) for r in results]
         binding = session.io_binding()
         for name, tensor in feeds.items():
@@ -157,12 +163,41 @@ class OnnxRuntimeBackend:
         for name, tensor in zip(outputs, results):
             binding.bind_output(name, "cuda", self.device.index, np.float32, tuple(tensor.shape), tensor.data_ptr())
         torch.cuda.current_stream(self.device).synchronize()  # inputs were written on torch's stream
-        session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding, options)
         return results
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Raises GroundingCancelled when `interrupt` ended the pass (only inside `interruptible`)."""
+        import onnxruntime as ort
         self.shapes.check_image(image)
-        return self._run(self.encoder, {ENCODER_INPUT: image}, self.encoder_outputs)[0]
+        options = ort.RunOptions()
+        if getattr(self._interruptible, "on", False):
+            self._encoder_run = options
+        try:
+            return self._run(self.encoder, {ENCODER_INPUT: image}, self.encoder_outputs, options)[0]
+        except Exception:
+            if options.terminate:    # ONNX Runtime stopped between two nodes of the graph
+                raise GroundingCancelled("the SAM image encoder pass was interrupted") from None
+            raise
+        finally:
+            if self._encoder_run is options:
+                self._encoder_run = None
+
+    @contextmanager
+    def interruptible(self):
+        """The encoder passes this thread runs inside the block may be ended by `interrupt` (other passes never)."""
+        self._interruptible.on = True
+        try:
+            yield
+        finally:
+            self._interruptible.on = False
+
+    def interrupt(self) -> None:
+        """End the interruptible encoder pass in progress, if any (from another thread): it raises
+        GroundingCancelled."""
+        run = self._encoder_run
+        if run is not None:
+            run.terminate = True
 
     def decode(self, image_embeddings, mask_input, box, text_tokens):
         self.shapes.check_decoder_inputs(image_embeddings, mask_input, box, text_tokens)
