@@ -34,7 +34,6 @@ from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header, String
 from visualization_msgs.msg import MarkerArray
 
-from flmm_ros.grounding.blas_threads import single_threaded_numpy_blas
 from flmm_ros.grounding.pipeline import GroundingPipeline
 from flmm_ros.grounding.types import GroundingError
 from flmm_ros.ros import diagnostics, parameters
@@ -158,7 +157,6 @@ class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
         self._create_io()
         # Before the model loads: its ONNX Runtime sessions take the thread count torch has then.
         torch.set_num_threads(parameters.cpu_threads(self.params['threads']))
-        single_threaded_numpy_blas()    # its idle threads would spin on torch's cores (blas_threads.py)
         try:
             self.pipeline = GroundingPipeline.from_config(self.pipeline_config)
         except Exception as error:  # noqa: BLE001 - any load failure is reported and the transition fails
@@ -277,11 +275,9 @@ class GroundingNode(InstructionServer, TrackingServer, LifecycleNode):
         if not request.instruction.strip() and not request.is_region:   # a region may come without a question
             self._fail(request, E.ERROR_EMPTY_INSTRUCTION, 'the instruction is empty')
             return
-        refusals = self.queue.submit(request)
-        for refused, code in refusals:
+        for refused, code in self.queue.submit(request):
             self._fail(refused, code, self._refusal(code))
-        if all(refused is not request for refused, _ in refusals):
-            self._give_way_to_instructions()
+        self._give_way_to_instructions()     # also when refused: then one runs already, and nothing is tracked
 
     def _on_clicked_point(self, msg: PointStamped) -> None:
         """RViz's Publish Point: ask about what was clicked, on the latest frame (click to ask)."""

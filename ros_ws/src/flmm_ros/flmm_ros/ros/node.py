@@ -73,11 +73,13 @@ def _run(argv: list[str], stop: threading.Event) -> int:
     import rclpy
     from rclpy.signals import SignalHandlerOptions
 
+    from flmm_ros.grounding.blas_threads import single_threaded_numpy_blas
     from flmm_ros.grounding.types import GroundingError
     from flmm_ros.ros.executor import SteadyExecutor
     from flmm_ros.ros.grounding_node import NODE_NAME, GroundingNode
     from transformers.utils import logging as transformers_logging
     transformers_logging.disable_progress_bar()
+    single_threaded_numpy_blas()   # the same for OpenBLAS's pool, which spins after each call (blas_threads.py)
     if stop.is_set():            # a signal during the imports: end quietly, nothing was started
         return 0
 
