@@ -50,7 +50,8 @@ class ObjectTracker:
     threads. Updates run one at a time on the tracks there were when they began; `start` and `stop` swap the list of
     tracks under a short lock, so they never wait for an update (an instruction that starts tracking is not delayed
     by the frame being tracked), and an update leaves out of its result the tracks stopped or replaced meanwhile.
-    SAM runs outside the pipeline's lock; only re-grounding takes it (through `pipeline.encode` / `ground`)."""
+    `interrupt` (any thread) makes the update in progress give way. SAM runs outside the pipeline's lock; only
+    re-grounding takes it (through `pipeline.encode` / `ground`)."""
 
     def __init__(self, pipeline: GroundingPipeline, config: TrackerConfig | dict | None = None,
                  yield_to: Callable[[], bool] | None = None):
