@@ -48,7 +48,7 @@ STATUS_QOS = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=1, reliability=Re
 
 def reaches_anyone(publisher) -> bool:
     """Whether a message published now would reach anyone: someone subscribes, or the topic keeps it for later
-    subscribers (not volatile). The viewers' images are drawn only then (yolo_ros and image_transport do the same)."""
+    subscribers (not volatile). The viewers' images are drawn only then: nobody would see them otherwise."""
     return publisher.get_subscription_count() > 0 or publisher.qos_profile.durability != DurabilityPolicy.VOLATILE
 
 
