@@ -384,9 +384,9 @@ def test_an_update_gives_way_while_an_instruction_waits_before_any_track_changes
     assert not after.interrupted and after.frame_index == 1 and after.objects[0].state == "tracking"
 
 
-def _hold_encoder(tracker):
-    """Holds the tracker's next ONNX Runtime encoder pass until `release` is set; returns (in_encoder, release,
-    errors: what ONNX Runtime raised)."""
+def _interrupted_in_encoder(tracker, call):
+    """Runs `call` on another thread, holds its ONNX Runtime encoder pass, calls `tracker.interrupt()` meanwhile,
+    then lets the pass go on; returns what `call` returned and what ONNX Runtime raised."""
     run, in_encoder, release, errors = tracker.backend._run, threading.Event(), threading.Event(), []
 
     def held_run(session, feeds, outputs, options=None):
@@ -400,7 +400,17 @@ def _hold_encoder(tracker):
             raise
 
     tracker.backend._run = held_run
-    return in_encoder, release, errors
+    result = []
+    thread = threading.Thread(target=lambda: result.append(call()))
+    thread.start()
+    try:
+        assert in_encoder.wait(60)
+        tracker.interrupt()
+    finally:
+        release.set()
+        thread.join(60)
+        tracker.backend._run = run
+    return result[0], errors
 
 
 def test_interrupt_ends_the_encoder_pass_in_progress_with_no_track_changed(pipe, demo):
@@ -409,18 +419,9 @@ def test_interrupt_ends_the_encoder_pass_in_progress_with_no_track_changed(pipe,
     assert tracker.backend.name == "onnxruntime"
     tracker.start(objects, image=scene.image)
     before = _track_state(tracker)
-    in_encoder, release, errors = _hold_encoder(tracker)
-    result = {}
-    updating = threading.Thread(target=lambda: result.setdefault("update", tracker.update(scene.image)))
-    updating.start()
-    try:
-        assert in_encoder.wait(60)
-        tracker.interrupt()
-    finally:
-        release.set()
-        updating.join(60)
+    update, errors = _interrupted_in_encoder(tracker, lambda: tracker.update(scene.image))
     assert len(errors) == 1 and "terminate" in str(errors[0])     # ONNX Runtime ended the pass itself
-    assert result["update"].interrupted and result["update"].objects == [] and _track_state(tracker) == before
+    assert update.interrupted and update.objects == [] and _track_state(tracker) == before
     after = tracker.update(scene.image)                             # the interrupt was for that update only
     assert not after.interrupted and after.objects[0].state == "tracking"
 
@@ -430,17 +431,8 @@ def test_interrupt_never_ends_an_encoder_pass_outside_an_update(pipe, demo):
     tracking thread must not make that instruction fail."""
     scene, objects = demo
     tracker = ObjectTracker(pipe)
-    in_encoder, release, errors = _hold_encoder(tracker)
-    result = {}
-    starting = threading.Thread(target=lambda: result.setdefault("tracks", tracker.start(objects, image=scene.image)))
-    starting.start()
-    try:
-        assert in_encoder.wait(60)
-        tracker.interrupt()
-    finally:
-        release.set()
-        starting.join(60)
-    assert errors == [] and [t.state for t in result["tracks"]] == ["tracking"]
+    tracks, errors = _interrupted_in_encoder(tracker, lambda: tracker.start(objects, image=scene.image))
+    assert errors == [] and [t.state for t in tracks] == ["tracking"]
 
 
 def _returns_while_held(call):
