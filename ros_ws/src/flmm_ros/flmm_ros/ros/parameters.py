@@ -56,7 +56,8 @@ NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec('sync_queue_size', 30,
               "Depth and camera_info messages kept for stamp matching (30 = 1 s at 30 Hz: enough for the depth "
               "of the grounded frame to still be there when the model has run).", runtime=True),
-    ParamSpec('publish_overlay', True, "Publish ~/overlay (rgb8 camera image with masks, boxes and phrases; drawn only while subscribed).",
+    ParamSpec('publish_overlay', True,
+              "Publish ~/overlay (rgb8 camera image with masks, boxes and phrases; drawn only while subscribed).",
               runtime=True),
     ParamSpec('speak', False, "Speak each answer with espeak-ng (non-blocking; newest answer wins).", runtime=True),
     ParamSpec('input_qos', 'SENSOR_DATA',
