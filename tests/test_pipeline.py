@@ -260,3 +260,57 @@ def test_on_objects_may_use_the_pipeline_from_another_thread(pipe):
 
     pipe.run(frame, "pick the mug", on_objects=on_objects)
     assert len(grounded) == 1 and grounded[0][0].phrase == "the ball"
+
+
+def test_sam_encoder_beside_the_lmm_gives_the_inline_result(bundle, monkeypatch):
+    """A new frame's SAM encoder pass on the worker thread (a core to spare) gives what the inline pass gives,
+    from the image as it was when encode returned: the caller may reuse its buffer at once."""
+    import threading
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False))
+    rgb = image(7)
+    pipe.sam_beside_lmm = False
+    inline = pipe.encode(rgb.copy())
+    assert isinstance(inline.sam.embedding, torch.Tensor)
+
+    pipe.sam_beside_lmm = True
+    release, threads = threading.Event(), []
+    encode = pipe.refiner.backend.encode
+    monkeypatch.setattr(pipe.refiner.backend, "encode",
+                        lambda x: threads.append(threading.current_thread().name) or encode(x))
+    pipe._sam_worker.submit(release.wait, 60)     # the worker is busy until the caller has reused its buffer
+    buffer = rgb.copy()
+    frame = pipe.encode(buffer)
+    buffer[:] = 0
+    release.set()
+    assert torch.equal(frame.sam.embedding, inline.sam.embedding)
+    assert threads and threads[0].startswith("sam-encoder")
+    ours, theirs = pipe.run(frame, "pick the mug"), pipe.run(inline, "pick the mug")
+    assert np.array_equal(ours.objects[0].mask, theirs.objects[0].mask)
+    assert ours.timings["sam_encoder"] > 0
+
+
+def test_a_failed_background_sam_pass_is_raised_where_the_frame_is_used(bundle, monkeypatch):
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False))
+    pipe.sam_beside_lmm = True
+
+    def broken(x):
+        raise RuntimeError("encoder failed")
+    monkeypatch.setattr(pipe.refiner.backend, "encode", broken)
+    frame = pipe.encode(image(9))
+    for _ in range(2):                   # every use of the frame, not only the first
+        with pytest.raises(RuntimeError, match="encoder failed"):
+            pipe.run(frame, "pick the mug")
+    monkeypatch.undo()
+    assert pipe.run(image(9), "pick the mug").objects
+
+
+@pytest.mark.parametrize("cores, threads, device, beside", [(2, 1, "cpu", True), (2, 2, "cpu", False),
+                                                            (1, 1, "cpu", False), (8, 4, "cuda", False)])
+def test_sam_encoder_goes_beside_the_lmm_only_on_a_spare_cpu_core(pipe, monkeypatch, cores, threads, device,
+                                                                   beside):
+    import dataclasses
+    import os
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    config = dataclasses.replace(pipe.config, device=device)
+    assert GroundingPipeline(pipe.lmm, pipe.head, pipe.refiner, config).sam_beside_lmm is beside

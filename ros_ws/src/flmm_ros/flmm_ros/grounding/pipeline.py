@@ -12,12 +12,13 @@ whenever gradients are on, as in training, the U-Net runs in PyTorch).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
 import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ from . import phrases as phrase_rules
 from .answer_grounding import AnswerGroundingMixin
 from .bundle import load_components
 from .config import PipelineConfig
+from .frame_encoding import FrameEncoding, GroundingLogits
 from .head import GroundingHead
-from .lmm import GROUNDING_PROMPT, LlavaAdapter, LMMAdapter, LMMFrame, PhrasePass, PreparedImage
+from .lmm import GROUNDING_PROMPT, LlavaAdapter, LMMAdapter, PhrasePass, PreparedImage
 from .lmm.packed_linear import pack_linears
 from .mask_head_engine import MaskHeadEngine
 from .onnx_cache import default_cache_dir
@@ -44,35 +46,6 @@ from .vision_engine import VisionEngine
 MIN_IMAGE_SIDE = 8
 log = logging.getLogger(__name__)
 MAX_INSTRUCTION_CHARS = 1000
-
-
-@dataclass
-class FrameEncoding:
-    """Everything computed once per camera frame and shared by every instruction on it."""
-    image_hw: tuple[int, int]
-    lmm: LMMFrame
-    sam: SamImageEncoding | None
-    timings: dict[str, float] = field(default_factory=dict)
-    uses: int = 0                    # instructions served so far (0 = fresh)
-    image: np.ndarray | None = field(default=None, repr=False)  # the RGB frame (region input crops it)
-
-
-@dataclass
-class GroundingLogits:
-    """Per phrase: coarse logits over the image content and refined logits at image size (or None)."""
-    coarse: torch.Tensor             # (P, h, w)
-    refined: torch.Tensor | None     # (P, H, W)
-    tokens: list[torch.Tensor] | None = None  # per phrase, its SAM prompt tokens (T, C) (None: no refiner)
-    iou: torch.Tensor | None = None  # (P,) SAM's predicted IoU of each refined mask (None: no refiner)
-    lmm: PhrasePass | None = None    # the LMM pass they came from (attention, token log-probs: presence.py)
-    _foregrounds: dict = field(default_factory=dict, init=False, repr=False, compare=False)
-
-    def refined_foreground(self, k: int, threshold: float) -> tuple[torch.Tensor, float]:
-        """Phrase k's refined mask (probability > `threshold`) and its mean probability there, the object's score.
-        Computed once: the objects and the presence features (presence.py) both read them."""
-        if (k, threshold) not in self._foregrounds:
-            self._foregrounds[k, threshold] = foreground(self.refined[k].detach().float().sigmoid(), threshold)
-        return self._foregrounds[k, threshold]
 
 
 def validate_image(image) -> np.ndarray:
@@ -114,8 +87,14 @@ def validate_instruction(instruction) -> str:
     return text
 
 
+def _timed(clock: "_StageClock", stage: str, call: Callable):
+    with clock.stage(stage):
+        return call()
+
+
 class _StageClock:
-    """Times named stages and reports each start to an optional progress callback.
+    """Times named stages and reports each start to an optional progress callback. (A stage on a worker thread
+    gets a clock without one: a cancellation raised there would stay in a FrameEncoding, which is reused.)
 
     On CUDA it synchronises at stage edges, so a stage's time is its own kernels' time."""
 
@@ -163,6 +142,10 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         self.config = config
         self.mask_head_engine = mask_head_engine   # the U-Net on ONNX Runtime (None: PyTorch)
         self._lock = threading.Lock()    # the per-frame KV cache is extended and cropped in place
+        # A new frame's SAM encoder runs on a core of its own beside the LMM, where the CPU has one to spare.
+        self.sam_beside_lmm = (refiner is not None and torch.device(config.device).type == "cpu"
+                               and len(os.sched_getaffinity(0)) > torch.get_num_threads())
+        self._sam_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-encoder")  # starts when used
 
     @classmethod
     def from_config(cls, config: PipelineConfig | dict) -> "GroundingPipeline":
@@ -232,13 +215,22 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
     def encode(self, image: np.ndarray, progress: Callable[[str], None] | None = None) -> FrameEncoding:
         """The frame's vision features and SAM embedding. The LMM's image prefix is left to the frame's first pass:
         a grounding pass runs it in the same forward as its phrases (timed in its `phrase_pass`), one forward
-        fewer per new frame; any other pass runs it first. `progress(stage)` may raise GroundingCancelled."""
+        fewer per new frame; any other pass runs it first. `progress(stage)` may raise GroundingCancelled.
+
+        With `sam_beside_lmm` (a CPU with a core more than torch's threads) SAM's encoder runs on a worker thread
+        while the LMM works, and the frame's `sam` is waited for where it is first needed (the SAM decoder)."""
         image = validate_image(image)
         clock = self._clock(progress)
+        sam = None
+        if self.refiner is not None and self.sam_beside_lmm:
+            with clock.stage("sam_encoder"):     # SAM's input resize; the encoder pass then goes to the worker
+                encoder_pass = self.refiner.encode_later(image, self.config.sam_resize)
+            worker_clock = _StageClock(None, self.config.device)   # no progress there: see _StageClock
+            worker_clock.timings = clock.timings
+            sam = self._sam_worker.submit(_timed, worker_clock, "sam_encoder", encoder_pass)
         with self._lock:
             lmm_frame = self.lmm.encode_frame(image, clock.stage, defer_prefix=True)
-            sam = None
-            if self.refiner is not None:
+            if self.refiner is not None and sam is None:
                 with clock.stage("sam_encoder"):
                     sam = self.refiner.encode(image, self.config.sam_resize)
         return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings, image=image)

@@ -7,6 +7,7 @@ TensorRT). The projected phrase tokens go after the two box-corner tokens; one d
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +27,8 @@ class SamImageEncoding:
 
 class SamRefiner:
     """F-LMM's SAM refiner: SAM's prompt geometry composed with a RefinerBackend. Holds no state of its own, so it
-    is as thread-safe as its backend (GroundingPipeline calls it under its lock)."""
+    is as thread-safe as its backend (GroundingPipeline calls it under its lock, except a new frame's encoder pass
+    on a CPU, which it runs beside the LMM: ONNX Runtime sessions and PyTorch modules in inference allow that)."""
 
     def __init__(self, sam: Sam, backend, prompts: SamPromptGeometry | None = None):
         self.sam = sam
@@ -37,11 +39,21 @@ class SamRefiner:
     def device(self) -> torch.device:
         return self.prompts.device
 
-    @torch.no_grad()
     def encode(self, image: np.ndarray, resize: str = "pil") -> SamImageEncoding:
         """SAM's embedding of an RGB uint8 image; `resize`: see `SamPromptGeometry.preprocess`."""
+        return self.encode_later(image, resize)()
+
+    @torch.no_grad()
+    def encode_later(self, image: np.ndarray, resize: str = "pil") -> Callable[[], SamImageEncoding]:
+        """`encode` in two halves: SAM's input is made from `image` now (the caller may reuse its buffer once this
+        returns), the encoder pass runs when the returned call is made, on any thread."""
         x, input_hw = self.prompts.preprocess(image, resize)
-        return SamImageEncoding(self.backend.encode(x), input_hw, tuple(image.shape[:2]))
+        image_hw = tuple(image.shape[:2])
+
+        @torch.no_grad()       # grad mode is per thread
+        def run() -> SamImageEncoding:
+            return SamImageEncoding(self.backend.encode(x), input_hw, image_hw)
+        return run
 
     def refine(self, encoding: SamImageEncoding, coarse: torch.Tensor,
                text_tokens: list[torch.Tensor]) -> torch.Tensor:
