@@ -282,6 +282,26 @@ def test_client_errors(grounding, tmp_path):
     assert nobody.returncode == 2 and 'no action server /nobody_here/ground' in nobody.stderr
 
 
+def test_client_never_takes_an_answer_about_another_frame(grounding, tmp_path):
+    """Topics keep no order between each other, so the instruction may reach the node before the client's image:
+    the node then answers about the frame it has. The client asks again instead of printing that answer. Here
+    the image goes where the node never reads it, so every answer is about another frame."""
+    import cv2
+    publish_frame(grounding.probe, scene(21), 7100)          # the frame the node has
+    picture = tmp_path / 'scene.png'
+    cv2.imwrite(str(picture), scene(22)[:, :, ::-1])
+    elsewhere = grounding.probe.create_subscription(Image, '/not_the_camera', lambda msg: None, 10)  # a reader
+    try:
+        done = run_client(grounding, 'pick the red mug', '--image', str(picture), '--image-topic', 'not_the_camera',
+                          '--timeout', '8')
+    finally:
+        grounding.probe.destroy_subscription(elsewhere)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert 'the node answered before it had the image; asking again' in done.stderr
+    assert 'answered only about other frames than the image (is it reading /not_the_camera?)' in done.stderr
+    assert 'answer:' not in done.stdout
+
+
 def test_30hz_stream_builds_no_backlog(grounding):
     """640x480 frames at 30 Hz while instructions are served: each result uses a frame at least as new as the
     newest one the node had reported receiving before the instruction was sent (a node that queued frames would

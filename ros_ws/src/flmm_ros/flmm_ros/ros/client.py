@@ -14,6 +14,7 @@ Exit status: 0 success, 1 the node answered with an error, 2 no answer (timeout,
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -106,6 +107,12 @@ def same_stamp(a, b) -> bool:
     return a.stamp.sec == b.stamp.sec and a.stamp.nanosec == b.stamp.nanosec and a.frame_id == b.frame_id
 
 
+def about_another_frame(result: GroundingResult) -> bool:
+    """A result that does not concern the image just sent, when its header is not that image's: a success on an
+    earlier frame, or no frame / a stale one because the image had not arrived yet. (Any other error is an answer.)"""
+    return result.success or result.error_code in (GroundingResult.ERROR_NO_FRAME, GroundingResult.ERROR_STALE_FRAME)
+
+
 class AskClient(Node):
     def __init__(self, grounding_node: str = '/flmm_grounding', image_topic: str = 'image',
                  instruction_topic: str = 'instruction', want_overlay: bool = False):
@@ -132,7 +139,11 @@ class AskClient(Node):
             rclpy.spin_once(self, timeout_sec=0.05)
 
     def ask_topic(self, instruction: str, image: Image | None, timeout: float) -> GroundingResult:
-        start = time.monotonic()
+        """Publish the instruction (after `image`, if given) and wait for its result on ~/result. With an image, a
+        result about another frame (the node still had an earlier one: topics keep no order between each other)
+        is not the answer: the instruction is asked again until the node answers about this image (or the time is
+        up)."""
+        deadline = time.monotonic() + timeout
         self._spin_until(lambda: self.instruction_pub.get_subscription_count() > 0, timeout,
                          f"waiting for a subscriber on {self.instruction_pub.topic_name} (is the node running?)")
         timer = None
@@ -144,16 +155,26 @@ class AskClient(Node):
             self.image_pub.publish(image)
             lead_until = time.monotonic() + IMAGE_LEAD_S
             self._spin_until(lambda: time.monotonic() > lead_until, timeout, '')
-        self._results.clear()
-        self.instruction_pub.publish(String(data=instruction))
-        left = max(timeout - (time.monotonic() - start), 0.1)
         try:
-            self._spin_until(lambda: any(r.instruction == instruction for r in self._results), left,
-                             f"waiting for the answer on {self.grounding_node}/result")
+            for attempt in itertools.count():
+                self._results.clear()
+                self.instruction_pub.publish(String(data=instruction))
+                self._spin_until(lambda: any(r.instruction == instruction for r in self._results),
+                                 max(deadline - time.monotonic(), 0.1),
+                                 f"waiting for the answer on {self.grounding_node}/result")
+                result = next(r for r in self._results if r.instruction == instruction)
+                if image is None or same_stamp(result.header, image.header) or not about_another_frame(result):
+                    return result
+                if time.monotonic() > deadline:
+                    raise NoAnswer(f"timed out after {timeout:g} s: the node answered only about other frames than "
+                                   f"the image (is it reading {self.image_pub.topic_name}?)")
+                if attempt == 0:
+                    print("  the node answered before it had the image; asking again", file=sys.stderr)
+                retry_at = time.monotonic() + IMAGE_PERIOD_S     # at the image's rate, not flooding the node
+                self._spin_until(lambda: time.monotonic() > retry_at, timeout, '')
         finally:
             if timer is not None:
                 self.destroy_timer(timer)
-        return next(r for r in self._results if r.instruction == instruction)
 
     def ask_action(self, instruction: str, image: Image | None, timeout: float, track: bool = False,
                    point=None, box=None) -> GroundingResult:
@@ -236,7 +257,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument('--timeout', type=float, default=60.0, help='seconds to wait for the answer (default 60)')
     parser.add_argument('--node', default='/flmm_grounding', help='the grounding node (default /flmm_grounding)')
     parser.add_argument('--image-topic', default='image', help='where --image is published (default image)')
-    parser.add_argument('--instruction-topic', default='instruction', help='where the instruction is published (default instruction)')
+    parser.add_argument('--instruction-topic', default='instruction',
+                        help='where the instruction is published (default instruction)')
     parser.add_argument('--frame-id', default='camera', help='frame_id of the --image message (default camera)')
     args = parser.parse_args(argv)
     if args.instruction is None and not args.stop_tracking and not (args.point or args.box):
