@@ -88,6 +88,7 @@ def validate_instruction(instruction) -> str:
 
 
 def _timed(clock: "_StageClock", stage: str, call: Callable):
+    """call(), timed as `stage` on `clock` (for a worker thread)."""
     with clock.stage(stage):
         return call()
 
@@ -98,10 +99,11 @@ class _StageClock:
 
     On CUDA it synchronises at stage edges, so a stage's time is its own kernels' time."""
 
-    def __init__(self, progress: Callable[[str], None] | None, device: str = "cpu"):
+    def __init__(self, progress: Callable[[str], None] | None, device: str = "cpu",
+                 timings: dict[str, float] | None = None):
         self.progress = progress
         self.sync = torch.cuda.synchronize if str(device).startswith("cuda") else None
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {} if timings is None else timings
 
     def stage(self, name: str):
         if self.progress is not None:
@@ -225,8 +227,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         if self.refiner is not None and self.sam_beside_lmm:
             with clock.stage("sam_encoder"):     # SAM's input resize; the encoder pass then goes to the worker
                 encoder_pass = self.refiner.encode_later(image, self.config.sam_resize)
-            worker_clock = _StageClock(None, self.config.device)   # no progress there: see _StageClock
-            worker_clock.timings = clock.timings
+            worker_clock = _StageClock(None, self.config.device, clock.timings)   # no progress: see _StageClock
             sam = self._sam_worker.submit(_timed, worker_clock, "sam_encoder", encoder_pass)
         with self._lock:
             lmm_frame = self.lmm.encode_frame(image, clock.stage, defer_prefix=True)
