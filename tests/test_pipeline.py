@@ -277,7 +277,7 @@ def test_sam_encoder_beside_the_lmm_gives_the_inline_result(bundle, monkeypatch)
     encode = pipe.refiner.backend.encode
     monkeypatch.setattr(pipe.refiner.backend, "encode",
                         lambda x: threads.append(threading.current_thread().name) or encode(x))
-    pipe._sam_worker.submit(release.wait, 60)     # the worker is busy until the caller has reused its buffer
+    pipe._sam_pool().submit(release.wait, 60)     # the worker is busy until the caller has reused its buffer
     buffer = rgb.copy()
     frame = pipe.encode(buffer)
     buffer[:] = 0
@@ -314,3 +314,30 @@ def test_sam_encoder_goes_beside_the_lmm_only_on_a_spare_cpu_core(pipe, monkeypa
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     config = dataclasses.replace(pipe.config, device=device)
     assert GroundingPipeline(pipe.lmm, pipe.head, pipe.refiner, config).sam_beside_lmm is beside
+
+
+def test_a_forked_child_encodes_with_its_own_sam_worker(bundle):
+    """A pool copied into a forked child has no thread and would never run the SAM pass: the child makes its own."""
+    import multiprocessing
+    import os
+    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False))
+    pipe.sam_beside_lmm = True
+    expected = pipe.encode(image(11)).sam.embedding      # the parent's worker exists now
+
+    def child(connection):
+        try:
+            connection.send(bool(torch.equal(pipe.encode(image(11)).sam.embedding, expected)))
+        finally:
+            os._exit(0)
+    fork = multiprocessing.get_context("fork")
+    receiver, sender = fork.Pipe(duplex=False)
+    process = fork.Process(target=child, args=(sender,), daemon=True)
+    process.start()
+    try:
+        assert receiver.poll(120), "the child's encode never finished"
+        assert receiver.recv() is True
+    finally:
+        process.join(30)
+        if process.is_alive():     # hung: never leave it behind
+            process.kill()
+            process.join()

@@ -147,7 +147,7 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
         # A new frame's SAM encoder runs on a core of its own beside the LMM, where the CPU has one to spare.
         self.sam_beside_lmm = (refiner is not None and torch.device(config.device).type == "cpu"
                                and len(os.sched_getaffinity(0)) > torch.get_num_threads())
-        self._sam_worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-encoder")  # starts when used
+        self._sam_worker: tuple[int, ThreadPoolExecutor] | None = None     # (process id, worker): see _sam_pool
 
     @classmethod
     def from_config(cls, config: PipelineConfig | dict) -> "GroundingPipeline":
@@ -228,13 +228,20 @@ class GroundingPipeline(AnswerGroundingMixin, TrustMixin):
             with clock.stage("sam_encoder"):     # SAM's input resize; the encoder pass then goes to the worker
                 encoder_pass = self.refiner.encode_later(image, self.config.sam_resize)
             worker_clock = _StageClock(None, self.config.device, clock.timings)   # no progress: see _StageClock
-            sam = self._sam_worker.submit(_timed, worker_clock, "sam_encoder", encoder_pass)
+            sam = self._sam_pool().submit(_timed, worker_clock, "sam_encoder", encoder_pass)
         with self._lock:
             lmm_frame = self.lmm.encode_frame(image, clock.stage, defer_prefix=True)
             if self.refiner is not None and sam is None:
                 with clock.stage("sam_encoder"):
                     sam = self.refiner.encode(image, self.config.sam_resize)
         return FrameEncoding(tuple(image.shape[:2]), lmm_frame, sam, clock.timings, image=image)
+
+    def _sam_pool(self) -> ThreadPoolExecutor:
+        """The SAM encoder's worker thread, made in this process: a forked child has no threads, and a pool copied
+        from its parent would never run what it is given."""
+        if self._sam_worker is None or self._sam_worker[0] != os.getpid():
+            self._sam_worker = (os.getpid(), ThreadPoolExecutor(max_workers=1, thread_name_prefix="sam-encoder"))
+        return self._sam_worker[1]
 
     # ---- per instruction ---------------------------------------------------------------------
     def validate_instruction(self, instruction) -> str:
