@@ -293,7 +293,7 @@ def test_client_never_takes_an_answer_about_another_frame(grounding, tmp_path):
     elsewhere = grounding.probe.create_subscription(Image, '/not_the_camera', lambda msg: None, 10)  # a reader
     try:
         done = run_client(grounding, 'pick the red mug', '--image', str(picture), '--image-topic', 'not_the_camera',
-                          '--timeout', '8')
+                          '--timeout', '20')   # ends the test: every answer is about another frame
     finally:
         grounding.probe.destroy_subscription(elsewhere)
     assert done.returncode == 2, done.stdout + done.stderr
