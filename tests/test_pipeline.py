@@ -1,4 +1,9 @@
 """GroundingPipeline end to end on tiny random-weight bundles (real LLaVA / LLaVA-NeXT + SAM code paths)."""
+import dataclasses
+import multiprocessing
+import os
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -248,7 +253,6 @@ def test_reasoning_mode_hands_over_the_masks_with_their_answer(bundle):
 def test_on_objects_may_use_the_pipeline_from_another_thread(pipe):
     """The node starts tracking from on_objects, and the tracker's re-grounding takes the pipeline's lock in its
     own thread: the callback must run outside that lock, or the two threads wait for each other for ever."""
-    import threading
     frame = pipe.encode(image(8))
     grounded = []
 
@@ -262,17 +266,15 @@ def test_on_objects_may_use_the_pipeline_from_another_thread(pipe):
     assert len(grounded) == 1 and grounded[0][0].phrase == "the ball"
 
 
-def test_sam_encoder_beside_the_lmm_gives_the_inline_result(bundle, monkeypatch):
+def test_sam_encoder_beside_the_lmm_gives_the_inline_result(pipe, monkeypatch):
     """A new frame's SAM encoder pass on the worker thread (a core to spare) gives what the inline pass gives,
     from the image as it was when encode returned: the caller may reuse its buffer at once."""
-    import threading
-    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False))
     rgb = image(7)
-    pipe.sam_beside_lmm = False
+    monkeypatch.setattr(pipe, "sam_beside_lmm", False)
     inline = pipe.encode(rgb.copy())
     assert isinstance(inline.sam.embedding, torch.Tensor)
 
-    pipe.sam_beside_lmm = True
+    monkeypatch.setattr(pipe, "sam_beside_lmm", True)
     release, threads = threading.Event(), []
     encode = pipe.refiner.backend.encode
     monkeypatch.setattr(pipe.refiner.backend, "encode",
@@ -289,18 +291,17 @@ def test_sam_encoder_beside_the_lmm_gives_the_inline_result(bundle, monkeypatch)
     assert ours.timings["sam_encoder"] > 0
 
 
-def test_a_failed_background_sam_pass_is_raised_where_the_frame_is_used(bundle, monkeypatch):
-    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False))
-    pipe.sam_beside_lmm = True
+def test_a_failed_background_sam_pass_is_raised_where_the_frame_is_used(pipe, monkeypatch):
+    monkeypatch.setattr(pipe, "sam_beside_lmm", True)
 
     def broken(x):
         raise RuntimeError("encoder failed")
-    monkeypatch.setattr(pipe.refiner.backend, "encode", broken)
-    frame = pipe.encode(image(9))
-    for _ in range(2):                   # every use of the frame, not only the first
-        with pytest.raises(RuntimeError, match="encoder failed"):
-            pipe.run(frame, "pick the mug")
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        patch.setattr(pipe.refiner.backend, "encode", broken)
+        frame = pipe.encode(image(9))
+        for _ in range(2):                   # every use of the frame, not only the first
+            with pytest.raises(RuntimeError, match="encoder failed"):
+                pipe.run(frame, "pick the mug")
     assert pipe.run(image(9), "pick the mug").objects
 
 
@@ -308,20 +309,15 @@ def test_a_failed_background_sam_pass_is_raised_where_the_frame_is_used(bundle, 
                                                             (1, 1, "cpu", False), (8, 4, "cuda", False)])
 def test_sam_encoder_goes_beside_the_lmm_only_on_a_spare_cpu_core(pipe, monkeypatch, cores, threads, device,
                                                                    beside):
-    import dataclasses
-    import os
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     config = dataclasses.replace(pipe.config, device=device)
     assert GroundingPipeline(pipe.lmm, pipe.head, pipe.refiner, config).sam_beside_lmm is beside
 
 
-def test_a_forked_child_encodes_with_its_own_sam_worker(bundle):
+def test_a_forked_child_encodes_with_its_own_sam_worker(pipe, monkeypatch):
     """A pool copied into a forked child has no thread and would never run the SAM pass: the child makes its own."""
-    import multiprocessing
-    import os
-    pipe = GroundingPipeline.from_config(PipelineConfig(model=bundle, answer=False))
-    pipe.sam_beside_lmm = True
+    monkeypatch.setattr(pipe, "sam_beside_lmm", True)
     expected = pipe.encode(image(11)).sam.embedding      # the parent's worker exists now
 
     def child(connection):
