@@ -138,3 +138,10 @@ def test_soak_rss_trend_ignores_the_tracker_loading_step():
     assert soak.rss_slope(step, after=10, switch=60) == pytest.approx(0.0, abs=1e-6)
     leak = [(t, m + 0.5 * t) for t, m in step]                   # +30 MiB/min in both phases
     assert soak.rss_slope(leak, after=10, switch=60) == pytest.approx(30.0)
+
+
+def test_instances_benchmark_smoke():
+    out = run("bench/instances.py", "--scenes", "3", "--fit", "6")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "ms" not in line}
+    assert set(rows) == {"no filter", "mask filter", "+ kind check"}
+    assert float(rows["no filter"].split("|")[4]) == 1.0           # the ratio's own base

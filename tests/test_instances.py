@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from flmm_ros.grounding.instance_filter import FEATURES, InstanceCalibration
+from flmm_ros.grounding.instance_filter import FEATURES, MASK_FEATURES, InstanceCalibration
 from flmm_ros.grounding.instances import (
     InstanceSplitter,
     is_plural,
@@ -13,6 +13,7 @@ from flmm_ros.grounding.instances import (
     singular,
     singular_probe,
 )
+from flmm_ros.grounding.kind_check import KindCheck
 from flmm_ros.grounding.types import GroundingError
 
 
@@ -131,9 +132,9 @@ def test_at_most_max_instances():
 # ---- the calibrated instance filter (instance_filter.py) -------------------------------------------------------
 def area_rule(threshold=0.5) -> InstanceCalibration:
     """Keeps instances by their area relative to the largest one only (weight on rel_area, nothing else)."""
-    n = len(FEATURES)
-    weights = tuple(8.0 if f == "rel_area" else 0.0 for f in FEATURES)
-    return InstanceCalibration(FEATURES, (0.5,) * n, (0.1,) * n, weights, 0.0, threshold)
+    n = len(MASK_FEATURES)
+    weights = tuple(8.0 if f == "rel_area" else 0.0 for f in MASK_FEATURES)
+    return InstanceCalibration(MASK_FEATURES, (0.5,) * n, (0.1,) * n, weights, 0.0, threshold)
 
 
 def test_the_calibration_drops_instances_it_does_not_believe():
@@ -143,7 +144,7 @@ def test_the_calibration_drops_instances_it_does_not_believe():
     splitter = InstanceSplitter(BoxPickingSam(objects), 8, 0.5, area_rule())
     found = splitter.split("encoding", torch.zeros(8, 8), union, torch.zeros(1, 8), None)
     assert len(found) == 2 and all(max(row) > 0.95 for row in ious(found, objects[:2]))
-    assert all(set(k.features) == set(FEATURES) and k.features["rel_area"] > 0.9 for k in found)
+    assert all(set(k.features) == set(MASK_FEATURES) and k.features["rel_area"] > 0.9 for k in found)
     # Without a calibration every instance stays, as before.
     assert len(InstanceSplitter(BoxPickingSam(objects), 8, 0.5).split(
         "encoding", torch.zeros(8, 8), union, torch.zeros(1, 8), None)) == 3
@@ -158,7 +159,7 @@ def test_with_a_calibration_an_instance_stops_at_a_neighbour_of_another_colour()
     both = left | right                         # a SAM that always answers with both squares
     sam = BoxPickingSam([both])
     union = torch.from_numpy(both.astype(np.float32))
-    kept_all = InstanceCalibration(FEATURES, (0.0,) * 5, (1.0,) * 5, (0.0,) * 5, 0.0, threshold=0.0)
+    kept_all = InstanceCalibration(MASK_FEATURES, (0.0,) * 5, (1.0,) * 5, (0.0,) * 5, 0.0, threshold=0.0)
     found = InstanceSplitter(sam, 8, 0.5, kept_all).split("encoding", torch.zeros(8, 8), union, torch.zeros(1, 8),
                                                           image)
     assert len(found) == 2 and sorted(int(np.argmax(r)) for r in ious(found, [left, right])) == [0, 1]
@@ -176,6 +177,13 @@ def test_instance_calibration_round_trips_and_refuses_bad_specs():
         InstanceCalibration.from_spec({**rule.to_spec(), "threshold": 1.5})
     with pytest.raises(GroundingError, match="expected features"):
         InstanceCalibration.from_spec({"features": list(FEATURES)})
-    fitted = InstanceCalibration.fit([{f: float(i % 2) + 0.1 * i for f in FEATURES} for i in range(20)],
-                                     [i % 2 for i in range(20)])
+    rows, labels = [{f: float(i % 2) + 0.1 * i for f in FEATURES} for i in range(20)], [i % 2 for i in range(20)]
+    fitted = InstanceCalibration.fit(rows, labels)
+    assert fitted.features == MASK_FEATURES and fitted.kind_check is None
     assert fitted.probability({f: 1.0 for f in FEATURES}) > fitted.probability({f: 0.0 for f in FEATURES})
+    with_kind = InstanceCalibration.fit(rows, labels, kind_check=KindCheck())
+    assert with_kind.features == FEATURES and InstanceCalibration.from_spec(with_kind.to_spec()) == with_kind
+    with pytest.raises(GroundingError, match="kind_check"):       # lmm_kind needs its recipe
+        InstanceCalibration.from_spec({k: v for k, v in with_kind.to_spec().items() if k != "kind_check"})
+    with pytest.raises(GroundingError, match="kind_check"):
+        InstanceCalibration.from_spec({**with_kind.to_spec(), "kind_check": {"answer_prefix": "a"}})

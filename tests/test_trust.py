@@ -7,7 +7,7 @@ import yaml
 
 from flmm_ros.grounding.bundle import BUNDLE_FILE
 from flmm_ros.grounding.config import PipelineConfig
-from flmm_ros.grounding.instance_filter import FEATURES, InstanceCalibration
+from flmm_ros.grounding.instance_filter import MASK_FEATURES, InstanceCalibration
 from flmm_ros.grounding.pipeline import GroundingPipeline
 from flmm_ros.grounding.presence import PresenceCalibration
 from flmm_ros.grounding.testing import TEST_WORDS, word_tokenizer, write_random_bundle
@@ -125,14 +125,14 @@ def test_the_bundles_instance_filter_is_used_and_checked_at_load_time(bundle, tm
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
     spec = yaml.safe_load((bundle / BUNDLE_FILE).read_text())
-    rule = InstanceCalibration(FEATURES, (0.5,) * 5, (0.1,) * 5, (0.0, 0.0, 0.0, 0.0, 8.0), 0.0, 0.4)
+    rule = InstanceCalibration(MASK_FEATURES, (0.5,) * 5, (0.1,) * 5, (0.0, 0.0, 0.0, 0.0, 8.0), 0.0, 0.4)
     spec["instances"] = rule.to_spec()
     (copy / BUNDLE_FILE).write_text(yaml.safe_dump(spec))
     pipe = GroundingPipeline.from_config(PipelineConfig(model=str(copy), answer=False))
     assert pipe.instance_calibration == rule
     frame = pipe.encode(image(3))
     with torch.no_grad():
-        found = pipe.split_instances(frame, pipe.ground_logits(frame, ["all mugs"]), 0)
+        found = pipe.split_instances(frame, pipe.ground_logits(frame, ["all mugs"]), 0, "all mugs")
     assert all(rule.probability(k.features) >= 0.4 for k in found)
     spec["instances"]["threshold"] = 2.0
     (copy / BUNDLE_FILE).write_text(yaml.safe_dump(spec))

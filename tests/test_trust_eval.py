@@ -7,6 +7,7 @@ import yaml
 from flmm_ros.grounding.bundle import BUNDLE_FILE
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.instance_filter import FEATURES, InstanceCalibration
+from flmm_ros.grounding.kind_check import KindCheck
 from flmm_ros.grounding.pipeline import GroundingPipeline
 from flmm_ros.grounding.testing import TEST_WORDS, word_tokenizer, write_random_bundle
 from flmm_ros.tabletop import instance_calibration, trust_eval
@@ -89,5 +90,6 @@ def test_instance_calibration_is_fitted_on_the_embedded_model_and_written_to_the
     written = yaml.safe_load((bundle / BUNDLE_FILE).read_text())["instances"]
     assert written["features"] == list(FEATURES) and 0 <= written["threshold"] < 1
     assert 0 < written["metrics"]["at_threshold"]["recall"] <= 1 and "val instance scenes" in written["source"]
+    assert written["kind_check"] == KindCheck().to_spec() and "without_lmm_kind" in written["metrics"]
     pipe = GroundingPipeline.from_config(PipelineConfig(model=str(bundle)))
     assert pipe.instance_calibration == InstanceCalibration.from_spec(written)

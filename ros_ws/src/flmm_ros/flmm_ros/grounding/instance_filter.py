@@ -4,7 +4,9 @@ A plural phrase's union mask (instances.py) can take in objects of another kind 
 Each instance SAM returns carries evidence of what it is:
 - `iou`: SAM's predicted IoU of the instance mask; `score`: its mean foreground probability;
 - `union`: the phrase's mean refined probability over the instance; `coarse`: the mask head's, over the instance;
-- `rel_area`: its area relative to the largest instance of the phrase (parts and crumbs are small).
+- `rel_area`: its area relative to the largest instance of the phrase (parts and crumbs are small);
+- `lmm_kind`: how likely the frozen LMM, shown the instance alone, names the phrase (kind_check.py). It is the
+  one feature that tells a red box from a red mug; a calibration that uses it stores its recipe (`kind_check`).
 `InstanceCalibration` is a logistic regression from them to P(the instance is one of the named objects), with the
 threshold chosen on held-out scenes; a bundle stores it under `instances` in flmm_bundle.yaml (for the embedded
 model: `python -m flmm_ros.tabletop.instance_calibration --model <bundle> --write`). A bundle that has one also
@@ -20,10 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .kind_check import KindCheck
 from .presence import check_regression, fit_logistic, sigmoid
 from .types import GroundingError
 
-FEATURES = ("iou", "score", "union", "coarse", "rel_area")
+FEATURES = ("iou", "score", "union", "coarse", "rel_area", "lmm_kind")
+MASK_FEATURES = FEATURES[:5]         # what the masks alone give (no LMM pass)
 
 
 @dataclass(frozen=True)
@@ -37,36 +41,54 @@ class InstanceCalibration:
     threshold: float = 0.5
     source: str = ""
     metrics: dict = field(default_factory=dict, compare=False)
+    kind_check: KindCheck | None = None      # how `lmm_kind` is measured, when it is a feature
 
     def __post_init__(self):
         check_regression("instance calibration", FEATURES, self)
         if not 0.0 <= self.threshold < 1.0:      # also refuses NaN
             raise GroundingError(f"instance calibration threshold {self.threshold} is outside [0, 1)")
+        if self.uses_kind and self.kind_check is None:
+            raise GroundingError("the instance calibration uses lmm_kind but has no kind_check (prompt, "
+                                 "answer_prefix, words): refit it with tabletop.instance_calibration")
+
+    @property
+    def uses_kind(self) -> bool:
+        """True when instances need the LMM's look at each of them (kind_check.py)."""
+        return "lmm_kind" in self.features
 
     def probability(self, values: Mapping[str, float]) -> float:
-        return sigmoid(self.bias + sum(w * (values[f] - mu) / sd
+        """P(one of the named objects); a feature not measured (lmm_kind without the camera image) counts as its
+        mean, i.e. neither way."""
+        return sigmoid(self.bias + sum(w * (values.get(f, mu) - mu) / sd
                                        for f, mu, sd, w in zip(self.features, self.mean, self.scale, self.weights)))
 
     def to_spec(self) -> dict:
-        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
-                "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold,
-                "source": self.source, "metrics": dict(self.metrics)}
+        spec = {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "weights": list(self.weights), "bias": self.bias, "threshold": self.threshold}
+        if self.kind_check is not None:
+            spec["kind_check"] = self.kind_check.to_spec()
+        return spec | {"source": self.source, "metrics": dict(self.metrics)}
 
     @classmethod
     def from_spec(cls, spec: Mapping) -> InstanceCalibration:
+        kind_check = spec.get("kind_check") if isinstance(spec, Mapping) else None
         try:
             return cls(tuple(spec["features"]), tuple(map(float, spec["mean"])), tuple(map(float, spec["scale"])),
                        tuple(map(float, spec["weights"])), float(spec["bias"]), float(spec.get("threshold", 0.5)),
-                       str(spec.get("source", "")), dict(spec.get("metrics") or {}))
+                       str(spec.get("source", "")), dict(spec.get("metrics") or {}),
+                       None if kind_check is None else KindCheck.from_spec(kind_check))
         except (KeyError, TypeError, ValueError) as e:
             raise GroundingError(f"bad instance calibration in the bundle ({type(e).__name__}: {e}); expected "
                                  "features, mean, scale, weights, bias, threshold") from None
 
     @classmethod
-    def fit(cls, rows: list[Mapping[str, float]], labels: list[int], source: str = "") -> InstanceCalibration:
-        """Fitted on instances labelled 1 (one of the named objects) or 0; threshold 0.5 until `with_threshold`."""
-        mean, scale, weights, bias = fit_logistic([[r[f] for f in FEATURES] for r in rows], labels)
-        return cls(FEATURES, mean, scale, weights, bias, 0.5, source)
+    def fit(cls, rows: list[Mapping[str, float]], labels: list[int], source: str = "",
+            kind_check: KindCheck | None = None) -> InstanceCalibration:
+        """Fitted on instances labelled 1 (one of the named objects) or 0, on every feature with `kind_check`, on
+        MASK_FEATURES without; threshold 0.5 (the caller chooses one)."""
+        features = FEATURES if kind_check is not None else MASK_FEATURES
+        mean, scale, weights, bias = fit_logistic([[r[f] for f in features] for r in rows], labels)
+        return cls(features, mean, scale, weights, bias, 0.5, source, kind_check=kind_check)
 
 
 def instance_features(masks: list[np.ndarray], ious: list[float], scores: list[float], union_prob: np.ndarray,

@@ -19,6 +19,7 @@ plural phrase is there when one instance is, so its presence is judged on that p
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import cv2
@@ -236,13 +237,16 @@ class InstanceSplitter:
     Stateless beyond its settings; runs under the pipeline's lock (it calls the refiner)."""
 
     def __init__(self, refiner, max_instances: int, mask_threshold: float,
-                 calibration: InstanceCalibration | None = None):
+                 calibration: InstanceCalibration | None = None,
+                 kind_scorer: Callable[[np.ndarray, list[np.ndarray]], list[float]] | None = None):
         self.refiner = refiner
         self.max_instances = max_instances
         self.mask_threshold = mask_threshold
         # With a calibration (instance_filter.py): instances stop at seed regions of another colour, and only
-        # those the calibration keeps are returned.
+        # those the calibration keeps are returned. `kind_scorer(image, masks)` gives their `lmm_kind` evidence
+        # (kind_check.KindScorer) when the calibration uses it.
         self.calibration = calibration
+        self.kind_scorer = kind_scorer
 
     def split(self, sam, coarse: torch.Tensor, union_prob: torch.Tensor, tokens: torch.Tensor,
               image: np.ndarray | None) -> list[Instance]:
@@ -272,6 +276,9 @@ class InstanceSplitter:
         if self.calibration is not None and kept:
             features = instance_features([k.mask for k in kept], [k.iou for k in kept], [k.score for k in kept],
                                          union_prob.float().cpu().numpy(), coarse_at(coarse, (h, w)))
+            if self.calibration.uses_kind and self.kind_scorer is not None and image is not None:
+                for f, kind in zip(features, self.kind_scorer(image, [k.mask for k in kept])):
+                    f["lmm_kind"] = kind
             for k, f in zip(kept, features):
                 k.features = f
             kept = [k for k in kept if self.calibration.probability(k.features) >= self.calibration.threshold]

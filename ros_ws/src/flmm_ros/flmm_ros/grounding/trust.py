@@ -23,6 +23,7 @@ from . import answers
 from .bundle import is_bundle, read_bundle_spec
 from .instance_filter import InstanceCalibration
 from .instances import Instance, InstanceSplitter, is_plural, presence_probe
+from .kind_check import KindScorer
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
 from .sam.prompts import mask_to_box
@@ -146,20 +147,25 @@ class TrustMixin:
         asked = (judge.question(p) for p in phrases if presence_probe(p) == p)
         return [q for q in asked if q is not None]
 
-    def split_instances(self, frame, logits, k: int) -> list[Instance]:
+    def split_instances(self, frame, logits, k: int, phrase: str) -> list[Instance]:
         """Phrase k's instances (instances.py; the plural head grounds it again when the bundle has one), with the
-        instance filter's evidence when there is a calibration."""
+        instance filter's evidence when there is a calibration (the LMM's look at each instance alone, when it
+        uses that: kind_check.py)."""
         grounder, index = self, k
         if self._plural is not None:   # the plural head grounds the phrase again from the same LMM pass
             grounder, index = self._plural, 0
             logits = grounder.head_logits(_one(logits, k).lmm, frame.lmm.prepared, frame.sam)
+        calibration = self.instance_calibration
+        scorer = None
+        if calibration is not None and calibration.uses_kind:
+            scorer = KindScorer(self.lmm, calibration.kind_check, presence_probe(phrase))
         splitter = InstanceSplitter(grounder.refiner, self.config.max_instances, self.config.mask_threshold,
-                                    self.instance_calibration)
+                                    calibration, scorer)
         return splitter.split(frame.sam, logits.coarse[index], logits.refined[index].float().sigmoid(),
                               logits.tokens[index], getattr(frame, "image", None))
 
     def _instances(self, frame, logits, k: int, obj: GroundedObject, presence: float) -> list[GroundedObject]:
-        found = self.split_instances(frame, logits, k)
+        found = self.split_instances(frame, logits, k, obj.phrase)
         if not found:   # the phrase's mask held no object-sized instance
             return [absent(obj, presence)]
         out = []

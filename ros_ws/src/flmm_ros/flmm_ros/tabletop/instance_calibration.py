@@ -7,7 +7,9 @@ On each instance scene (2-4 objects of one kind beside others, `trust_eval.insta
 names them all is grounded and split as the node does it, with the filter open (every instance kept, masks cut at
 seed regions of another colour). An instance is labelled 1 when it is matched one to one to a named object at
 IoU >= 0.5. The logistic regression is fitted on them; the threshold is the one with the best F1 of instance
-precision and recall over the scenes (recall counts every named object, also those no instance found).
+precision and recall over the scenes (recall counts every named object, also those no instance found). The filter
+uses every feature, the LMM's look at each instance alone included (`lmm_kind`, kind_check.py, with its default
+recipe); the scores of a fit on the mask features alone are stored beside it (`without_lmm_kind`).
 `--write` stores it under `instances` in the bundle's flmm_bundle.yaml; `trust_eval evaluate` then measures it on
 the test split.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +28,13 @@ from tqdm import tqdm
 from ..grounding.bundle import BUNDLE_FILE
 from ..grounding.config import PipelineConfig
 from ..grounding.instance_filter import FEATURES, InstanceCalibration
+from ..grounding.kind_check import KindCheck
 from ..grounding.pipeline import GroundingPipeline
 from .scenes import split_seeds
 from .trust_eval import SIZES, instance_scene, matched_predictions, write_calibration
 
 OPEN = InstanceCalibration(FEATURES, (0.0,) * len(FEATURES), (1.0,) * len(FEATURES), (0.0,) * len(FEATURES), 0.0,
-                           threshold=0.0, source="open: keeps every instance")
+                           threshold=0.0, source="open: keeps every instance", kind_check=KindCheck())
 
 
 def matched_labels(masks: list[np.ndarray], targets: list[np.ndarray], min_iou: float = 0.5) -> list[int]:
@@ -49,7 +53,7 @@ def collect(pipe: GroundingPipeline, split: str, count: int) -> tuple[list[dict]
             continue
         frame = pipe.encode(scene.image)
         with torch.no_grad():
-            instances = pipe.split_instances(frame, pipe.ground_logits(frame, [phrase]), 0)
+            instances = pipe.split_instances(frame, pipe.ground_logits(frame, [phrase]), 0, phrase)
         targets = [o.mask for o in scene.objects if o.kind == kind]
         named += len(targets)
         rows += [k.features for k in instances]
@@ -77,12 +81,14 @@ def calibrate(pipe: GroundingPipeline, split: str, count: int) -> InstanceCalibr
     first = split_seeds(split, 1)[0]
     source = (f"tabletop {split} instance scenes from seed {first}: {count} scenes, {len(labels)} instances "
               f"({sum(labels)} of named objects), {named} named objects")
-    fitted = InstanceCalibration.fit(rows, labels, source)
+    fitted = InstanceCalibration.fit(rows, labels, source, KindCheck())
     threshold, scores = best_threshold([fitted.probability(r) for r in rows], labels, named)
+    masks_only = InstanceCalibration.fit(rows, labels)
+    _, mask_scores = best_threshold([masks_only.probability(r) for r in rows], labels, named)
     open_scores = {"precision": sum(labels) / max(1, len(labels)), "recall": sum(labels) / max(1, named)}
-    metrics = json.loads(json.dumps({"at_threshold": scores, "unfiltered": open_scores}))
-    return InstanceCalibration(fitted.features, fitted.mean, fitted.scale, fitted.weights, fitted.bias, threshold,
-                               source, metrics)
+    metrics = json.loads(json.dumps({"at_threshold": scores, "without_lmm_kind": mask_scores,
+                                     "unfiltered": open_scores}))
+    return replace(fitted, threshold=threshold, metrics=metrics)
 
 
 def main(argv=None) -> None:
