@@ -66,7 +66,11 @@ def test_the_splitter_keeps_the_instances_the_kind_evidence_believes():
     assert len(looked_at) == 3 and len(found) == 2
     assert [bool(k.mask[30, 40]) for k in found] == [True, False] and found[1].mask[30, 200]
     assert all(k.features["lmm_kind"] == -0.1 for k in found)
-    # Without the camera image there is nothing to show the LMM: the evidence counts as its mean (kept at 0.5).
+    # A phrase with nothing to check: no evidence, which counts as its mean (kept at 0.5).
+    unsure = InstanceSplitter(BoxPickingSam(objects), 8, 0.5, kind_rule(), lambda img, masks: [None] * len(masks)
+                              ).split("encoding", torch.zeros(8, 8), union, torch.zeros(1, 8), image)
+    assert len(unsure) == 3 and not any("lmm_kind" in k.features for k in unsure)
+    # Without the camera image there is nothing to show the LMM: the same.
     assert len(InstanceSplitter(BoxPickingSam(objects), 8, 0.5, kind_rule(), scorer).split(
         "encoding", torch.zeros(8, 8), union, torch.zeros(1, 8), None)) == 3
 
@@ -101,7 +105,10 @@ def test_instances_checked_together_score_as_each_alone(embedded):
     together = scorer(scene.image, masks)
     assert together == pytest.approx([scorer(scene.image, [m])[0] for m in masks], abs=1e-4)
     assert all(v < 0 for v in together) and scorer(scene.image, []) == []
-    assert KindScorer(embedded.lmm, KindCheck(), "the object")(scene.image, masks) == [0.0] * len(masks)
+    # Nothing the LMM could say: no evidence either way (the filter counts it as its mean).
+    assert KindScorer(embedded.lmm, KindCheck(), "the object")(scene.image, masks) == [None] * len(masks)
+    assert KindScorer(embedded.lmm, KindCheck(), "the zebra")(scene.image, masks) == [None] * len(masks)
+    assert KindScorer(embedded.lmm, KindCheck(), "the red zebra")(scene.image, masks)[0] is not None
 
 
 def test_the_embedded_models_filter_looks_at_each_instance(embedded):

@@ -57,8 +57,8 @@ class InstanceCalibration:
         return "lmm_kind" in self.features
 
     def probability(self, values: Mapping[str, float]) -> float:
-        """P(one of the named objects); a feature not measured (lmm_kind without the camera image) counts as its
-        mean, i.e. neither way."""
+        """P(one of the named objects); a feature not measured (lmm_kind without the camera image, or for a phrase
+        with no word the LMM can say) counts as its mean, i.e. neither way."""
         return sigmoid(self.bias + sum(w * (values.get(f, mu) - mu) / sd
                                        for f, mu, sd, w in zip(self.features, self.mean, self.scale, self.weights)))
 

@@ -238,7 +238,7 @@ class InstanceSplitter:
 
     def __init__(self, refiner, max_instances: int, mask_threshold: float,
                  calibration: InstanceCalibration | None = None,
-                 kind_scorer: Callable[[np.ndarray, list[np.ndarray]], list[float]] | None = None):
+                 kind_scorer: Callable[[np.ndarray, list[np.ndarray]], list[float | None]] | None = None):
         self.refiner = refiner
         self.max_instances = max_instances
         self.mask_threshold = mask_threshold
@@ -278,7 +278,8 @@ class InstanceSplitter:
                                          union_prob.float().cpu().numpy(), coarse_at(coarse, (h, w)))
             if self.calibration.uses_kind and self.kind_scorer is not None and image is not None:
                 for f, kind in zip(features, self.kind_scorer(image, [k.mask for k in kept])):
-                    f["lmm_kind"] = kind
+                    if kind is not None:
+                        f["lmm_kind"] = kind
             for k, f in zip(kept, features):
                 k.features = f
             kept = [k for k in kept if self.calibration.probability(k.features) >= self.calibration.threshold]
