@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .instance_filter import InstanceCalibration, coarse_at, instance_features, region_colours
+from .kind_check import content_words
 from .presence import foreground_mean
 
 QUANTIFIERS = {"all", "every", "each", "both", "these", "those", "several", "many", "multiple",
@@ -91,6 +92,11 @@ def singular(word: str) -> str:
         if word.endswith(ending) and len(word) > len(ending) + 1:
             return word[:-len(ending)] + repl
     return word[:-1] if _plural_noun(word) else word
+
+
+def names_no_kind(phrase: str) -> bool:
+    """A plural phrase that names no kind or colour: "the objects", "all the things", "every object"."""
+    return is_plural(phrase) and not content_words(singular_probe(phrase))
 
 
 def singular_probe(phrase: str) -> str:

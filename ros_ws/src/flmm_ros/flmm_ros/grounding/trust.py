@@ -22,8 +22,9 @@ import torch
 from . import answers
 from .bundle import is_bundle, read_bundle_spec
 from .instance_filter import InstanceCalibration
-from .instances import Instance, InstanceSplitter, is_plural, presence_probe
+from .instances import MAX_OVERLAP, Instance, InstanceSplitter, is_plural, names_no_kind, presence_probe
 from .kind_check import KindScorer
+from .lmm import GROUNDING_PROMPT
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
 from .sam.prompts import mask_to_box
@@ -31,6 +32,11 @@ from .types import GroundedObject, GroundingResult
 
 log = logging.getLogger(__name__)
 ANSWER_BRANCHES = 2       # alternatives tried at each branching step of a constrained answer
+DESCRIPTION_TOKENS = 64   # the description that names "all the objects" (a scene of 5 objects takes ~35)
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 def presence_calibration_of(model: str) -> PresenceCalibration:
@@ -108,11 +114,14 @@ class TrustMixin:
         values = self.presence_features(frame, phrases, logits) if judge.enabled else [{} for _ in phrases]
         out = []
         for k, obj in enumerate(objects):
+            splits = cfg.instances == "auto" and logits.refined is not None and frame.sam is not None
+            if splits and names_no_kind(phrases[k]):     # "all the objects": what the LMM's description names
+                out += self._described_objects(frame, obj)
+                continue
             presence = judge.probability(values[k])
             if presence < cfg.presence_threshold:
                 out.append(absent(obj, presence))
-            elif cfg.instances == "auto" and is_plural(phrases[k]) and logits.refined is not None \
-                    and frame.sam is not None:
+            elif splits and is_plural(phrases[k]):
                 out += self._instances(frame, logits, k, obj, presence)
             else:
                 out.append(replace(obj, presence=presence))
@@ -174,6 +183,25 @@ class TrustMixin:
             out.append(replace(obj, mask=instance.mask.astype(np.uint8) * 255, box=box, score=instance.score,
                                presence=presence, instance=i))
         return out
+
+    def _described_objects(self, frame, obj: GroundedObject) -> list[GroundedObject]:
+        """The instances of a plural phrase that names no kind or colour ("the objects", "every object"): neither
+        the presence question ("is there the object?") nor the phrase's attention means anything for it, so its
+        instances are the objects the LMM's own description of the frame names ("a red mug on the left, a blue
+        bowl ..."), each grounded from the description's tokens (grounded conversation, answer_grounding.py),
+        masks of one object said twice dropped, left to right. Presence 1 for each; none: the phrase not found."""
+        _, found, logits = self._run_conversation(frame.lmm, frame.sam, GROUNDING_PROMPT, self._clock(),
+                                                  self.lmm.generate_ids(frame.lmm, GROUNDING_PROMPT,
+                                                                        DESCRIPTION_TOKENS))
+        kept: list[GroundedObject] = []
+        for named in self._objects([p.text for p in found], logits, frame.image_hw) if found else []:
+            mask = named.mask > 0
+            if mask.sum() and all(mask_iou(mask, k.mask > 0) <= MAX_OVERLAP for k in kept):
+                kept.append(named)
+        kept = sorted(kept[:self.config.max_instances], key=lambda o: o.box[0])
+        if not kept:
+            return [absent(obj, 0.0)]
+        return [replace(named, phrase=obj.phrase, presence=1.0, instance=i) for i, named in enumerate(kept, 1)]
 
     def _trusted_answer(self, frame, instruction: str, phrases: list[str], objects: list[GroundedObject]) -> str:
         """The spoken answer: the LMM's own (`answer_source: lmm`) or one that follows the objects (answers.py)."""
