@@ -3,7 +3,7 @@ scene with exact masks: a phrase judged absent is published as not found (empty 
 in `not_found`, said in the answer), an object that is not there is judged absent while one that is there is
 found, and "all the mugs" gives one object per instance found (here all 3 mugs, beside a ball; the
 model's instance precision and recall are measured in the model card), numbered 1..N, each a different mug, the
-masks the ROS-free core gives.
+masks the ROS-free core gives; and "how many objects are there?" counts the objects it publishes.
 """
 from __future__ import annotations
 
@@ -96,3 +96,17 @@ def test_all_the_mugs_gives_one_object_per_instance_as_the_core_does(node):
         assert iou(mask_of(published), expected.mask) > 0.99
     matched = {max(range(len(TRUE_MUGS)), key=lambda k: iou(mask_of(o), TRUE_MUGS[k])) for o in result.objects}
     assert len(matched) == len(result.objects)           # each object is a different mug
+
+
+def test_how_many_objects_counts_the_objects_it_publishes(node):
+    """"objects" names no kind: its instances are what the LMM's description names (trust.py), through the node."""
+    result = node.probe.ask('how many objects are there?')
+    assert result.success, result.error
+    defaults = {name: spec.default for name, spec in parameters.SPECS.items()}
+    core = GroundingPipeline.from_config(parameters.pipeline_config(defaults)).run(SCENE.image,
+                                                                                  'how many objects are there?')
+    assert len(result.objects) == len(core.objects) >= 2 and result.answer == core.answer
+    assert [o.instance for o in result.objects] == list(range(1, len(result.objects) + 1))
+    assert all(o.found and o.has_pose for o in result.objects)
+    assert all(iou(mask_of(p), e.mask) > 0.99 for p, e in zip(result.objects, core.objects))
+    assert result.answer.split()[0] == ('zero', 'one', 'two', 'three', 'four', 'five')[len(result.objects)]
