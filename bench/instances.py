@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 import torch
 
 from flmm_ros.grounding.config import PipelineConfig
-from flmm_ros.grounding.instance_filter import MASK_FEATURES, InstanceCalibration
+from flmm_ros.grounding.instance_filter import InstanceCalibration
 from flmm_ros.grounding.pipeline import GroundingPipeline
 from flmm_ros.tabletop.instance_calibration import best_threshold, collect
 from flmm_ros.tabletop.scenes import split_seeds
@@ -35,9 +36,9 @@ def mask_filter(pipe: GroundingPipeline, scenes: int) -> InstanceCalibration:
     bundle_filter = pipe.instance_calibration
     rows, labels, named = collect(pipe, "val", scenes)
     pipe.instance_calibration = bundle_filter
-    fitted = InstanceCalibration.fit([{f: r[f] for f in MASK_FEATURES} for r in rows], labels)
+    fitted = InstanceCalibration.fit(rows, labels)            # no kind_check: MASK_FEATURES only
     threshold, _ = best_threshold([fitted.probability(r) for r in rows], labels, named)
-    return InstanceCalibration(fitted.features, fitted.mean, fitted.scale, fitted.weights, fitted.bias, threshold)
+    return replace(fitted, threshold=threshold)
 
 
 def main() -> None:

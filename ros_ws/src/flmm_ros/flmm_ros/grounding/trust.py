@@ -2,7 +2,9 @@
 
 - presence (presence.py): each phrase gets a calibrated probability that it names something in view; below
   `presence_threshold` its object is `found=False` with an empty mask, and the result lists it in `not_found`;
-- instances (instances.py): with `instances: auto`, a plural phrase ("all the mugs") gives one object per instance;
+- instances (instances.py): with `instances: auto`, a plural phrase ("all the mugs") gives one object per instance
+  (kept by the instance filter, which may ask the LMM about each: kind_check.py); one that names no kind or colour
+  ("all the objects") gives the objects the LMM's own description names;
 - the answer (answers.py): with `answer_source: grounded`, what it says about the objects follows the above.
 
 The calibration comes from the model bundle (`presence` in flmm_bundle.yaml); a plain LMM uses the LMM's own
