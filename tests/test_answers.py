@@ -82,6 +82,9 @@ def test_plural_commands_list_the_instances_places():
     mugs = [obj("all the mugs", x0=75, instance=2), obj("all the mugs", x0=5, instance=1)]
     assert grounded_answer("pick up all the mugs", ["all the mugs"], mugs, Lmm()) == \
         "all the mugs are on the left and on the right."
+    every = [obj("every mug", x0=75, instance=2), obj("every mug", x0=5, instance=1)]
+    assert grounded_answer("pick up every mug", ["every mug"], every, Lmm()) == \
+        "every mug is on the left and on the right."
 
 
 def test_other_questions_keep_the_lmms_words_without_contradicting_words():

@@ -82,9 +82,10 @@ def _found_by_phrase(phrases: Sequence[str], objects: Sequence[GroundedObject]) 
 
 
 def describe(phrase: str, found: Sequence[GroundedObject]) -> str:
-    """'the red mug is on the right.' / 'the mugs are on the left and in the middle.'"""
+    """'the red mug is on the right.' / 'the mugs are on the left and in the middle.' / 'every mug is ...'"""
     places = list(dict.fromkeys(p for p in (place(o.mask) for o in sorted(found, key=_centre_x)) if p))
-    verb = "are" if len(found) > 1 or is_plural(phrase) else "is"
+    singular_subject = phrase.lower().split()[:1] in (["every"], ["each"])     # "every mug is", not "are"
+    verb = "are" if (len(found) > 1 or is_plural(phrase)) and not singular_subject else "is"
     return f"{phrase} {verb} {' and '.join(places) or 'here'}."
 
 
