@@ -121,3 +121,21 @@ def test_the_embedded_models_filter_looks_at_each_instance(embedded):
     assert calibration.uses_kind and found
     assert all("lmm_kind" in k.features and calibration.probability(k.features) >= calibration.threshold
                for k in found)
+
+
+def test_the_instance_threshold_trades_wrong_instances_for_missed_ones(embedded, monkeypatch):
+    """`instance_threshold` (a runtime node parameter): 0 keeps every candidate, -1 is the bundle's threshold."""
+    scene, kind = generate_instance_scene(2_000_003)
+    frame = embedded.encode(scene.image)
+    phrase = f"all the {PLURALS[kind]}"
+    counts = {}
+    for threshold in (0.0, -1.0, 0.99):
+        monkeypatch.setattr(embedded.config, "instance_threshold", threshold)
+        with torch.no_grad():
+            found = embedded.split_instances(frame, embedded.ground_logits(frame, [phrase]), 0, phrase)
+        counts[threshold] = [round(embedded.instance_calibration.probability(k.features), 6) for k in found]
+    bundle = embedded.instance_calibration.threshold
+    assert all(p >= bundle for p in counts[-1.0]) and all(p >= 0.99 for p in counts[0.99])
+    assert len(counts[0.0]) >= len(counts[-1.0]) >= len(counts[0.99])
+    assert len(counts[0.0]) > len(counts[0.99])           # the setting changes what is kept
+    assert sorted(counts[-1.0]) == sorted(p for p in counts[0.0] if p >= bundle)

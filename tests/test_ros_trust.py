@@ -110,3 +110,19 @@ def test_how_many_objects_counts_the_objects_it_publishes(node):
     assert all(o.found and o.has_pose for o in result.objects)
     assert all(iou(mask_of(p), e.mask) > 0.99 for p, e in zip(result.objects, core.objects))
     assert result.answer.split()[0] == ('zero', 'one', 'two', 'three', 'four', 'five')[len(result.objects)]
+
+
+def test_the_instance_threshold_is_a_runtime_parameter(node):
+    """`ros2 param set ... instance_threshold`: a stricter filter publishes fewer instances from the next instruction."""
+    default = node.probe.ask('pick up all the mugs')
+    set_parameter(node, 'instance_threshold', 0.999999)
+    try:
+        strict = node.probe.ask('pick up all the mugs')
+    finally:
+        set_parameter(node, 'instance_threshold', -1.0)
+    assert default.success and strict.success, (default.error, strict.error)
+    found = [o for o in strict.objects if o.found]
+    assert len(found) < len([o for o in default.objects if o.found])
+    if not found:                                    # no instance believed: the phrase is not found, said so
+        assert list(strict.not_found) == ['all the mugs'] and 'no' in strict.answer.split()
+    assert len(node.probe.ask('pick up all the mugs').objects) == len(default.objects)      # back to the bundle's

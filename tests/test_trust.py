@@ -144,6 +144,7 @@ def test_the_bundles_instance_filter_is_used_and_checked_at_load_time(bundle, tm
 @pytest.mark.parametrize("settings, message", [
     ({"presence_threshold": 1.0}, "presence_threshold"), ({"presence_threshold": -0.1}, "presence_threshold"),
     ({"instances": "some"}, "instances"), ({"max_instances": 0}, "max_instances"),
+    ({"instance_threshold": 1.0}, "instance_threshold"), ({"instance_threshold": -0.5}, "instance_threshold"),
     ({"answer_source": "oracle"}, "answer_source")])
 def test_bad_trust_settings_are_rejected_clearly(settings, message):
     with pytest.raises(GroundingError, match=message):

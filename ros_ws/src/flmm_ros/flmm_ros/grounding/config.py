@@ -67,6 +67,11 @@ class PipelineConfig:
                                      "'both boxes') gives one object per instance (needs the refiner); off = one "
                                      "mask per phrase (F-LMM).", INSTANCE_MODES)
     max_instances: int = setting(8, "Most instances returned for one plural phrase.")
+    instance_threshold: float = setting(-1.0, "Instruction mode: the instance filter's probability (bundle "
+                                              "`instances:`, instance_filter.py) below which an instance of a "
+                                              "plural phrase is dropped; higher: fewer wrong instances, more "
+                                              "missed. -1 = the bundle's threshold (chosen for the best F1); "
+                                              "else in [0, 1).")
     answer_source: str = setting("grounded", "Instruction mode: grounded = the spoken answer states what the "
                                              "grounding found (absent phrases, places from the masks, yes/no and "
                                              "counts), the LMM wording the rest; lmm = the LMM's free answer "
@@ -101,6 +106,9 @@ class PipelineConfig:
             raise GroundingError(f"instances {self.instances!r} is not one of {list(INSTANCE_MODES)}")
         if self.max_instances < 1:
             raise GroundingError("max_instances must be at least 1")
+        if self.instance_threshold != -1.0 and not 0.0 <= self.instance_threshold < 1.0:
+            raise GroundingError(f"instance_threshold must be -1 (the bundle's) or a probability in [0, 1), got "
+                                 f"{self.instance_threshold}")
         if self.answer_source not in ANSWER_SOURCES:
             raise GroundingError(f"answer_source {self.answer_source!r} is not one of {list(ANSWER_SOURCES)}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

@@ -167,6 +167,8 @@ class TrustMixin:
             grounder, index = self._plural, 0
             logits = grounder.head_logits(_one(logits, k).lmm, frame.lmm.prepared, frame.sam)
         calibration = self.instance_calibration
+        if calibration is not None and self.config.instance_threshold >= 0:    # the user's trade-off
+            calibration = replace(calibration, threshold=self.config.instance_threshold)
         scorer = None
         if calibration is not None and calibration.uses_kind:
             scorer = KindScorer(self.lmm, calibration.kind_check, presence_probe(phrase))
