@@ -113,7 +113,8 @@ def test_how_many_objects_counts_the_objects_it_publishes(node):
 
 
 def test_the_instance_threshold_is_a_runtime_parameter(node):
-    """`ros2 param set ... instance_threshold`: a stricter filter publishes fewer instances from the next instruction."""
+    """`ros2 param set ... instance_threshold`: a stricter filter publishes fewer instances, from the next
+    instruction."""
     default = node.probe.ask('pick up all the mugs')
     set_parameter(node, 'instance_threshold', 0.999999)
     try:
