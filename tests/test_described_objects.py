@@ -1,5 +1,6 @@
-"""A plural phrase that names no kind or colour ("all the objects", "how many objects are there?"): its instances are
-the objects the LMM's own description names, each grounded (trust.py `_described_objects`)."""
+"""Instructions on the embedded model beyond one named object: a plural phrase that names no kind or colour ("all the
+objects", "how many objects are there?"), whose instances are the objects the LMM's own description names (trust.py
+`_described_objects`), and instructions of several phrases, each judged as if it were named alone."""
 import numpy as np
 import pytest
 import torch
@@ -52,3 +53,18 @@ def test_with_instances_off_the_phrase_is_judged_as_any_other(embedded):
     scene = generate_scene(2_000_016, (480, 640))
     objects = off.run(scene.image, "pick up all the objects").objects
     assert len(objects) == 1 and objects[0].instance == 0
+
+
+@pytest.mark.parametrize("instruction", ["pick up the white mug and the red mug",
+                                         "pick up the purple box and the white mug and the red mug",
+                                         "pick up every object and the red mug"])
+def test_a_phrase_named_after_another_is_judged_as_if_named_alone(embedded, instruction):
+    """Presence reads each phrase's likelihood as the only answer (lmm.phrase_pass): after "the white mug." the
+    LMM finds "the red mug" less likely, and the red mug was judged absent in such instructions (35 % of present
+    phrases in two-phrase instructions on 60 validation scenes, 2 % alone)."""
+    scene = generate_scene(2_000_016, (480, 640))
+    frame = embedded.encode(scene.image)
+    named = {o.phrase: o for o in embedded.run(frame, instruction).objects if o.instance == 0}
+    for phrase, obj in named.items():
+        single = embedded.run(frame, f"pick up {phrase}").objects[0]
+        assert obj.found and single.found and abs(obj.presence - single.presence) < 0.05

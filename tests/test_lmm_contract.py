@@ -137,6 +137,26 @@ def test_questions_asked_beside_the_phrases_are_answered_as_if_asked_alone(adapt
     assert all(torch.equal(a, b) for a, b in zip(before, _cache_tensors(frame)))
 
 
+def test_each_of_several_phrases_gets_the_log_probabilities_it_has_alone(adapter, frame):
+    """Presence reads a phrase's likelihood as if it were the only answer (a turn of its own beside the pass); the
+    maps and hidden states still come from F-LMM's one pass over all the phrases (test above: eager equality)."""
+    n, before = frame.cache.get_seq_length(), _cache_tensors(frame)
+    several = adapter.phrase_pass(frame, PHRASES, questions=["is there a red mug ?"])
+    alone = [adapter.phrase_pass(frame, [phrase]) for phrase in PHRASES]
+    for k in range(len(PHRASES)):
+        assert torch.allclose(several.token_logprobs[k], alone[k].token_logprobs[0], atol=1e-4)
+    # In the one pass the second phrase follows the first, and its log-probabilities there differ.
+    ids, rows = adapter.phrase_tokens(frame, PHRASES)
+    with torch.no_grad():
+        in_sequence = adapter._token_logprobs(adapter._run_on_cache(frame, ids).last_hidden_state[0], ids, rows)
+    assert (in_sequence[1] - several.token_logprobs[1]).abs().max() > 1e-3
+    assert torch.allclose(in_sequence[0], several.token_logprobs[0], atol=1e-4)
+    assert (several.answers["is there a red mug ?"] - adapter.next_token_logits(frame, "is there a red mug ?")
+            ).abs().max() <= 1e-4
+    assert frame.cache.get_seq_length() == n
+    assert all(torch.equal(a, b) for a, b in zip(before, _cache_tensors(frame)))
+
+
 def _deferred(adapter):
     image = np.random.default_rng(4).integers(0, 256, (40, 72, 3), dtype=np.uint8)   # the `frame` fixture's image
     frame = adapter.encode_frame(image, defer_prefix=True)

@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 
 from ..types import GroundingError
-from .base import GROUNDING_PROMPT, LMMAdapter, LMMFrame, PhrasePass, PreparedImage, ReasoningPass, template_for
+from .base import LMMAdapter, LMMFrame, PhrasePass, PreparedImage, ReasoningPass
 from .llava import LlavaAdapter, LlavaPreparedImage
 from .llava_next import LlavaNextAdapter, LlavaNextPreparedImage
+from .prompts import GROUNDING_PROMPT, template_for
 
 ADAPTERS: dict[str, type[LMMAdapter]] = {
     "llava": LlavaAdapter,

@@ -24,26 +24,7 @@ from ..devices import ids_tensor, to_device
 from ..quantization import load_kwargs as quantization_load_kwargs
 from ..types import GroundingError
 from .passes import LMMFrame, PhrasePass, PreparedImage, ReasoningPass, ScoredAnswer
-
-# F-LMM's grounding prompt (every config under F-LMM's configs/).
-GROUNDING_PROMPT = "Please give me a description of the image."
-
-# xtuner prompt templates used by F-LMM (instruction part only, no system prompt).
-PROMPT_TEMPLATES = {
-    "vicuna": "USER: {input} ASSISTANT:",
-    "mistral": "[INST] {input} [/INST]",
-}
-
-
-def template_for(model, tokenizer) -> str:
-    """F-LMM's template for this LMM, from the model itself (not from its path): `mistral` when the language
-    model is a Mistral or the tokenizer's chat template uses [INST] (llava-v1.6-mistral), else `vicuna`
-    (llava-1.5, llava-v1.6-vicuna), as F-LMM's configs pair them."""
-    text_type = getattr(getattr(model.config, "text_config", None), "model_type", "")
-    chat = getattr(tokenizer, "chat_template", None)
-    if text_type == "mistral" or (isinstance(chat, str) and "[INST]" in chat):
-        return "mistral"
-    return "vicuna"
+from .prompts import GROUNDING_PROMPT, PROMPT_TEMPLATES, template_for
 
 
 class LMMAdapter(ABC):
@@ -221,10 +202,15 @@ class LMMAdapter(ABC):
         Returns each phrase's attention to the image (mean over its tokens) as maps, and its tokens' hidden
         states for the text embeddings. `questions` ("is there a red mug?": presence.py) are answered in the same
         forward (`answers`), each as its own turn over the frame (attention.side_by_side): what separate passes
-        would give, for the overhead of one."""
+        would give, for the overhead of one. So are the phrases' token log-probabilities when there are several:
+        each phrase as the only answer, not after the others (a phrase's likelihood after another one's is lower)."""
         ids, rows = self.phrase_tokens(frame, phrases, prompt_text, answer_prefix)
         questions = list(dict.fromkeys(questions))
-        return self._rows_pass(frame, [ids] + [self._text_ids(frame, q) for q in questions], rows, questions)
+        turns, alone = [ids] + [self._text_ids(frame, q) for q in questions], []
+        for phrase in phrases if len(phrases) > 1 else ():
+            own, (own_rows,) = self.phrase_tokens(frame, [phrase], prompt_text, answer_prefix)
+            turns, alone = turns + [own], alone + [own_rows + sum(map(len, turns))]
+        return self._rows_pass(frame, turns, rows, questions, alone)
 
     @torch.no_grad()
     def answer_pass(self, frame: LMMFrame, prompt_text: str, answer_ids: list[int],
@@ -239,8 +225,9 @@ class LMMAdapter(ABC):
         return self._rows_pass(frame, [ids + list(answer_ids)], rows)
 
     def _rows_pass(self, frame: LMMFrame, turns: list[list[int]], rows: list[torch.Tensor],
-                   questions: list[str] = ()) -> PhrasePass:
-        """One forward of turns[0] (rows index it) and the `questions`' turns beside it (side_by_side), after the
+                   questions: list[str] = (), logprob_rows: list[torch.Tensor] = ()) -> PhrasePass:
+        """One forward of turns[0] (rows index it) and the `questions`' turns beside it (side_by_side; then any
+        other turns, where `logprob_rows` read the phrases' log-probabilities instead of `rows`), after the
         frame's prefix, cached or deferred (then it runs first in the same forward: rows shift by its length)."""
         shared = self._deferred(frame)
         start = 0 if shared else frame.cache.get_seq_length()
@@ -255,7 +242,8 @@ class LMMAdapter(ABC):
         last = out.last_hidden_state[0]
         answers = dict(zip(questions, self.model.lm_head(last[ends]).float()))
         return PhrasePass(maps=maps, hidden_states=[hidden[:, r] for r in rows],
-                          token_logprobs=self._token_logprobs(last, frame.prefix_ids[:shared] + ids, rows),
+                          token_logprobs=self._token_logprobs(last, frame.prefix_ids[:shared] + ids,
+                                                              [r + shared for r in logprob_rows] or rows),
                           answers=answers)
 
     def _token_logprobs(self, last_hidden: torch.Tensor, ids: list[int], rows: list[torch.Tensor]) -> list[torch.Tensor]:
