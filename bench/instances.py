@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ import torch
 from flmm_ros.grounding.config import PipelineConfig
 from flmm_ros.grounding.instance_filter import InstanceCalibration
 from flmm_ros.grounding.pipeline import GroundingPipeline
-from flmm_ros.tabletop.instance_calibration import best_threshold, collect
+from flmm_ros.tabletop.instance_calibration import collect, fit_filter
 from flmm_ros.tabletop.scenes import split_seeds
 from flmm_ros.tabletop.track_eval import EMBEDDED
 from flmm_ros.tabletop.trust_eval import SIZES, VERB, instance_scene, matched
@@ -36,9 +35,7 @@ def mask_filter(pipe: GroundingPipeline, scenes: int) -> InstanceCalibration:
     bundle_filter = pipe.instance_calibration
     rows, labels, named = collect(pipe, "val", scenes)
     pipe.instance_calibration = bundle_filter
-    fitted = InstanceCalibration.fit(rows, labels)            # no kind_check: MASK_FEATURES only
-    threshold, _ = best_threshold([fitted.probability(r) for r in rows], labels, named)
-    return replace(fitted, threshold=threshold)
+    return fit_filter(rows, labels, named)[0]              # no kind_check: the mask features only
 
 
 def main() -> None:

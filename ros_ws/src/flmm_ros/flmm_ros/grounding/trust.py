@@ -30,15 +30,12 @@ from .lmm import GROUNDING_PROMPT
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
 from .sam.prompts import mask_to_box
+from .track_cues import mask_iou
 from .types import GroundedObject, GroundingResult
 
 log = logging.getLogger(__name__)
 ANSWER_BRANCHES = 2       # alternatives tried at each branching step of a constrained answer
 DESCRIPTION_TOKENS = 64   # the description that names "all the objects" (a scene of 5 objects takes ~35)
-
-
-def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 def presence_calibration_of(model: str) -> PresenceCalibration:
@@ -113,11 +110,13 @@ class TrustMixin:
                          ) -> list[GroundedObject]:
         """Presence decision per phrase; plural phrases split into instances (see the module docstring)."""
         cfg, judge = self.config, self.presence_judge
-        values = self.presence_features(frame, phrases, logits) if judge.enabled else [{} for _ in phrases]
+        splits = cfg.instances == "auto" and logits.refined is not None and frame.sam is not None
+        described = [splits and names_no_kind(p) for p in phrases]   # "all the objects": what the LMM describes
+        judged = judge.enabled and not all(described)                  # (presence is not read for those)
+        values = self.presence_features(frame, phrases, logits) if judged else [{} for _ in phrases]
         out = []
         for k, obj in enumerate(objects):
-            splits = cfg.instances == "auto" and logits.refined is not None and frame.sam is not None
-            if splits and names_no_kind(phrases[k]):     # "all the objects": what the LMM's description names
+            if described[k]:
                 out += self._described_objects(frame, obj)
                 continue
             presence = judge.probability(values[k])

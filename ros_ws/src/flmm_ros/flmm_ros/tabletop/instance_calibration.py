@@ -76,19 +76,26 @@ def best_threshold(probs: list[float], labels: list[int], named: int) -> tuple[f
     return best
 
 
+def fit_filter(rows: list[dict], labels: list[int], named: int, source: str = "",
+               kind_check: KindCheck | None = None) -> tuple[InstanceCalibration, dict]:
+    """The filter fitted on `collect`'s instances (on every feature with `kind_check`, on the mask features without)
+    at its best-F1 threshold, and its scores there."""
+    fitted = InstanceCalibration.fit(rows, labels, source, kind_check)
+    threshold, scores = best_threshold([fitted.probability(r) for r in rows], labels, named)
+    return replace(fitted, threshold=threshold), scores
+
+
 def calibrate(pipe: GroundingPipeline, split: str, count: int) -> InstanceCalibration:
     rows, labels, named = collect(pipe, split, count)
     first = split_seeds(split, 1)[0]
     source = (f"tabletop {split} instance scenes from seed {first}: {count} scenes, {len(labels)} instances "
               f"({sum(labels)} of named objects), {named} named objects")
-    fitted = InstanceCalibration.fit(rows, labels, source, KindCheck())
-    threshold, scores = best_threshold([fitted.probability(r) for r in rows], labels, named)
-    masks_only = InstanceCalibration.fit(rows, labels)
-    _, mask_scores = best_threshold([masks_only.probability(r) for r in rows], labels, named)
+    fitted, scores = fit_filter(rows, labels, named, source, KindCheck())
+    _, mask_scores = fit_filter(rows, labels, named)
     open_scores = {"precision": sum(labels) / max(1, len(labels)), "recall": sum(labels) / max(1, named)}
     metrics = json.loads(json.dumps({"at_threshold": scores, "without_lmm_kind": mask_scores,
                                      "unfiltered": open_scores}))
-    return replace(fitted, threshold=threshold, metrics=metrics)
+    return replace(fitted, metrics=metrics)
 
 
 def main(argv=None) -> None:
