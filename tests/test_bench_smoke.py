@@ -145,3 +145,12 @@ def test_instances_benchmark_smoke():
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "ms" not in line}
     assert set(rows) == {"no filter", "mask filter", "+ kind check"}
     assert float(rows["no filter"].split("|")[4]) == 1.0           # the ratio's own base
+
+
+def test_relations_benchmark_smoke():
+    out = run("bench/relations.py", "--scenes", "4")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in out.splitlines()
+            if line.startswith("| ") and "ms" not in line}
+    assert set(rows) == {"unchecked", "checked"}
+    assert float(rows["unchecked"][4]) == 1.0                      # the ratio's own base
+    assert all(0.0 <= float(v) <= 1.0 for row in rows.values() for v in row[5:8])

@@ -3,7 +3,8 @@ scene with exact masks: a phrase judged absent is published as not found (empty 
 in `not_found`, said in the answer), an object that is not there is judged absent while one that is there is
 found, and "all the mugs" gives one object per instance found (here all 3 mugs, beside a ball; the
 model's instance precision and recall are measured in the model card), numbered 1..N, each a different mug, the
-masks the ROS-free core gives; and "how many objects are there?" counts the objects it publishes.
+masks the ROS-free core gives; "how many objects are there?" counts the objects it publishes; and a nearness
+relation that no object satisfies is not found while one that holds is.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from rclpy.parameter import Parameter
 from flmm_ros.grounding.pipeline import GroundingPipeline
 from flmm_ros.ros import parameters
 from flmm_ros.ros.testing import RELIABLE, GroundingProcess, camera_info, depth_image, wait_future
-from flmm_ros.tabletop.scenes import generate_instance_scene
+from flmm_ros.tabletop.scenes import generate_instance_scene, generate_scene
 from flmm_ros.tabletop.shapes import KINDS
 
 pytestmark = pytest.mark.ros
@@ -127,3 +128,26 @@ def test_the_instance_threshold_is_a_runtime_parameter(node):
     if not found:                                    # no instance believed: the phrase is not found, said so
         assert list(strict.not_found) == ['all the mugs'] and 'no' in strict.answer.split()
     assert len(node.probe.ask('pick up all the mugs').objects) == len(default.objects)      # back to the bundle's
+
+
+def test_a_relation_no_object_satisfies_is_not_found_and_one_that_holds_is(node):
+    """Nearness relations are checked on the instances of both objects (grounding/relations.py), through the node:
+    on the README demo's frame the box is next to the white mug and far from the red one."""
+    demo = generate_scene(2_000_016, (480, 640))
+    h, w = demo.image.shape[:2]
+    header = node.probe.publish_frame(demo.image, 200, depth=depth_image(h, w, 0.6), info=camera_info(h, w, 200.0))
+    node.probe.wait_frame(header)
+    try:
+        held = node.probe.ask('pick up the box next to the white mug')
+        not_held = node.probe.ask('pick up the box next to the red mug')
+    finally:
+        h, w = SCENE.image.shape[:2]
+        node.probe.wait_frame(node.probe.publish_frame(SCENE.image, 300, depth=depth_image(h, w, 0.6),
+                                                       info=camera_info(h, w, 200.0)))
+    assert held.success and not_held.success, (held.error, not_held.error)
+    (box,) = [o.mask for o in demo.objects if o.kind == 'box']
+    (obj,) = held.objects
+    assert obj.found and obj.has_pose and iou(mask_of(obj), box) > 0.5 and list(held.not_found) == []
+    (obj,) = not_held.objects
+    assert not obj.found and not mask_of(obj).any() and list(not_held.not_found) == [obj.phrase]
+    assert not_held.answer == 'there is no box next to the red mug.'

@@ -5,6 +5,9 @@
 - instances (instances.py): with `instances: auto`, a plural phrase ("all the mugs") gives one object per instance
   (kept by the instance filter, which may ask the LMM about each: kind_check.py); one that names no kind or colour
   ("all the objects") gives the objects the LMM's own description names;
+- relations (relations.py): with `instances: auto` and a bundle's relation calibration, "the ball next to the bowl"
+  is checked on the instances of both objects: its presence is also P(the relation holds), its object the ball
+  nearest the bowl;
 - the answer (answers.py): with `answer_source: grounded`, what it says about the objects follows the above.
 
 The calibration comes from the model bundle (`presence` in flmm_bundle.yaml); a plain LMM uses the LMM's own
@@ -29,6 +32,7 @@ from .kind_check import KindScorer
 from .lmm import GROUNDING_PROMPT
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
+from .relations import NearRelation, RelationCalibration, every, nearest, parse_near
 from .sam.prompts import mask_to_box
 from .track_cues import mask_iou
 from .types import GroundedObject, GroundingResult
@@ -54,6 +58,12 @@ def instance_calibration_of(model: str) -> InstanceCalibration | None:
     return InstanceCalibration.from_spec(spec) if spec else None
 
 
+def relation_calibration_of(model: str) -> RelationCalibration | None:
+    """The bundle's relation calibration (relations.py), or None: relations are not checked."""
+    spec = read_bundle_spec(model).get("relations") if is_bundle(model) else None
+    return RelationCalibration.from_spec(spec) if spec else None
+
+
 def absent(obj: GroundedObject, presence: float) -> GroundedObject:
     """The object of a phrase judged absent: kept, but with nothing a robot could act on."""
     return replace(obj, mask=np.zeros_like(obj.mask), box=(0, 0, 0, 0), score=0.0, found=False, presence=presence,
@@ -62,13 +72,22 @@ def absent(obj: GroundedObject, presence: float) -> GroundedObject:
 
 def _one(logits, k: int):
     """Phrase k's part of GroundingLogits (what presence features read), as a one-phrase GroundingLogits."""
-    pick = (lambda t: None if t is None else t[k:k + 1])
+    def pick(t):
+        return None if t is None else t[k:k + 1]
+
     lmm = logits.lmm
     if lmm is not None:
         lmm = replace(lmm, maps=lmm.maps[k:k + 1], hidden_states=lmm.hidden_states[k:k + 1],
                       token_logprobs=None if lmm.token_logprobs is None else lmm.token_logprobs[k:k + 1])
     return replace(logits, coarse=logits.coarse[k:k + 1], refined=pick(logits.refined), iou=pick(logits.iou),
                    tokens=None if logits.tokens is None else logits.tokens[k:k + 1], lmm=lmm)
+
+
+def _instance_object(obj: GroundedObject, instance: Instance, presence: float, index: int) -> GroundedObject:
+    """`obj` with the mask, box and score of one of its instances (index 1, 2, ...; 0: the phrase's one object)."""
+    box = tuple(int(v) for v in mask_to_box(torch.from_numpy(instance.mask)).tolist())
+    return replace(obj, mask=instance.mask.astype(np.uint8) * 255, box=box, score=instance.score, presence=presence,
+                   instance=index)
 
 
 def not_found(phrases: list[str], objects: list[GroundedObject]) -> list[str]:
@@ -84,12 +103,14 @@ class TrustMixin:
     _presence_judge: PresenceJudge | None = None
     _plural: object | None = None      # a GroundingPipeline on the plural head, sharing the LMM (plural_head.py)
     instance_calibration: InstanceCalibration | None = None   # the bundle's instance filter (instance_filter.py)
+    relation_calibration: RelationCalibration | None = None   # P(a nearness relation holds) (relations.py)
 
     def load_trust_parts(self) -> None:
         """Read the bundle's presence calibration, instance filter and plural head now (errors at load time, not
         mid-instruction)."""
         self._presence_judge = PresenceJudge(self.lmm, presence_calibration_of(self.config.model))
         self.instance_calibration = instance_calibration_of(self.config.model)
+        self.relation_calibration = relation_calibration_of(self.config.model)
         path = plural_head_path(self.config.model)
         if path is not None and self.refiner is not None:
             head = load_plural_head(self.head, path)
@@ -124,6 +145,8 @@ class TrustMixin:
                 out.append(absent(obj, presence))
             elif splits and is_plural(phrases[k]):
                 out += self._instances(frame, logits, k, obj, presence)
+            elif splits and self.relation_calibration is not None and (relation := parse_near(phrases[k])):
+                out.append(self._related_object(frame, obj, presence, relation))
             else:
                 out.append(replace(obj, presence=presence))
         return out
@@ -180,12 +203,38 @@ class TrustMixin:
         found = self.split_instances(frame, logits, k, obj.phrase)
         if not found:   # the phrase's mask held no object-sized instance
             return [absent(obj, presence)]
-        out = []
-        for i, instance in enumerate(found, start=1):
-            box = tuple(int(v) for v in mask_to_box(torch.from_numpy(instance.mask)).tolist())
-            out.append(replace(obj, mask=instance.mask.astype(np.uint8) * 255, box=box, score=instance.score,
-                               presence=presence, instance=i))
-        return out
+        return [_instance_object(obj, instance, presence, i) for i, instance in enumerate(found, start=1)]
+
+    def near_relation(self, frame, relation: NearRelation, obj: GroundedObject) -> tuple[Instance | None, float | None]:
+        """The instance a nearness relation names and its centre distance to the anchor (relations.py): the anchor is
+        the instance of "all the <anchor>s" the LMM most surely calls one (the anchor grounded alone when there is
+        none, or when it is named with place or size words), the target the instance of "all the <target>s" nearest
+        it (F-LMM's mask of the phrase, `obj`, when there is none). (None, None) when there is no anchor or no target
+        apart from it."""
+        anchors = self._every(frame, relation.anchor) if presence_probe(relation.anchor) == relation.anchor else []
+        if anchors:
+            anchor = max(anchors, key=lambda a: a.features.get("lmm_kind", a.iou * a.score)).mask
+        else:
+            anchor = self._objects([relation.anchor], self.ground_logits(frame, [relation.anchor]),
+                                   frame.image_hw)[0].mask > 0
+        if not anchor.any():
+            return None, None
+        targets = self._every(frame, presence_probe(relation.target)) or [Instance(obj.mask > 0, 1.0, obj.score)]
+        found = nearest([t.mask for t in targets], anchor)
+        return (None, None) if found is None else (targets[found[0]], found[1])
+
+    def _every(self, frame, phrase: str) -> list[Instance]:
+        """The instances of every object like `phrase` ("the red mug" -> "all the red mugs")."""
+        plural = every(phrase)
+        return self.split_instances(frame, self.ground_logits(frame, [plural]), 0, plural)
+
+    def _related_object(self, frame, obj: GroundedObject, presence: float, relation: NearRelation) -> GroundedObject:
+        """A nearness phrase's object: the instance it names, with presence P(the object) x P(the relation holds)."""
+        instance, distance = self.near_relation(frame, relation, obj)
+        presence *= 0.0 if distance is None else self.relation_calibration.probability(distance)
+        if instance is None or presence < self.config.presence_threshold:
+            return absent(obj, presence)
+        return _instance_object(obj, instance, presence, 0)
 
     def _described_objects(self, frame, obj: GroundedObject) -> list[GroundedObject]:
         """The instances of a plural phrase that names no kind or colour ("the objects", "every object"): neither

@@ -1,0 +1,151 @@
+"""Phrases that name an object by its nearness to another ("the ball next to the bowl"), checked in the image.
+
+The presence of such a phrase was the presence of the object it names ("the ball"): a relation that no object
+satisfies was judged present. And F-LMM's mask of the whole phrase often lies on another object: the frozen LMM's
+attention finds objects by colour, and the tabletop model's mask of a relation phrase lies on an object of the named
+kind for 38 % of them. Here the relation is checked on the kind-checked instances of both objects instead:
+
+1. the anchor ("the bowl") is the instance of "all the bowls" (trust.py's instance path: plural head, SAM split,
+   instance filter with the LMM's look at each instance alone, kind_check.py) that the LMM most surely calls a bowl
+   (an anchor named with place or size words, "the mug on the left", is grounded as itself: which of the mugs is
+   meant is F-LMM's business);
+2. the target is the instance of "all the balls" nearest to it (instances that overlap the anchor left out; "the
+   left ball next to the bowl": also of all the balls);
+3. their centre distance, in units of min(H, W), gives P(the relation holds) by a logistic regression fitted on
+   held-out scenes (`RelationCalibration`, `relations` in flmm_bundle.yaml; for the embedded model
+   `python -m flmm_ros.tabletop.relation_calibration --model <bundle> --write`).
+
+The phrase's presence is then P(a ball is there) x P(the relation holds), and its object is that nearest instance.
+Only nearness relations are checked (NEAR_WORDS); others ("the mug left of the box", "the ball in the bowl") keep the
+presence of the object they name. Distances are in the image plane.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .instances import IRREGULAR, PREPOSITIONS, is_plural
+from .presence import check_regression, fit_logistic, sigmoid
+from .types import GroundingError
+
+# Longest first, so that "near to" is not read as "near".
+NEAR_WORDS = ("right next to", "next to", "close to", "near to", "near", "beside", "alongside", "by")
+_NEAR = re.compile(r"^(?P<target>.+?)\s+(?:that is\s+|which is\s+)?(?:" + "|".join(map(re.escape, NEAR_WORDS))
+                   + r")\s+(?P<anchor>.+)$", re.IGNORECASE)
+PLACE_WORDS = {"left", "right", "middle", "centre", "center", "front", "back", "top", "bottom", "edge", "side",
+               "camera", "me", "you", "here", "there"}      # "near the left" names a place, not an object
+FEATURES = ("distance",)
+MAX_ANCHOR_OVERLAP = 0.3     # a target instance with this much of the smaller mask inside the anchor is the anchor
+_PLURAL_OF = {v: k for k, v in IRREGULAR.items()}
+
+
+@dataclass(frozen=True)
+class NearRelation:
+    """A phrase that names its object by nearness to another: target "the ball", anchor "the bowl"."""
+    target: str
+    anchor: str
+
+
+def parse_near(phrase: str) -> NearRelation | None:
+    """"the ball next to the bowl" -> NearRelation("the ball", "the bowl"); None for any other phrase, a plural one
+    ("the balls next to the bowl": the instance path's business) and one whose anchor is a place ("by the window" is
+    an object, "near the left" is not: PLACE_WORDS)."""
+    if is_plural(phrase):
+        return None
+    m = _NEAR.match(" ".join(phrase.strip().split()))
+    if m is None:
+        return None
+    target, anchor = m.group("target"), m.group("anchor")
+    if len(target.split()) < 2 or len(anchor.split()) < 2 or anchor.lower().split()[-1] in PLACE_WORDS:
+        return None
+    return NearRelation(target, anchor)
+
+
+
+def plural_word(word: str) -> str:
+    """English plural of a noun ("box" -> "boxes", "cherry" -> "cherries", "mug" -> "mugs")."""
+    if word in _PLURAL_OF:
+        return _PLURAL_OF[word]
+    if word.endswith(("s", "x", "z", "ch", "sh")):
+        return word + "es"
+    if word.endswith("y") and len(word) > 1 and word[-2] not in "aeiou":
+        return word[:-1] + "ies"
+    return word + "s"
+
+
+def every(phrase: str) -> str:
+    """The plural phrase naming every object like this one: "the red mug" -> "all the red mugs", "the mug on the
+    left" -> "all the mugs on the left" (the head noun, before the first preposition, made plural)."""
+    words = phrase.split()
+    if words[0].lower() in ("the", "a", "an"):
+        words = words[1:]
+    head = next((i for i, w in enumerate(words) if w.lower() in PREPOSITIONS and i > 0), len(words)) - 1
+    words[head] = plural_word(words[head])
+    return " ".join(["all", "the", *words])
+
+
+def centre(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean()), float(ys.mean())
+
+
+def nearest(targets: list[np.ndarray], anchor: np.ndarray) -> tuple[int, float] | None:
+    """The target mask whose centre is nearest the anchor's, and that distance in units of min(H, W); masks that are
+    mostly the anchor itself left out. None if no target is left."""
+    ax, ay = centre(anchor)
+    side = min(anchor.shape)
+    best = None
+    for i, mask in enumerate(targets):
+        area = min(int(mask.sum()), int(anchor.sum()))
+        if area == 0 or (mask & anchor).sum() >= MAX_ANCHOR_OVERLAP * area:
+            continue
+        x, y = centre(mask)
+        d = math.hypot(x - ax, y - ay) / side
+        if best is None or d < best[1]:
+            best = (i, d)
+    return best
+
+
+@dataclass(frozen=True)
+class RelationCalibration:
+    """P(a nearness relation holds) from the centre distance of its two objects: a logistic regression, fitted on
+    held-out scenes and stored in a bundle's flmm_bundle.yaml under `relations`."""
+    features: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+    weights: tuple[float, ...]
+    bias: float
+    source: str = ""
+    metrics: dict = field(default_factory=dict, compare=False)
+
+    def __post_init__(self):
+        check_regression("relation calibration", FEATURES, self)
+
+    def probability(self, distance: float) -> float:
+        z = self.bias + sum(w * (distance - mu) / sd for mu, sd, w in zip(self.mean, self.scale, self.weights))
+        return sigmoid(z)
+
+    @classmethod
+    def fit(cls, distances: list[float], labels: list[int], source: str = "") -> RelationCalibration:
+        """Fitted on relation phrases labelled 1 (the relation holds) or 0."""
+        mean, scale, weights, bias = fit_logistic([[d] for d in distances], labels)
+        return cls(FEATURES, mean, scale, weights, bias, source)
+
+    def to_spec(self) -> dict:
+        return {"features": list(self.features), "mean": list(self.mean), "scale": list(self.scale),
+                "weights": list(self.weights), "bias": self.bias, "source": self.source,
+                "metrics": dict(self.metrics)}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping) -> RelationCalibration:
+        try:
+            return cls(tuple(spec["features"]), tuple(map(float, spec["mean"])), tuple(map(float, spec["scale"])),
+                       tuple(map(float, spec["weights"])), float(spec["bias"]), str(spec.get("source", "")),
+                       dict(spec.get("metrics") or {}))
+        except (KeyError, TypeError, ValueError) as e:
+            raise GroundingError(f"bad relation calibration in the bundle ({type(e).__name__}: {e}); expected "
+                                 "features, mean, scale, weights, bias") from None
