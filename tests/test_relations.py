@@ -49,13 +49,15 @@ def disc(shape, centre, radius=5):
     return (yy - centre[1]) ** 2 + (xx - centre[0]) ** 2 <= radius ** 2
 
 
-def test_the_nearest_target_apart_from_the_anchor_and_its_distance_in_units_of_the_short_side():
+def test_the_nearest_target_that_is_not_the_anchor_and_its_distance_in_units_of_the_short_side():
     shape = (100, 200)
-    anchor = disc(shape, (100, 50))
-    on_anchor, near, far = disc(shape, (101, 50)), disc(shape, (130, 50)), disc(shape, (180, 90))
-    assert nearest([far, on_anchor, near], anchor) == (2, pytest.approx(0.30, abs=1e-6))
-    assert nearest([on_anchor], anchor) is None
+    anchor = disc(shape, (100, 50), 10)
+    the_anchor, near, far = disc(shape, (101, 50), 10), disc(shape, (130, 50)), disc(shape, (180, 90))
+    assert nearest([far, the_anchor, near], anchor) == (2, pytest.approx(0.30, abs=1e-6))
+    assert nearest([the_anchor], anchor) is None
     assert nearest([np.zeros(shape, bool)], anchor) is None
+    touching = disc(shape, (112, 50))               # overlaps the anchor (SAM's masks of touching objects do)
+    assert nearest([near, touching], anchor) == (1, pytest.approx(0.12, abs=1e-6))
 
 
 def test_the_calibration_falls_with_distance_and_round_trips():
@@ -126,3 +128,11 @@ def test_relations_are_checked_only_with_instances_on(embedded):
     not_held = next(p for p, y in relation_phrases(scene) if not y)
     assert off.run(scene.image, f"pick up {not_held}").not_found == []
     assert isinstance(parse_near(not_held), NearRelation)
+
+
+def test_threshold_zero_never_judges_a_relation_absent():
+    never = GroundingPipeline.from_config(PipelineConfig(model=str(EMBEDDED), presence_threshold=0.0, answer=False))
+    scene = generate_scene(SCENE, (480, 640))
+    not_held = next(p for p, y in relation_phrases(scene) if not y)
+    (obj,) = never.run(scene.image, f"pick up {not_held}").objects
+    assert obj.found and obj.mask.any() and 0.0 <= obj.presence < 0.5

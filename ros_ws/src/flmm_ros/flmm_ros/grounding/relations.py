@@ -9,13 +9,16 @@ kind for 38 % of them. Here the relation is checked on the kind-checked instance
    instance filter with the LMM's look at each instance alone, kind_check.py) that the LMM most surely calls a bowl
    (an anchor named with place or size words, "the mug on the left", is grounded as itself: which of the mugs is
    meant is F-LMM's business);
-2. the target is the instance of "all the balls" nearest to it (instances that overlap the anchor left out; "the
-   left ball next to the bowl": also of all the balls);
+2. the target is the instance of "all the balls" nearest to it (not the anchor itself; "the left ball next to the
+   bowl": also of all the balls);
 3. their centre distance, in units of min(H, W), gives P(the relation holds) by a logistic regression fitted on
    held-out scenes (`RelationCalibration`, `relations` in flmm_bundle.yaml; for the embedded model
    `python -m flmm_ros.tabletop.relation_calibration --model <bundle> --write`).
 
-The phrase's presence is then P(a ball is there) x P(the relation holds), and its object is that nearest instance.
+The phrase's presence is then P(a ball is there) x P(the relation holds), where a ball is there as surely as the
+phrase's own presence evidence ("the ball", presence.py) or the instance filter's belief in that nearest ball says,
+whichever is surer (the presence of a kind alone, "the ball", is the LMM's weak spot: it misses 12 % of the balls
+of relations that hold, and the instance filter believes in 85 % of those). Its object is that nearest instance.
 Only nearness relations are checked (NEAR_WORDS); others ("the mug left of the box", "the ball in the bowl") keep the
 presence of the object they name. Distances are in the image plane.
 """
@@ -39,7 +42,7 @@ _NEAR = re.compile(r"^(?P<target>.+?)\s+(?:that is\s+|which is\s+)?(?:" + "|".jo
 PLACE_WORDS = {"left", "right", "middle", "centre", "center", "front", "back", "top", "bottom", "edge", "side",
                "camera", "me", "you", "here", "there"}      # "near the left" names a place, not an object
 FEATURES = ("distance",)
-MAX_ANCHOR_OVERLAP = 0.3     # a target instance with this much of the smaller mask inside the anchor is the anchor
+SAME_OBJECT_IOU = 0.5        # a target instance this like the anchor (mask IoU) is the anchor itself
 _PLURAL_OF = {v: k for k, v in IRREGULAR.items()}
 
 
@@ -94,14 +97,15 @@ def centre(mask: np.ndarray) -> tuple[float, float]:
 
 
 def nearest(targets: list[np.ndarray], anchor: np.ndarray) -> tuple[int, float] | None:
-    """The target mask whose centre is nearest the anchor's, and that distance in units of min(H, W); masks that are
-    mostly the anchor itself left out. None if no target is left."""
+    """The target mask whose centre is nearest the anchor's, and that distance in units of min(H, W); a mask that is
+    the anchor itself (IoU >= SAME_OBJECT_IOU: "the mug next to the red mug") left out, one that only overlaps it
+    kept (touching objects: SAM's masks often run into each other). None if no target is left."""
     ax, ay = centre(anchor)
     side = min(anchor.shape)
     best = None
     for i, mask in enumerate(targets):
-        area = min(int(mask.sum()), int(anchor.sum()))
-        if area == 0 or (mask & anchor).sum() >= MAX_ANCHOR_OVERLAP * area:
+        inter = int((mask & anchor).sum())
+        if not mask.any() or inter >= SAME_OBJECT_IOU * (int(mask.sum()) + int(anchor.sum()) - inter):
             continue
         x, y = centre(mask)
         d = math.hypot(x - ax, y - ay) / side

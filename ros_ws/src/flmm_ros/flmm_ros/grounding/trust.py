@@ -141,12 +141,13 @@ class TrustMixin:
                 out += self._described_objects(frame, obj)
                 continue
             presence = judge.probability(values[k])
-            if presence < cfg.presence_threshold:
+            relation = splits and self.relation_calibration is not None and parse_near(phrases[k])
+            if relation:        # judged with the instances it names (relations.py), not before
+                out.append(self._related_object(frame, obj, presence, relation))
+            elif presence < cfg.presence_threshold:
                 out.append(absent(obj, presence))
             elif splits and is_plural(phrases[k]):
                 out += self._instances(frame, logits, k, obj, presence)
-            elif splits and self.relation_calibration is not None and (relation := parse_near(phrases[k])):
-                out.append(self._related_object(frame, obj, presence, relation))
             else:
                 out.append(replace(obj, presence=presence))
         return out
@@ -229,12 +230,20 @@ class TrustMixin:
         return self.split_instances(frame, self.ground_logits(frame, [plural]), 0, plural)
 
     def _related_object(self, frame, obj: GroundedObject, presence: float, relation: NearRelation) -> GroundedObject:
-        """A nearness phrase's object: the instance it names, with presence P(the object) x P(the relation holds)."""
+        """A nearness phrase's object: the instance it names, with presence P(the object is there) x P(the relation
+        holds); the object is there as surely as the phrase's presence or the instance filter's belief in that
+        instance says, whichever is surer (relations.py)."""
         instance, distance = self.near_relation(frame, relation, obj)
-        presence *= 0.0 if distance is None else self.relation_calibration.probability(distance)
-        if instance is None or presence < self.config.presence_threshold:
+        if instance is None:        # no anchor, or no target apart from it
+            presence = 0.0
+        else:
+            calibration = self.instance_calibration
+            if calibration is not None and instance.features:
+                presence = max(presence, calibration.probability(instance.features))
+            presence *= self.relation_calibration.probability(distance)
+        if presence < self.config.presence_threshold:
             return absent(obj, presence)
-        return _instance_object(obj, instance, presence, 0)
+        return replace(obj, presence=presence) if instance is None else _instance_object(obj, instance, presence, 0)
 
     def _described_objects(self, frame, obj: GroundedObject) -> list[GroundedObject]:
         """The instances of a plural phrase that names no kind or colour ("the objects", "every object"): neither
