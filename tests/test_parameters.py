@@ -76,8 +76,8 @@ def test_coerce_refuses_other_types_in_one_line(name, value, message):
 def test_only_settings_read_per_instruction_change_at_run_time():
     runtime = {spec.name for spec in parameters.all_parameters() if spec.runtime}
     assert {'model', 'device', 'dtype', 'backend', 'input_qos', 'output_qos', 'autostart'}.isdisjoint(runtime)
-    assert {'mask_threshold', 'presence_threshold', 'instances', 'max_instances', 'instance_threshold', 'busy_policy',
-            'max_queued', 'max_frame_age', 'use_3d', 'publish_overlay', 'speak'} <= runtime
+    assert {'mask_threshold', 'presence_threshold', 'instances', 'max_instances', 'instance_threshold', 'relations',
+            'busy_policy', 'max_queued', 'max_frame_age', 'use_3d', 'publish_overlay', 'speak'} <= runtime
 
 
 def test_the_readme_names_every_node_parameter():

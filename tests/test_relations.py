@@ -122,8 +122,9 @@ def test_without_a_relation_calibration_a_relation_keeps_the_presence_of_the_obj
         GroundingPipeline.from_config(PipelineConfig(model=str(copy)))
 
 
-def test_relations_are_checked_only_with_instances_on(embedded):
-    off = GroundingPipeline.from_config(PipelineConfig(model=str(EMBEDDED), instances="off"))
+@pytest.mark.parametrize("settings", [{"instances": "off"}, {"relations": "off"}])
+def test_relations_are_checked_only_with_instances_and_relations_on(settings):
+    off = GroundingPipeline.from_config(PipelineConfig(model=str(EMBEDDED), **settings))
     scene = generate_scene(SCENE, (480, 640))
     not_held = next(p for p, y in relation_phrases(scene) if not y)
     assert off.run(scene.image, f"pick up {not_held}").not_found == []

@@ -132,7 +132,8 @@ def test_the_instance_threshold_is_a_runtime_parameter(node):
 
 def test_a_relation_no_object_satisfies_is_not_found_and_one_that_holds_is(node):
     """Nearness relations are checked on the instances of both objects (grounding/relations.py), through the node:
-    on the README demo's frame the box is next to the white mug and far from the red one."""
+    on the README demo's frame the box is next to the white mug and far from the red one. `ros2 param set ...
+    relations off` stops the check from the next instruction."""
     demo = generate_scene(2_000_016, (480, 640))
     h, w = demo.image.shape[:2]
     header = node.probe.publish_frame(demo.image, 200, depth=depth_image(h, w, 0.6), info=camera_info(h, w, 200.0))
@@ -140,6 +141,11 @@ def test_a_relation_no_object_satisfies_is_not_found_and_one_that_holds_is(node)
     try:
         held = node.probe.ask('pick up the box next to the white mug')
         not_held = node.probe.ask('pick up the box next to the red mug')
+        set_parameter(node, 'relations', 'off')          # judged by "the box" alone, as F-LMM's mask
+        try:
+            unchecked = node.probe.ask('pick up the box next to the red mug')
+        finally:
+            set_parameter(node, 'relations', 'auto')
     finally:
         h, w = SCENE.image.shape[:2]
         node.probe.wait_frame(node.probe.publish_frame(SCENE.image, 300, depth=depth_image(h, w, 0.6),
@@ -151,3 +157,4 @@ def test_a_relation_no_object_satisfies_is_not_found_and_one_that_holds_is(node)
     (obj,) = not_held.objects
     assert not obj.found and not mask_of(obj).any() and list(not_held.not_found) == [obj.phrase]
     assert not_held.answer == 'there is no box next to the red mug.'
+    assert unchecked.success and list(unchecked.not_found) == [] and unchecked.objects[0].found

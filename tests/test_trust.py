@@ -144,7 +144,8 @@ def test_the_bundles_instance_filter_is_used_and_checked_at_load_time(bundle, tm
 @pytest.mark.parametrize("settings, message", [
     ({"presence_threshold": 1.0}, "presence_threshold"), ({"presence_threshold": -0.1}, "presence_threshold"),
     ({"instances": "some"}, "instances"), ({"max_instances": 0}, "max_instances"),
-    ({"instance_threshold": 1.0}, "instance_threshold"), ({"instance_threshold": -0.5}, "instance_threshold"),
+    ({"relations": "always"}, "relations"), ({"instance_threshold": 1.0}, "instance_threshold"),
+    ({"instance_threshold": -0.5}, "instance_threshold"),
     ({"answer_source": "oracle"}, "answer_source")])
 def test_bad_trust_settings_are_rejected_clearly(settings, message):
     with pytest.raises(GroundingError, match=message):
@@ -183,7 +184,8 @@ def test_a_bundles_plural_head_grounds_plural_phrases_and_leaves_singular_ones_a
     frame_a, frame_b = main.encode(image(2)), pipe.encode(image(2))
     main.set_presence_calibration(calibration(20.0))
     pipe.set_presence_calibration(calibration(20.0))
-    assert (main.run(frame_a, "pick the red mug").objects[0].mask == pipe.run(frame_b, "pick the red mug").objects[0].mask).all()
+    mask_a = main.run(frame_a, "pick the red mug").objects[0].mask
+    assert (mask_a == pipe.run(frame_b, "pick the red mug").objects[0].mask).all()
     (copy / PLURAL_HEAD_FILE).unlink()
     with pytest.raises(GroundingError, match="plural head"):
         GroundingPipeline.from_config(PipelineConfig(model=str(copy)))

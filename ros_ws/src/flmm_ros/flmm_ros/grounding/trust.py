@@ -132,6 +132,7 @@ class TrustMixin:
         """Presence decision per phrase; plural phrases split into instances (see the module docstring)."""
         cfg, judge = self.config, self.presence_judge
         splits = cfg.instances == "auto" and logits.refined is not None and frame.sam is not None
+        checks_relations = splits and cfg.relations == "auto" and self.relation_calibration is not None
         described = [splits and names_no_kind(p) for p in phrases]   # "all the objects": what the LMM describes
         judged = judge.enabled and not all(described)                  # (presence is not read for those)
         values = self.presence_features(frame, phrases, logits) if judged else [{} for _ in phrases]
@@ -141,7 +142,7 @@ class TrustMixin:
                 out += self._described_objects(frame, obj)
                 continue
             presence = judge.probability(values[k])
-            relation = splits and self.relation_calibration is not None and parse_near(phrases[k])
+            relation = checks_relations and parse_near(phrases[k])
             if relation:        # judged with the instances it names (relations.py), not before
                 out.append(self._related_object(frame, obj, presence, relation))
             elif presence < cfg.presence_threshold:

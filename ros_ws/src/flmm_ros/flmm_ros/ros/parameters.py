@@ -36,7 +36,7 @@ class ParamSpec:
 
 # Pipeline settings read per instruction (the rest shape the loaded model).
 PIPELINE_RUNTIME = frozenset({'answer', 'max_new_tokens', 'phrase_mode', 'mask_threshold', 'presence_threshold',
-                              'instances', 'max_instances', 'instance_threshold'})
+                              'instances', 'max_instances', 'instance_threshold', 'relations'})
 
 NODE_PARAMETERS: tuple[ParamSpec, ...] = (
     ParamSpec('busy_policy', 'queue',
