@@ -55,15 +55,17 @@ class NearRelation:
 
 def parse_near(phrase: str) -> NearRelation | None:
     """"the ball next to the bowl" -> NearRelation("the ball", "the bowl"); None for any other phrase, a plural one
-    ("the balls next to the bowl": the instance path's business) and one whose anchor is a place ("by the window" is
-    an object, "near the left" is not: PLACE_WORDS)."""
+    ("the balls next to the bowl": the instance path's business), one whose anchor is plural ("the ball next to the
+    bowls": near which?) and one whose anchor is a place ("by the window" is an object, "near the left" is not:
+    PLACE_WORDS)."""
     if is_plural(phrase):
         return None
     m = _NEAR.match(" ".join(phrase.strip().split()))
     if m is None:
         return None
     target, anchor = m.group("target"), m.group("anchor")
-    if len(target.split()) < 2 or len(anchor.split()) < 2 or anchor.lower().split()[-1] in PLACE_WORDS:
+    if len(target.split()) < 2 or len(anchor.split()) < 2 or anchor.lower().split()[-1] in PLACE_WORDS \
+            or is_plural(anchor):
         return None
     return NearRelation(target, anchor)
 
