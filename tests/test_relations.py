@@ -24,7 +24,8 @@ from flmm_ros.tabletop.track_eval import EMBEDDED
     ("The  cup   right next to the plate", ("The cup", "the plate")),
     ("the can close to the white mug", ("the can", "the white mug")),
     ("the ball on the left", None), ("the left mug", None), ("the ball near the left", None),
-    ("the balls next to the bowl", None), ("the ball next to the bowls", None), ("all the mugs near the box", None), ("the ball", None),
+    ("the balls next to the bowl", None), ("the ball next to the bowls", None), ("all the mugs near the box", None),
+    ("the ball", None),
     ("the mug in the bowl", None), ("next to the bowl", None)])
 def test_only_singular_nearness_phrases_are_relations(phrase, relation):
     parsed = parse_near(phrase)

@@ -106,8 +106,8 @@ class TrustMixin:
     relation_calibration: RelationCalibration | None = None   # P(a nearness relation holds) (relations.py)
 
     def load_trust_parts(self) -> None:
-        """Read the bundle's presence calibration, instance filter and plural head now (errors at load time, not
-        mid-instruction)."""
+        """Read the bundle's presence calibration, instance filter, relation calibration and plural head now (errors
+        at load time, not mid-instruction)."""
         self._presence_judge = PresenceJudge(self.lmm, presence_calibration_of(self.config.model))
         self.instance_calibration = instance_calibration_of(self.config.model)
         self.relation_calibration = relation_calibration_of(self.config.model)
