@@ -23,11 +23,11 @@ from flmm_ros.tabletop.track_eval import EMBEDDED
     ("the mug that is beside the bottle", ("the mug", "the bottle")),
     ("The  cup   right next to the plate", ("The cup", "the plate")),
     ("the can close to the white mug", ("the can", "the white mug")),
+    ("all the mugs near the box", ("all the mugs", "the box")), ("mugs are next to the box", ("mugs", "the box")),
     ("the ball on the left", None), ("the left mug", None), ("the ball near the left", None),
-    ("the balls next to the bowl", None), ("the ball next to the bowls", None), ("all the mugs near the box", None),
-    ("the ball", None),
+    ("the ball next to the bowls", None), ("the ball", None),
     ("the mug in the bowl", None), ("next to the bowl", None)])
-def test_only_singular_nearness_phrases_are_relations(phrase, relation):
+def test_only_nearness_phrases_with_one_anchor_are_relations(phrase, relation):
     parsed = parse_near(phrase)
     assert (parsed and (parsed.target, parsed.anchor)) == relation or parsed is relation is None
 
@@ -138,3 +138,16 @@ def test_threshold_zero_never_judges_a_relation_absent():
     not_held = next(p for p, y in relation_phrases(scene) if not y)
     (obj,) = never.run(scene.image, f"pick up {not_held}").objects
     assert obj.found and obj.mask.any() and 0.0 <= obj.presence < 0.5
+
+
+@pytest.mark.parametrize("instruction, kinds", [
+    ("pick up all the mugs next to the box", [("white", "mug")]),      # not the red mug, far from the box
+    ("pick up the mugs next to the ball", []),                         # no ball: no anchor
+    ("pick up the box next to the zebra", [])])
+def test_plural_relations_keep_the_instances_near_the_anchor_and_an_absent_anchor_holds_nothing(embedded, instruction,
+                                                                                                kinds):
+    scene = generate_scene(SCENE, (480, 640))
+    result = embedded.run(scene.image, instruction)
+    found = [o for o in result.objects if o.found]
+    assert [next((t.colour, t.kind) for t in scene.objects if iou(o.mask > 0, t.mask) > 0.5) for o in found] == kinds
+    assert result.not_found == ([] if kinds else [result.phrases[0]])

@@ -15,11 +15,12 @@ names (IoU >= 0.5) for 23 % of them. Here the relation is checked on the kind-ch
    held-out scenes (`RelationCalibration`, `relations` in flmm_bundle.yaml; for the embedded model
    `python -m flmm_ros.tabletop.relation_calibration --model <bundle> --write`).
 
-The phrase's presence is then P(a ball is there) x P(the relation holds), where a ball is there as surely as the
-phrase's own presence evidence ("the ball", presence.py) or the instance filter's belief in that nearest ball says,
-whichever is surer (the presence of a kind alone, "the ball", is the LMM's weak spot: it misses 12 % of the balls
-of relations that hold, and the instance filter finds a ball it believes in for 85 % of those). Its object is that
-nearest instance.
+The phrase's presence is then P(a ball is there) x P(the bowl is there) x P(the relation holds). Each object is
+there as surely as its own presence evidence ("the ball", presence.py) or the instance filter's belief in the
+instance says, whichever is surer (the presence of a kind alone, "the ball", is the LMM's weak spot: it misses 12 %
+of the balls of relations that hold, and the instance filter finds a ball it believes in for 85 % of those). Its
+object is that nearest instance. A plural phrase ("all the mugs near the box") gives every instance whose own
+presence, judged so, reaches the threshold.
 Only nearness relations are checked (NEAR_WORDS); others ("the mug left of the box", "the ball in the bowl") keep the
 presence of the object they name. Distances are in the image plane.
 """
@@ -38,8 +39,8 @@ from .types import GroundingError
 
 # Longest first, so that "near to" is not read as "near".
 NEAR_WORDS = ("right next to", "next to", "close to", "near to", "near", "beside", "alongside", "by")
-_NEAR = re.compile(r"^(?P<target>.+?)\s+(?:that is\s+|which is\s+)?(?:" + "|".join(map(re.escape, NEAR_WORDS))
-                   + r")\s+(?P<anchor>.+)$", re.IGNORECASE)
+_NEAR = re.compile(r"^(?P<target>.+?)\s+(?:(?:that\s+|which\s+)?(?:is|are)\s+)?(?:"
+                   + "|".join(map(re.escape, NEAR_WORDS)) + r")\s+(?P<anchor>.+)$", re.IGNORECASE)
 PLACE_WORDS = {"left", "right", "middle", "centre", "center", "front", "back", "top", "bottom", "edge", "side",
                "camera", "me", "you", "here", "there"}      # "near the left" names a place, not an object
 FEATURES = ("distance",)
@@ -55,17 +56,15 @@ class NearRelation:
 
 
 def parse_near(phrase: str) -> NearRelation | None:
-    """"the ball next to the bowl" -> NearRelation("the ball", "the bowl"); None for any other phrase, a plural one
-    ("the balls next to the bowl": the instance path's business), one whose anchor is plural ("the ball next to the
-    bowls": near which?) and one whose anchor is a place ("by the window" is an object, "near the left" is not:
+    """"the ball next to the bowl" -> NearRelation("the ball", "the bowl"), "all the mugs near the box" ->
+    NearRelation("all the mugs", "the box"); None for any other phrase, one whose anchor is plural ("the ball next to
+    the bowls": near which?) and one whose anchor is a place ("by the window" is an object, "near the left" is not:
     PLACE_WORDS)."""
-    if is_plural(phrase):
-        return None
     m = _NEAR.match(" ".join(phrase.strip().split()))
     if m is None:
         return None
     target, anchor = m.group("target"), m.group("anchor")
-    if len(target.split()) < 2 or len(anchor.split()) < 2 or anchor.lower().split()[-1] in PLACE_WORDS \
+    if len(anchor.split()) < 2 or anchor.lower().split()[-1] in PLACE_WORDS \
             or is_plural(anchor):
         return None
     return NearRelation(target, anchor)
@@ -98,22 +97,26 @@ def centre(mask: np.ndarray) -> tuple[float, float]:
     return float(xs.mean()), float(ys.mean())
 
 
-def nearest(targets: list[np.ndarray], anchor: np.ndarray) -> tuple[int, float] | None:
-    """The target mask whose centre is nearest the anchor's, and that distance in units of min(H, W); a mask that is
-    the anchor itself (IoU >= SAME_OBJECT_IOU: "the mug next to the red mug") left out, one that only overlaps it
-    kept (touching objects: SAM's masks often run into each other). None if no target is left."""
+def distances(targets: list[np.ndarray], anchor: np.ndarray) -> list[tuple[int, float]]:
+    """(index, centre distance to the anchor in units of min(H, W)) of each target mask, nearest first; a mask that
+    is the anchor itself (IoU >= SAME_OBJECT_IOU: "the mug next to the red mug") left out, one that only overlaps it
+    kept (touching objects: SAM's masks often run into each other)."""
     ax, ay = centre(anchor)
     side = min(anchor.shape)
-    best = None
+    out = []
     for i, mask in enumerate(targets):
         inter = int((mask & anchor).sum())
         if not mask.any() or inter >= SAME_OBJECT_IOU * (int(mask.sum()) + int(anchor.sum()) - inter):
             continue
         x, y = centre(mask)
-        d = math.hypot(x - ax, y - ay) / side
-        if best is None or d < best[1]:
-            best = (i, d)
-    return best
+        out.append((i, math.hypot(x - ax, y - ay) / side))
+    return sorted(out, key=lambda pair: pair[1])
+
+
+def nearest(targets: list[np.ndarray], anchor: np.ndarray) -> tuple[int, float] | None:
+    """The target mask nearest the anchor and its distance (`distances`), or None if no target is left."""
+    found = distances(targets, anchor)
+    return found[0] if found else None
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from .kind_check import KindScorer
 from .lmm import GROUNDING_PROMPT
 from .plural_head import load_plural_head, plural_head_path
 from .presence import PresenceCalibration, PresenceJudge, answer_token_ids
-from .relations import NearRelation, RelationCalibration, every, nearest, parse_near
+from .relations import NearRelation, RelationCalibration, distances, every, parse_near
 from .sam.prompts import mask_to_box
 from .track_cues import mask_iou
 from .types import GroundedObject, GroundingResult
@@ -144,7 +144,7 @@ class TrustMixin:
             presence = judge.probability(values[k])
             relation = checks_relations and parse_near(phrases[k])
             if relation:        # judged with the instances it names (relations.py), not before
-                out.append(self._related_object(frame, obj, presence, relation))
+                out += self._related_objects(frame, obj, presence, relation, is_plural(phrases[k]))
             elif presence < cfg.presence_threshold:
                 out.append(absent(obj, presence))
             elif splits and is_plural(phrases[k]):
@@ -207,44 +207,54 @@ class TrustMixin:
             return [absent(obj, presence)]
         return [_instance_object(obj, instance, presence, i) for i, instance in enumerate(found, start=1)]
 
-    def near_relation(self, frame, relation: NearRelation, obj: GroundedObject) -> tuple[Instance | None, float | None]:
-        """The instance a nearness relation names and its centre distance to the anchor (relations.py): the anchor is
-        the instance of "all the <anchor>s" the LMM most surely calls one (the anchor grounded alone when there is
-        none, or when it is named with place or size words), the target the instance of "all the <target>s" nearest
-        it (F-LMM's mask of the phrase, `obj`, when there is none). (None, None) when there is no anchor or no target
-        apart from it."""
-        anchors = self._every(frame, relation.anchor) if presence_probe(relation.anchor) == relation.anchor else []
+    def near_relation(self, frame, relation: NearRelation, obj: GroundedObject
+                      ) -> tuple[float, list[tuple[Instance, float]]]:
+        """How surely the anchor is there, and the instances a nearness relation may name with their centre distances
+        to the anchor, nearest first (relations.py): the anchor is the instance of "all the <anchor>s" the LMM most
+        surely calls one (the anchor grounded alone when there is none, or when it is named with place or size
+        words), there as surely as its presence or the instance filter's belief in it says; the targets are the
+        instances of "all the <target>s" (F-LMM's mask of the phrase, `obj`, when there is none) that are not the
+        anchor. No instances when there is no anchor or no target apart from it."""
+        name, hw = relation.anchor, frame.image_hw
+        logits = self.ground_logits(frame, [name], questions=self.presence_questions([name]))
+        believed = self.presence_judge.probability(self.presence_features(frame, [name], logits)[0])
+        anchors = self._every(frame, name) if presence_probe(name) == name else []
         if anchors:
-            anchor = max(anchors, key=lambda a: a.features.get("lmm_kind", a.iou * a.score)).mask
+            best = max(anchors, key=lambda a: a.features.get("lmm_kind", a.iou * a.score))
+            anchor, believed = best.mask, max(believed, self._believed(best))
         else:
-            anchor = self._objects([relation.anchor], self.ground_logits(frame, [relation.anchor]),
-                                   frame.image_hw)[0].mask > 0
+            anchor = self._objects([name], logits, hw)[0].mask > 0
         if not anchor.any():
-            return None, None
+            return believed, []
         targets = self._every(frame, presence_probe(relation.target)) or [Instance(obj.mask > 0, 1.0, obj.score)]
-        found = nearest([t.mask for t in targets], anchor)
-        return (None, None) if found is None else (targets[found[0]], found[1])
+        return believed, [(targets[i], d) for i, d in distances([t.mask for t in targets], anchor)]
+
+    def _believed(self, instance: Instance) -> float:
+        """The instance filter's belief that an instance is an object of its phrase (0 without a filter)."""
+        calibration = self.instance_calibration
+        return calibration.probability(instance.features) if calibration is not None and instance.features else 0.0
 
     def _every(self, frame, phrase: str) -> list[Instance]:
         """The instances of every object like `phrase` ("the red mug" -> "all the red mugs")."""
         plural = every(phrase)
         return self.split_instances(frame, self.ground_logits(frame, [plural]), 0, plural)
 
-    def _related_object(self, frame, obj: GroundedObject, presence: float, relation: NearRelation) -> GroundedObject:
-        """A nearness phrase's object: the instance it names, with presence P(the object is there) x P(the relation
-        holds); the object is there as surely as the phrase's presence or the instance filter's belief in that
-        instance says, whichever is surer (relations.py)."""
-        instance, distance = self.near_relation(frame, relation, obj)
-        if instance is None:        # no anchor, or no target apart from it
-            presence = 0.0
-        else:
-            calibration = self.instance_calibration
-            if calibration is not None and instance.features:
-                presence = max(presence, calibration.probability(instance.features))
-            presence *= self.relation_calibration.probability(distance)
-        if presence < self.config.presence_threshold:
-            return absent(obj, presence)
-        return replace(obj, presence=presence) if instance is None else _instance_object(obj, instance, presence, 0)
+    def _related_objects(self, frame, obj: GroundedObject, presence: float, relation: NearRelation, plural: bool
+                         ) -> list[GroundedObject]:
+        """A nearness phrase's objects: the nearest instance (a plural phrase: every instance) with presence P(the
+        object is there) x P(the anchor is there) x P(the relation holds) at the threshold or above. The object is
+        there as surely as the phrase's presence or the instance filter's belief in that instance says, whichever is
+        surer (relations.py). None: the phrase not found, with the best presence."""
+        anchor_there, near = self.near_relation(frame, relation, obj)
+        judged = [(instance, max(presence, self._believed(instance)) * anchor_there
+                   * self.relation_calibration.probability(distance))
+                  for instance, distance in near[:None if plural else 1]]
+        kept = [(i, p) for i, p in judged if p >= self.config.presence_threshold]
+        if not kept:     # (or nothing to judge, which presence_threshold 0 still publishes as F-LMM's mask)
+            best = max((p for _, p in judged), default=0.0)
+            return [absent(obj, best) if best < self.config.presence_threshold else replace(obj, presence=best)]
+        kept = sorted(kept[:self.config.max_instances], key=lambda ip: np.nonzero(ip[0].mask.any(0))[0][0])
+        return [_instance_object(obj, i, p, n if plural else 0) for n, (i, p) in enumerate(kept, start=1)]
 
     def _described_objects(self, frame, obj: GroundedObject) -> list[GroundedObject]:
         """The instances of a plural phrase that names no kind or colour ("the objects", "every object"): neither

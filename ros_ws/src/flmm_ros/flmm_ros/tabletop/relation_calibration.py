@@ -48,7 +48,8 @@ def collect(pipe: GroundingPipeline, split: str, count: int) -> tuple[list[float
         for phrase, label in items:
             with torch.no_grad():
                 obj = pipe._objects([phrase], pipe.ground_logits(frame, [phrase]), frame.image_hw)[0]
-                instance, distance = pipe.near_relation(frame, parse_near(phrase), obj)
+                _, found = pipe.near_relation(frame, parse_near(phrase), obj)
+            instance, distance = found[0] if found else (None, None)
             distances.append(distance)
             labels.append(label)
             if label:
