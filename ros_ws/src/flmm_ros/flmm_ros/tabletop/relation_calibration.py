@@ -24,6 +24,7 @@ from ..grounding.bundle import BUNDLE_FILE
 from ..grounding.config import PipelineConfig
 from ..grounding.pipeline import GroundingPipeline
 from ..grounding.relations import RelationCalibration, parse_near
+from ..grounding.track_cues import mask_iou
 from .scenes import generate_scene, split_seeds
 from .trust_eval import SIZES, roc_auc, write_calibration
 
@@ -54,14 +55,11 @@ def collect(pipe: GroundingPipeline, split: str, count: int) -> tuple[list[float
             labels.append(label)
             if label:
                 target = next(o.mask for o in scene.objects if phrase in o.expressions)
-                on_target["phrase_mask"] += _iou(obj.mask > 0, target) >= 0.5
-                on_target["checked"] += instance is not None and _iou(instance.mask, target) >= 0.5
+                on_target["phrase_mask"] += int(mask_iou(obj.mask > 0, target) >= 0.5)
+                on_target["checked"] += int(instance is not None and mask_iou(instance.mask, target) >= 0.5)
     held = max(1, sum(labels))
     return distances, labels, {k: round(v / held, 4) for k, v in on_target.items()}
 
-
-def _iou(a, b) -> float:
-    return float((a & b).sum() / max(1, (a | b).sum()))
 
 
 def calibrate(pipe: GroundingPipeline, split: str, count: int) -> RelationCalibration:
